@@ -1,0 +1,494 @@
+"""OCT B-scan datasets: discovery, patient-disjoint splits, image reading and transforms.
+
+One preprocessing path serves training, evaluation, the app and the CLI:
+
+``read_image`` (any file, PIL image or array -> float32 grayscale) -> bilinear resize to the
+model's input size -> per-image min-max to [0, 1] -> (training only) augmentation ->
+``(x - mean) / std`` from the model's ``pretrained_cfg`` (a no-op for MIRAGE).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DataError",
+    "DatasetSplits",
+    "ImageReadError",
+    "OCTDataset",
+    "Preprocessing",
+    "Sample",
+    "balanced_sampler",
+    "class_counts",
+    "class_weights",
+    "collate_skip_unreadable",
+    "discover_dataset",
+    "load_dataset",
+    "patient_id",
+    "patient_split",
+    "read_image",
+    "train_augmentation",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+SPLIT_NAMES = ("train", "val", "test")
+MAX_PIXELS = 64_000_000  # a B-scan is ~0.5 MP; refuse decompression bombs early
+ImageSource = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as it is; the message says what to fix."""
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded; the message names it and says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading images
+
+
+def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
+    """Any OCT image as a float32 ``(H, W)`` grayscale array in its own intensity range.
+
+    8/16-bit grayscale, float TIFF, RGB(A), palette and animated images (first frame) work.
+    Unreadable input raises :class:`ImageReadError` with the file's name and the reason.
+    """
+    label = name or (Path(source).name if isinstance(source, (str, Path)) else "image")
+    if isinstance(source, np.ndarray):
+        return _array_to_gray(source, label)
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageReadError(
+                f"{label}: {image.width}x{image.height} pixels is too large "
+                f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+            )
+        if getattr(image, "n_frames", 1) > 1:
+            image = next(ImageSequence.Iterator(image))
+        image.load()
+        return _pil_to_gray(image, label)
+    except ImageReadError:
+        raise
+    except FileNotFoundError as err:
+        raise ImageReadError(f"{label}: file not found") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"{label}: image is too large ({err})") from err
+    except UnidentifiedImageError as err:
+        raise ImageReadError(f"{label}: not a readable image (unknown format)") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"{label}: corrupt or truncated image ({err})") from err
+
+
+def _pil_to_gray(image: Image.Image, label: str) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(image, dtype=np.float32)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode != "L":
+        image = image.convert("L")
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 2:
+        raise ImageReadError(f"{label}: unsupported image mode {image.mode}")
+    return array
+
+
+def _array_to_gray(array: np.ndarray, label: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        else:
+            rgb = array[..., :3].astype(np.float32)
+            array = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ImageReadError(f"{label}: expected a 2-D image, got an array of shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
+        raise ImageReadError(f"{label}: array must hold finite numbers")
+    return array.astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing contract
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The model's input contract, read from its ``pretrained_cfg`` and stored in checkpoints."""
+
+    input_size: tuple[int, int] = (512, 512)
+    in_chans: int = 1
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    normalization: str = "per-image min-max to [0, 1]"
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, input_size: int | None = None) -> Preprocessing:
+        """The contract of a timm model (``input_size`` overrides the square side, for CNNs)."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        chans, height, width = cfg.get("input_size", (1, 512, 512))
+        chans = getattr(model, "in_chans", chans)
+        if input_size is not None:
+            height = width = input_size
+        return cls(
+            input_size=(int(height), int(width)),
+            in_chans=int(chans),
+            interpolation=cfg.get("interpolation", "bilinear"),
+            mean=_per_channel(cfg.get("mean", (0.0,)), chans),
+            std=_per_channel(cfg.get("std", (1.0,)), chans),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("input_size", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
+        """Read, resize and min-max an image: a ``(1, H, W)`` float tensor in [0, 1]."""
+        return self.resize_minmax(torch.from_numpy(read_image(source, name))[None])
+
+    def resize_minmax(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize a ``(1, H, W)`` grayscale tensor to the input size, then min-max it."""
+        mode = InterpolationMode(self.interpolation)
+        image = TF.resize(image.float(), list(self.input_size), interpolation=mode, antialias=True)
+        return minmax(image)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` and channel repeat: [0, 1] image -> model input."""
+        if self.in_chans != image.shape[-3]:
+            image = image.expand(*image.shape[:-3], self.in_chans, *image.shape[-2:])
+        mean = torch.tensor(self.mean, dtype=image.dtype).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=image.dtype).view(-1, 1, 1)
+        if torch.all(mean == 0) and torch.all(std == 1):
+            return image
+        return (image - mean) / std
+
+    def __call__(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
+        """An image as the model's input tensor ``(in_chans, H, W)`` (no augmentation)."""
+        return self.normalize(self.load(source, name))
+
+
+def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == chans:
+        return values
+    return (sum(values) / len(values),) * chans
+
+
+def minmax(image: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max to [0, 1]; a constant image becomes all zeros."""
+    low, high = image.amin(dim=(-2, -1), keepdim=True), image.amax(dim=(-2, -1), keepdim=True)
+    return (image - low) / (high - low).clamp_min(1e-12) * (high > low)
+
+
+def train_augmentation(fill: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """MIRAGE's fine-tuning augmentation on a [0, 1] image.
+
+    Horizontal flip, affine (10 deg, translate 0.1, scale 0.9-1.1, shear 5; ``fill`` is the
+    border value, white for Kermany's white-padded scans) and intensity x0.8-1.2.
+    """
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(
+                degrees=10,
+                translate=(0.1, 0.1),
+                scale=(0.9, 1.1),
+                shear=5,
+                interpolation=InterpolationMode.BILINEAR,
+                fill=fill,
+            ),
+            v2.ColorJitter(brightness=0.2),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset discovery and splits
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path, class index and group (patient) for disjoint splits."""
+
+    path: Path
+    label: int
+    group: str
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's class names and its train/val/test samples."""
+
+    root: Path
+    class_names: list[str]
+    splits: dict[str, list[Sample]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self, split: str) -> dict[str, int]:
+        """Images per class in ``split``."""
+        counts = class_counts(self.splits.get(split, []), len(self.class_names))
+        return dict(zip(self.class_names, counts, strict=True))
+
+
+_KERMANY_NAME = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>\d+)-(?P<n>\d+)$")
+
+
+def patient_id(path: str | Path) -> str | None:
+    """The patient id in a Kermany file name (``CNV-1016042-1.jpeg`` -> ``1016042``)."""
+    match = _KERMANY_NAME.match(Path(path).stem)
+    return match.group("patient") if match else None
+
+
+def _group_of(path: Path) -> str:
+    pid = patient_id(path)
+    return f"patient:{pid}" if pid else f"file:{path.parent.name}/{path.name}"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _class_folders(folder: Path) -> dict[str, Path]:
+    return {
+        p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")
+    }
+
+
+def _read_split(folder: Path, class_names: list[str]) -> list[Sample]:
+    samples = []
+    for label, name in enumerate(class_names):
+        images = _images_in(folder / name)
+        if not images:
+            raise DataError(
+                f"class {name!r} has no images in {folder / name} "
+                f"(expected {', '.join(sorted(IMAGE_SUFFIXES))} files)"
+            )
+        samples += [Sample(path, label, _group_of(path)) for path in images]
+    return samples
+
+
+def discover_dataset(root: str | Path) -> DatasetSplits:
+    """Find the classes and images under ``root``.
+
+    Layouts: ``root/{train,val,test}/<CLASS>/*`` (any subset of the splits, ``train`` needed)
+    or flat ``root/<CLASS>/*``. Class names are the folder names, sorted, and must be the same
+    in every split.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is not a folder")
+    top = _class_folders(root)
+    split_dirs = {name: top[name] for name in SPLIT_NAMES if name in top}
+    if not split_dirs:  # flat layout
+        class_names = sorted(top)
+        if not class_names:
+            raise DataError(
+                f"{root} has no class folders: expected {root}/<CLASS>/*.png or "
+                f"{root}/train/<CLASS>/*.png"
+            )
+        return DatasetSplits(root, class_names, {"all": _read_split(root, class_names)})
+    if "train" not in split_dirs:
+        raise DataError(f"{root} has {', '.join(split_dirs)} but no train/ folder")
+    class_names = sorted(_class_folders(split_dirs["train"]))
+    if not class_names:
+        raise DataError(f"{split_dirs['train']} has no class folders (expected train/<CLASS>/)")
+    for split, folder in split_dirs.items():
+        names = sorted(_class_folders(folder))
+        if names != class_names:
+            missing = sorted(set(class_names) - set(names))
+            extra = sorted(set(names) - set(class_names))
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing {', '.join(missing)}" if missing else "",
+                    f"extra {', '.join(extra)}" if extra else "",
+                )
+                if part
+            )
+            raise DataError(
+                f"classes differ between splits: {split}/ has [{', '.join(names)}], "
+                f"train/ has [{', '.join(class_names)}] ({detail})"
+            )
+    splits = {split: _read_split(folder, class_names) for split, folder in split_dirs.items()}
+    return DatasetSplits(root, class_names, splits)
+
+
+def patient_split(
+    samples: Sequence[Sample],
+    fractions: dict[str, float],
+    seed: int = 0,
+) -> dict[str, list[Sample]]:
+    """Stratified, patient-disjoint split of ``samples``.
+
+    ``fractions`` maps the split names to carve off (e.g. ``{"val": 0.15}``) to their share;
+    the rest is returned under ``"rest"``. Samples of one group never straddle two splits;
+    files without a patient id are groups of their own. Deterministic for a ``seed``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    remaining = list(samples)
+    out: dict[str, list[Sample]] = {}
+    left = 1.0
+    for name, fraction in fractions.items():
+        share = fraction / left
+        if not 0.0 < share < 1.0:
+            raise DataError(f"split fraction for {name!r} must be between 0 and 1")
+        labels = [s.label for s in remaining]
+        groups = [s.group for s in remaining]
+        n_splits = max(2, round(1.0 / share))
+        smallest = min(Counter(labels).values())
+        if len(set(groups)) < n_splits:
+            raise DataError(f"too few patients to carve a {name} split of {fraction:.0%}")
+        if smallest < n_splits:
+            log.warning("a class has only %d images: the %s split may miss it", smallest, name)
+        folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        _, held = next(folds.split(np.zeros(len(labels)), labels, groups))
+        held_set = set(held.tolist())
+        out[name] = [s for i, s in enumerate(remaining) if i in held_set]
+        remaining = [s for i, s in enumerate(remaining) if i not in held_set]
+        left -= fraction
+    out["rest"] = remaining
+    return out
+
+
+def load_dataset(
+    root: str | Path,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Discover a dataset and complete its splits.
+
+    A missing ``val`` split is carved from ``train`` (``val_fraction`` of it), and a flat
+    dataset is split into train/val/test, patient-disjoint and stratified by class.
+    """
+    data = discover_dataset(root)
+    if "all" in data.splits:
+        fractions = {"test": test_fraction, "val": val_fraction}
+        parts = patient_split(data.splits.pop("all"), fractions, seed)
+        data.splits = {"train": parts["rest"], "val": parts["val"], "test": parts["test"]}
+        data.notes.append(f"flat layout: split {val_fraction:.0%} val, {test_fraction:.0%} test")
+    elif "val" not in data.splits:
+        parts = patient_split(data.splits["train"], {"val": val_fraction}, seed)
+        data.splits["train"], data.splits["val"] = parts["rest"], parts["val"]
+        data.notes.append(f"no val/ folder: carved {val_fraction:.0%} of train as val")
+    shared = _shared_patients(data.splits)
+    if shared:
+        data.notes.append(f"{len(shared)} patients appear in more than one split")
+    return data
+
+
+def _shared_patients(splits: dict[str, list[Sample]]) -> set[str]:
+    seen: dict[str, str] = {}
+    shared = set()
+    for split, samples in splits.items():
+        for sample in samples:
+            is_patient = sample.group.startswith("patient:")
+            if is_patient and seen.setdefault(sample.group, split) != split:
+                shared.add(sample.group)
+    return shared
+
+
+# --------------------------------------------------------------------------------------------
+# Torch dataset, class balance
+
+
+class OCTDataset(Dataset):
+    """Images and labels as model inputs; unreadable files are reported and skipped.
+
+    ``__getitem__`` returns ``(tensor, label)``, or ``None`` for a file that cannot be decoded
+    (logged with its name); :func:`collate_skip_unreadable` drops those from the batch.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocessing: Preprocessing,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.preprocessing = preprocessing
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load_base(self, index: int) -> torch.Tensor:
+        """The resized, min-maxed ``(1, H, W)`` image before augmentation."""
+        sample = self.samples[index]
+        return self.preprocessing.load(sample.path, name=str(sample.path))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            image = self.load_base(index)
+        except ImageReadError as err:
+            log.warning("skipping unreadable image: %s", err)
+            return None
+        if self.augment is not None:
+            image = self.augment(image)
+        return self.preprocessing.normalize(image), self.samples[index].label
+
+
+def collate_skip_unreadable(
+    batch: list[tuple[torch.Tensor, int] | None],
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``default_collate`` minus the ``None`` of unreadable files (``None`` if none is left)."""
+    batch = [item for item in batch if item is not None]
+    return default_collate(batch) if batch else None
+
+
+def class_counts(samples: Iterable[Sample], num_classes: int) -> list[int]:
+    """Number of samples of each class."""
+    counts = Counter(s.label for s in samples)
+    return [counts.get(i, 0) for i in range(num_classes)]
+
+
+def class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights for a class-weighted loss (mean weight over samples is 1)."""
+    counts = torch.tensor(class_counts(samples, num_classes), dtype=torch.float32)
+    if torch.any(counts == 0):
+        raise DataError("cannot weight classes: some class has no training images")
+    return counts.sum() / (num_classes * counts)
+
+
+def balanced_sampler(
+    samples: Sequence[Sample], num_classes: int, num_samples: int | None = None, seed: int = 0
+) -> WeightedRandomSampler:
+    """Sampler that draws every class equally often (with replacement)."""
+    per_class = class_weights(samples, num_classes)
+    weights = per_class[torch.tensor([s.label for s in samples])]
+    generator = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(
+        weights.double(), num_samples or len(samples), replacement=True, generator=generator
+    )

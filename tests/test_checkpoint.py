@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import timm
+import torch
+
+import mirage_demo  # noqa: F401
+from mirage_demo.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mirage_demo.data import Preprocessing
+
+CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
+KWARGS = {"img_size": 128, "depth": 2}
+
+
+def tiny_checkpoint(directory, classes=CLASSES, temperature=1.5):
+    torch.manual_seed(0)
+    model = timm.create_model("mirage_tiny_patch32_512", num_classes=len(classes), **KWARGS)
+    config = CheckpointConfig(
+        architecture="mirage_tiny_patch32_512",
+        class_names=list(classes),
+        preprocessing=Preprocessing.from_model(model),
+        model_kwargs=KWARGS,
+        temperature=temperature,
+        training={"epochs": 1},
+    )
+    save_checkpoint(directory, model.eval(), config)
+    return model, config
+
+
+def test_round_trip_gives_identical_logits(tmp_path):
+    model, config = tiny_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    loaded, loaded_config = load_checkpoint(tmp_path / "ckpt")
+    x = torch.rand(3, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded_config.class_names == CLASSES
+    assert loaded_config.temperature == 1.5
+    assert loaded_config.preprocessing == config.preprocessing
+    assert not loaded.training
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["format"] == "mirage-demo-checkpoint" and saved["architecture"]
+
+
+def test_load_from_hub_cache_offline(tmp_path, hub_cache):
+    model, _ = tiny_checkpoint(tmp_path / "ckpt")
+    files = {p.name: p for p in (tmp_path / "ckpt").iterdir()}
+    hub_cache("someone/oct-tiny", files)
+    loaded, _ = load_checkpoint("someone/oct-tiny")
+    x = torch.rand(1, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache"):
+        load_checkpoint("someone/not-cached")
+
+
+def test_wrong_shape_says_what_is_wrong(tmp_path):
+    tiny_checkpoint(tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["class_names"] = ["A", "B", "C"]
+    config_path.write_text(json.dumps(config))
+    expected = r"head.weight is \(4, 192\).*3 classes expects \(3, 192\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (lambda d: (d / "config.json").unlink(), "config.json is missing"),
+        (lambda d: (d / "config.json").write_text("{nope"), "not valid JSON"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 9), "not a readable"),
+        (
+            lambda d: (d / "config.json").write_text(
+                (d / "config.json").read_text().replace("mirage_tiny_patch32_512", "nope_net")
+            ),
+            "unknown architecture 'nope_net'",
+        ),
+    ],
+)
+def test_broken_checkpoints(tmp_path, break_it, message):
+    tiny_checkpoint(tmp_path / "ckpt")
+    break_it(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_not_a_directory_nor_repo_id(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "missing" / "deeper")
