@@ -153,7 +153,8 @@ class Predictor:
         **kwargs: Any,
     ) -> Predictor:
         """Load a checkpoint directory or Hub repo id (default: the bundled demo model)."""
-        if Path(source) == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.is_dir():
+        is_default = Path(source).expanduser().resolve() == DEFAULT_CHECKPOINT
+        if is_default and not DEFAULT_CHECKPOINT.is_dir():
             raise CheckpointError(
                 f"the bundled demo model is missing: expected a checkpoint directory at "
                 f"{DEFAULT_CHECKPOINT}; pass a checkpoint directory or Hub repo id instead"

@@ -1,5 +1,6 @@
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
@@ -151,11 +152,14 @@ def test_missing_default_checkpoint_says_so(monkeypatch, tmp_path):
     assert inference.DEFAULT_CHECKPOINT.name == "demo-model"
 
 
-def test_default_checkpoint_is_assets_demo_model_at_the_repo_root():
-    from pathlib import Path
-
+def test_default_checkpoint_is_assets_demo_model_at_the_repo_root(monkeypatch):
     root = Path(__file__).resolve().parent.parent
     assert root / "assets" / "demo-model" == inference.DEFAULT_CHECKPOINT
+    if not inference.DEFAULT_CHECKPOINT.is_dir():  # until the demo model is committed
+        monkeypatch.chdir(root)
+        for source in (inference.DEFAULT_CHECKPOINT, "assets/demo-model"):
+            with pytest.raises(CheckpointError, match="bundled demo model is missing"):
+                Predictor.from_pretrained(source)
 
 
 # --------------------------------------------------------------------------------------------
