@@ -5,9 +5,10 @@
     python benchmarks/inference.py                       # MIRAGE-Base at 512, random weights
     python benchmarks/inference.py --model mirage_tiny_patch32_512 --rounds 3 --json out.json
 
-All timings of a round are taken back to back and each is divided by that round's bare forward,
-so the ratios hold on a machine shared with other work; the table gives the median over rounds
-(and the range). Measured, for one 768x496 grayscale JPEG (Kermany's most common size):
+All timings of a round are taken back to back (in a shuffled order) and each is divided by that
+round's bare forward, so the ratios hold on a machine shared with other work; the table gives the
+median over rounds (and the range). Measured, for one 768x496 grayscale JPEG (Kermany's most
+common size):
 
 - ``bare forward``: ``model(x)`` under ``torch.inference_mode()`` on the preprocessed tensor;
 - ``predict``: ``Predictor.predict(path)``: decode, quality check, preprocessing, forward;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -154,8 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
         task()
     times: dict[str, list[float]] = {name: [] for name in tasks}
     ratios: dict[str, list[float]] = {name: [] for name in tasks}
+    order = list(tasks)
+    shuffler = random.Random(0)
     for round_index in range(args.rounds):
-        measured = {name: seconds(task) for name, task in tasks.items()}
+        shuffler.shuffle(order)  # no task always follows the same one (e.g. BLAS threads spinning)
+        measured = {name: seconds(tasks[name]) for name in order}
         for name, value in measured.items():
             times[name].append(value)
             ratios[name].append(value / measured["bare forward"])

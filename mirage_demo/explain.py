@@ -33,6 +33,7 @@ block's ``q_norm``/``k_norm``) without touching the model's own computation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -381,17 +382,21 @@ def render_overlay(
     if image.shape[:2] != heatmap.shape:
         raise ValueError(f"heatmap {heatmap.shape} does not match image {image.shape[:2]}")
     lut = _colormap_lut(colormap)
-    colours = lut[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
-    base = image[..., None] if image.ndim == 2 else image[..., :3]
-    blended = (1.0 - opacity) * base.astype(np.float32) + opacity * colours
-    return Image.fromarray(np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
+    colours = Image.fromarray(lut[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)])
+    pixels = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    base = Image.fromarray(pixels if pixels.ndim == 2 else pixels[..., :3]).convert("RGB")
+    return Image.blend(base, colours, opacity)
 
 
+@functools.lru_cache(maxsize=16)
 def _colormap_lut(name: str) -> np.ndarray:
+    """A read-only ``(256, 3)`` uint8 lookup table of a matplotlib colormap."""
     import matplotlib
 
     try:
         cmap = matplotlib.colormaps[name]
     except KeyError as err:
         raise ValueError(f"unknown matplotlib colormap {name!r}") from err
-    return cmap(np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+    lut = np.round(cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
