@@ -1,0 +1,237 @@
+"""Inference benchmark: what predictions and explanations cost against a bare forward pass.
+
+::
+
+    python benchmarks/inference.py                       # MIRAGE-Base at 512, random weights
+    python benchmarks/inference.py --model mirage_tiny_patch32_512 --rounds 3 --json out.json
+
+All timings of a round are taken back to back (in a shuffled order) and each is divided by that
+round's bare forward, so the ratios hold on a machine shared with other work; the table gives the
+median over rounds (and the range). Measured, for one 768x496 grayscale JPEG (Kermany's most
+common size):
+
+- ``bare forward``: ``model(x)`` under ``torch.inference_mode()`` on the preprocessed tensor;
+- ``predict``: ``Predictor.predict(path)``: decode, quality check, preprocessing, forward;
+- ``predict + <method>``: ``Predictor.explain(path, method)``: the same plus the heatmap at the
+  image's size and the RGB overlay, from one forward pass;
+- ``pytorch-grad-cam GradCAM``: the library's own call on the preprocessed tensor (forward and
+  a full backward), for comparison;
+- batched throughput: ``predict_batch`` vs ``predict`` one image at a time;
+- checkpoint load time (``Predictor.from_pretrained`` on a local directory) and the resident
+  memory of a loaded predictor, measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mirage_demo  # noqa: F401
+from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
+from mirage_demo.data import Preprocessing
+from mirage_demo.explain import METHODS
+from mirage_demo.inference import Predictor
+
+CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
+
+
+def synthetic_scan(height: int = 496, width: int = 768, seed: int = 0) -> np.ndarray:
+    """A grayscale uint8 OCT-like B-scan (speckled dark background, bright curved layers)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(height)[:, None] / height
+    x = np.arange(width)[None, :] / width
+    surface = 0.4 + 0.05 * np.sin(2 * np.pi * x + rng.uniform(0, 6))
+    image = 0.08 + 0.05 * rng.random((height, width))
+    for offset, thickness, brightness in [(0, 0.02, 0.9), (0.06, 0.04, 0.5), (0.16, 0.02, 1)]:
+        image += brightness * np.exp(-(((y - surface - offset) / thickness) ** 2))
+    image *= rng.gamma(4.0, 0.25, size=image.shape)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def seconds(function: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    function()
+    return time.perf_counter() - began
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def resident_memory(directory: str, threads: int) -> dict[str, float]:
+    """RSS (MiB) of a fresh process: after imports, after loading, after predict + explain."""
+    code = f"""
+import json, torch
+torch.set_num_threads({threads})
+def rss(field="VmRSS"):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+import numpy as np, mirage_demo
+from mirage_demo.inference import Predictor
+out = {{"imports_mib": rss()}}
+p = Predictor.from_pretrained({directory!r})
+out["loaded_mib"] = rss()
+image = (np.random.default_rng(0).random((496, 768)) * 255).astype(np.uint8)
+p.predict(image)
+p.explain(image, "gradcam")
+out["after_explain_mib"] = rss()
+out["peak_mib"] = rss("VmHWM")
+print(json.dumps(out))
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mirage_base_patch32_512")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-images", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument("--image", type=Path, help="a scan to use (default: synthetic 768x496)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=len(CLASSES)).eval()
+    preprocessing = Preprocessing.from_model(model)
+    predictor = Predictor(model, CLASSES, preprocessing)
+    methods = [m for m in methods if m in predictor.methods]
+
+    work = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
+    scan = args.image or work / "scan.jpeg"
+    if args.image is None:
+        Image.fromarray(synthetic_scan()).save(scan, quality=95)
+    x = preprocessing.normalize(preprocessing.load(scan))[None]
+    layer = predictor.explainer.target_layer
+    reshape = predictor.explainer.reshape_transform
+
+    def bare() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def library_gradcam() -> None:
+        with GradCAM(model, [layer], reshape_transform=reshape) as cam:
+            cam(x, [ClassifierOutputTarget(0)])
+        model.zero_grad(set_to_none=True)
+
+    tasks: dict[str, Callable[[], object]] = {
+        "bare forward": bare,
+        "predict": lambda: predictor.predict(scan),
+        **{f"predict + {m}": (lambda m=m: predictor.explain(scan, m)) for m in methods},
+        "pytorch-grad-cam GradCAM (full backward)": library_gradcam,
+    }
+    print(
+        f"{args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
+        f"{args.threads} threads, {args.rounds} rounds",
+        file=sys.stderr,
+    )
+    for task in tasks.values():  # warm-up
+        task()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    ratios: dict[str, list[float]] = {name: [] for name in tasks}
+    order = list(tasks)
+    shuffler = random.Random(0)
+    for round_index in range(args.rounds):
+        shuffler.shuffle(order)  # no task always follows the same one (e.g. BLAS threads spinning)
+        measured = {name: seconds(tasks[name]) for name in order}
+        for name, value in measured.items():
+            times[name].append(value)
+            ratios[name].append(value / measured["bare forward"])
+        print(f"round {round_index + 1}: bare {measured['bare forward']:.3f}s", file=sys.stderr)
+
+    # Batched throughput: one at a time vs predict_batch, interleaved.
+    images = [synthetic_scan(seed=i) for i in range(args.batch_images)]
+    single, batched = [], []
+    for _ in range(max(1, args.rounds // 2)):
+        single.append(seconds(lambda: [predictor.predict(image) for image in images]))
+        batched.append(seconds(lambda: predictor.predict_batch(images, batch_size=len(images))))
+    throughput = {
+        "one at a time (images/s)": [len(images) / s for s in single],
+        f"predict_batch, batch {len(images)} (images/s)": [len(images) / s for s in batched],
+    }
+    speedup = [s / b for s, b in zip(single, batched, strict=True)]
+
+    # Checkpoint load time and memory.
+    config = CheckpointConfig(args.model, CLASSES, preprocessing)
+    directory = save_checkpoint(work / "checkpoint", model, config)
+    load_times = [seconds(lambda: Predictor.from_pretrained(directory)) for _ in range(3)]
+    memory = resident_memory(str(directory), args.threads)
+    weights_mib = (directory / "model.safetensors").stat().st_size / 2**20
+
+    rows = []
+    for name in tasks:
+        t_med, t_min, t_max = summary(times[name])
+        r_med, r_min, r_max = summary(ratios[name])
+        rows.append((name, t_med, t_min, t_max, r_med, r_min, r_max))
+    print()
+    print("| operation | median s | min-max s | x bare forward (median, range) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, t_med, t_min, t_max, r_med, r_min, r_max in rows:
+        print(
+            f"| {name} | {t_med:.3f} | {t_min:.3f}-{t_max:.3f} | "
+            f"{r_med:.2f} ({r_min:.2f}-{r_max:.2f}) |"
+        )
+    print()
+    print("| throughput | images/s (median) |")
+    print("| --- | ---: |")
+    for name, values in throughput.items():
+        print(f"| {name} | {statistics.median(values):.2f} |")
+    print(f"| batched / one at a time | {statistics.median(speedup):.2f}x |")
+    print()
+    print(
+        f"checkpoint load (from_pretrained, {weights_mib:.0f} MiB weights): "
+        f"median {statistics.median(load_times):.2f}s (min {min(load_times):.2f}s)"
+    )
+    print(
+        f"resident memory: {memory['imports_mib']:.0f} MiB after imports, "
+        f"{memory['loaded_mib']:.0f} MiB with the predictor loaded "
+        f"(+{memory['loaded_mib'] - memory['imports_mib']:.0f} MiB), "
+        f"{memory['after_explain_mib']:.0f} MiB after predict + Grad-CAM, "
+        f"peak {memory['peak_mib']:.0f} MiB"
+    )
+    results = {
+        "model": args.model,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "times_s": times,
+        "ratios": ratios,
+        "throughput": throughput,
+        "batch_speedup": speedup,
+        "load_s": load_times,
+        "memory_mib": memory,
+        "weights_mib": weights_mib,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Where the model looked: class-activation maps and attention maps, computed in one pass.
+
+Methods (:data:`METHODS`):
+
+- ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``: pytorch-grad-cam's weighting of a
+  target layer's activations by the gradient of the explained class's logit;
+- ``eigencam``: the first principal component of the activations (no gradient, class-agnostic);
+- ``attention`` (ViTs): the global token's attention to the patches in the last block, mean over
+  heads (class-agnostic);
+- ``rollout`` (ViTs): attention rollout (Abnar & Zuidema 2020): per block the head-mean
+  attention plus the residual identity, row-normalised, multiplied through the blocks; read at
+  the pooled output (the global token for ``global_pool="token"``, the mean of the patch tokens
+  for MIRAGE's ``"avg"``). Class-agnostic.
+
+**One pass.** :meth:`Explainer.trace` runs the model once. A forward hook on the target layer
+(ViTs: ``blocks[-1].norm1``; CNNs: the last feature stage) switches autograd on for the rest of
+that forward and makes the layer's output a leaf that requires grad: the trunk runs without
+recording anything, the tail (one block and the head, for a ViT) records a small graph, and the
+logits come out of the same forward. The gradient is then taken with respect to that leaf only
+(``torch.autograd.grad``), so no parameter gradient is ever computed. The CAM arithmetic itself
+is pytorch-grad-cam's (``get_cam_image``, ``scale_cam_image``, ``aggregate_multi_layers``),
+applied to those activations and gradients; the tests check the maps equal the library's own.
+
+**Hooks and threads.** Hooks live inside a ``with`` block and are removed on exit, exceptions
+included. They act only for the thread that registered them, and autograd's mode is
+thread-local, so several threads can explain with one shared model at once.
+
+Attention weights: timm's fused attention never materialises them, so a hook on each block's
+``attn.qkv`` recomputes ``softmax(q k^T * scale)`` from the projection's output (after the
+block's ``q_norm``/``k_norm``) without touching the model's own computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+__all__ = [
+    "ATTENTION_METHODS",
+    "CAM_METHODS",
+    "METHODS",
+    "Explainer",
+    "Trace",
+    "ViTReshapeTransform",
+    "canonical_method",
+    "default_target_layer",
+    "is_vit",
+    "render_overlay",
+]
+
+CAM_METHODS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+}
+ATTENTION_METHODS = ("attention", "rollout")
+METHODS = (*CAM_METHODS, *ATTENTION_METHODS)
+GRADIENT_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam"})
+CLASS_AGNOSTIC_METHODS = frozenset({"eigencam", *ATTENTION_METHODS})
+_ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "attn": "attention"}
+
+
+def canonical_method(name: str) -> str:
+    """``"Grad-CAM++"``, ``"grad_cam"``, ``"HiResCAM"``... -> a name in :data:`METHODS`."""
+    key = str(name).lower().replace("-", "").replace("_", "").replace(" ", "")
+    key = _ALIASES.get(key, key)
+    if key not in METHODS:
+        raise ValueError(f"unknown explanation method {name!r}; choose from {', '.join(METHODS)}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Models: target layer, token grid
+
+
+def is_vit(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm-style ViT: patch embedding, blocks and prefix tokens."""
+    return all(hasattr(model, a) for a in ("patch_embed", "blocks", "num_prefix_tokens"))
+
+
+class ViTReshapeTransform:
+    """ViT tokens ``(B, N, C)`` -> a feature map ``(B, C, H, W)`` on the model's patch grid.
+
+    The first ``num_prefix_tokens`` tokens (global/register tokens) are dropped; the grid comes
+    from the model (MIRAGE at 512 with patch 32: 16x16), never assumed.
+    """
+
+    def __init__(self, num_prefix_tokens: int, grid_size: tuple[int, int]) -> None:
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.grid_size = (int(grid_size[0]), int(grid_size[1]))
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ViTReshapeTransform:
+        return cls(model.num_prefix_tokens, tuple(model.patch_embed.grid_size))
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, self.num_prefix_tokens :, :]
+        height, width = self.grid_size
+        if patches.shape[1] != height * width:
+            raise ValueError(
+                f"{patches.shape[1]} patch tokens do not fill a {height}x{width} grid "
+                f"(after {self.num_prefix_tokens} prefix tokens)"
+            )
+        return patches.reshape(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
+
+    def __repr__(self) -> str:
+        return f"ViTReshapeTransform(prefix={self.num_prefix_tokens}, grid={self.grid_size})"
+
+
+def default_target_layer(model: nn.Module) -> nn.Module:
+    """The layer CAMs are taken at: a ViT's ``blocks[-1].norm1`` (after the last block the
+    maps are flat when pooling on the global token), a CNN's last feature stage."""
+    if is_vit(model):
+        return model.blocks[-1].norm1
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)) and info and "module" in info[-1]:
+        return model.get_submodule(info[-1]["module"])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        return convs[-1]
+    raise ValueError(f"cannot find a target layer in {type(model).__name__}: pass target_layer")
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks that act only for their own thread
+
+
+@contextlib.contextmanager
+def _thread_hooks(hooks: Sequence[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register forward hooks for the calling thread only; always removed on exit."""
+    owner = threading.get_ident()
+    handles = []
+
+    def only_mine(hook: Callable) -> Callable:
+        def wrapper(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if threading.get_ident() != owner:
+                return None
+            return hook(module, inputs, output)
+
+        return wrapper
+
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(only_mine(hook)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _attention_weights(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """Head-mean attention ``(B, N, N)`` of a timm ``Attention`` from its qkv projection."""
+    batch, tokens, _ = qkv.shape
+    qkv = qkv.detach().reshape(batch, tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Explainer
+
+
+@dataclass
+class Trace:
+    """One forward pass of :meth:`Explainer.trace`: the logits and what the method needs."""
+
+    method: str
+    logits: torch.Tensor  # (B, num_classes), detached
+    input_size: tuple[int, int]
+    activation: torch.Tensor | None = None  # target layer's output (a grad leaf for CAMs)
+    output: torch.Tensor | None = None  # logits still attached to the tail's graph
+    attentions: list[torch.Tensor] = field(default_factory=list)  # (B, N, N) per block
+
+
+class Explainer:
+    """Heatmaps for a classifier, the logits from the same forward pass.
+
+    >>> explainer = Explainer(model)
+    >>> logits, maps = explainer(x, "gradcam")          # maps: (B, H, W) in [0, 1]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: nn.Module | None = None,
+        reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.vit = is_vit(model)
+        if target_layer is None:
+            target_layer = default_target_layer(model)
+        self.target_layer = target_layer
+        if reshape_transform is None and self.vit:
+            reshape_transform = ViTReshapeTransform.from_model(model)
+        self.reshape_transform = reshape_transform
+        # pytorch-grad-cam objects used for their weighting math only: no target layers, so
+        # they register no hooks.
+        self._cams = {name: cls(model, target_layers=[]) for name, cls in CAM_METHODS.items()}
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this model supports (attention maps need a timm ViT)."""
+        return METHODS if self._has_attention() else tuple(CAM_METHODS)
+
+    def _has_attention(self) -> bool:
+        if not self.vit:
+            return False
+        attn = getattr(self.model.blocks[-1], "attn", None)
+        return all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm"))
+
+    def check_method(self, method: str) -> str:
+        method = canonical_method(method)
+        if method in ATTENTION_METHODS and not self._has_attention():
+            raise ValueError(
+                f"{method!r} needs a ViT with timm attention blocks; "
+                f"{type(self.model).__name__} supports {', '.join(self.methods)}"
+            )
+        return method
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trace(self, x: torch.Tensor, method: str = "gradcam") -> Trace:
+        """Run the model once on ``x`` ``(B, C, H, W)``, keeping what ``method`` needs."""
+        method = self.check_method(method)
+        x = x.to(self.device)
+        trace = Trace(method, logits=torch.empty(0), input_size=(x.shape[-2], x.shape[-1]))
+        wants_grad = method in GRADIENT_METHODS
+
+        def keep_activation(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            if wants_grad:
+                torch.set_grad_enabled(True)  # from here on (the tail) autograd records
+                output = output.detach().requires_grad_(True)
+            trace.activation = output
+            return output
+
+        hooks: list[tuple[nn.Module, Callable]] = []
+        if method in CAM_METHODS:
+            hooks.append((self.target_layer, keep_activation))
+        else:
+            blocks = list(self.model.blocks)
+            for block in blocks[-1:] if method == "attention" else blocks:
+
+                def keep_attention(module, inputs, output, attn=block.attn):
+                    trace.attentions.append(_attention_weights(attn, output))
+
+                hooks.append((block.attn.qkv, keep_attention))
+
+        with torch.inference_mode(False), torch.no_grad(), _thread_hooks(hooks):
+            output = self.model(x)
+        if wants_grad and trace.activation is None:
+            raise RuntimeError("the target layer was not run by the model's forward")
+        trace.output = output if output.requires_grad else None
+        trace.logits = output.detach()
+        return trace
+
+    def heatmaps(
+        self,
+        trace: Trace,
+        targets: Sequence[int] | None = None,
+        rows: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> np.ndarray:
+        """Heatmaps ``(len(rows), H, W)`` in [0, 1] for the classes ``targets`` of the batch
+        items ``rows`` (default: all items, each its top class), at ``size`` (default: the
+        model input's size). A trace may be asked several times (e.g. for each class)."""
+        batch = trace.logits.shape[0]
+        rows = list(range(batch)) if rows is None else [int(r) for r in rows]
+        if targets is None:
+            targets = trace.logits[rows].argmax(dim=-1).tolist()
+        targets = [int(t) for t in targets]
+        if len(targets) != len(rows):
+            raise ValueError(f"{len(targets)} targets for {len(rows)} images")
+        num_classes = trace.logits.shape[-1]
+        if any(not 0 <= t < num_classes for t in targets):
+            raise ValueError(f"target classes must be in 0..{num_classes - 1}, got {targets}")
+        height, width = size or trace.input_size
+        if trace.method in ATTENTION_METHODS:
+            maps = self._attention_maps(trace)[rows]
+            return scale_cam_image(scale_cam_image(maps, (width, height)))
+        return self._cam(trace, targets, rows, (width, height))
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        method: str = "gradcam",
+        targets: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """``(logits, heatmaps)`` for a batch, from one forward pass."""
+        trace = self.trace(x, method)
+        return trace.logits, self.heatmaps(trace, targets, size=size)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _to_map(self, tensor: torch.Tensor) -> np.ndarray:
+        if self.reshape_transform is not None:
+            tensor = self.reshape_transform(tensor)
+        return tensor.detach().float().cpu().numpy()
+
+    def _cam(
+        self, trace: Trace, targets: list[int], rows: list[int], size_wh: tuple[int, int]
+    ) -> np.ndarray:
+        cam_method = self._cams[trace.method]
+        if trace.activation is None:
+            raise RuntimeError("this trace holds no activations")
+        activations = self._to_map(trace.activation[rows])
+        gradients = None
+        if trace.method in GRADIENT_METHODS:
+            if trace.output is None:
+                raise RuntimeError("this trace holds no graph to take gradients from")
+            with torch.inference_mode(False), torch.enable_grad():
+                score = trace.output[rows, targets].sum()
+                (gradient,) = torch.autograd.grad(score, trace.activation, retain_graph=True)
+            gradients = self._to_map(gradient[rows])
+        # pytorch-grad-cam's BaseCAM.compute_cam_per_layer + aggregate_multi_layers, one layer
+        cam_targets = [ClassifierOutputTarget(t) for t in targets]
+        cam = cam_method.get_cam_image(
+            None, self.target_layer, cam_targets, activations, gradients, False
+        )
+        cam = np.maximum(cam, 0)
+        scaled = scale_cam_image(cam, size_wh)
+        return cam_method.aggregate_multi_layers([scaled[:, None, :]])
+
+    def _attention_maps(self, trace: Trace) -> np.ndarray:
+        prefix = self.model.num_prefix_tokens
+        grid = ViTReshapeTransform.from_model(self.model).grid_size
+        if trace.method == "attention":
+            weights = trace.attentions[-1][:, 0, prefix:]  # the global token's row
+        else:
+            weights = _rollout(trace.attentions)
+            if getattr(self.model, "global_pool", "token") == "token":
+                weights = weights[:, 0, prefix:]
+            else:  # the classifier averages the patch tokens
+                weights = weights[:, prefix:, prefix:].mean(dim=1)
+        return weights.reshape(-1, *grid).float().cpu().numpy()
+
+
+def _rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout: product over blocks of ``normalise(0.5 * A + 0.5 * I)``."""
+    result = None
+    for weights in attentions:
+        eye = torch.eye(weights.shape[-1], dtype=weights.dtype, device=weights.device)
+        step = 0.5 * weights + 0.5 * eye
+        step = step / step.sum(dim=-1, keepdim=True)
+        result = step if result is None else step @ result
+    if result is None:
+        raise RuntimeError("no attention weights were recorded")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Overlay
+
+
+def render_overlay(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    colormap: str = "jet",
+    opacity: float = 0.5,
+) -> Image.Image:
+    """Blend a colour-mapped heatmap (``(H, W)`` in [0, 1]) over a grayscale ``(H, W)`` or RGB
+    ``(H, W, 3)`` image in [0, 1]: ``(1 - opacity) * image + opacity * colormap(heatmap)``."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    if image.shape[:2] != heatmap.shape:
+        raise ValueError(f"heatmap {heatmap.shape} does not match image {image.shape[:2]}")
+    lut = _colormap_lut(colormap)
+    colours = Image.fromarray(lut[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)])
+    pixels = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    base = Image.fromarray(pixels if pixels.ndim == 2 else pixels[..., :3]).convert("RGB")
+    return Image.blend(base, colours, opacity)
+
+
+@functools.lru_cache(maxsize=16)
+def _colormap_lut(name: str) -> np.ndarray:
+    """A read-only ``(256, 3)`` uint8 lookup table of a matplotlib colormap."""
+    import matplotlib
+
+    try:
+        cmap = matplotlib.colormaps[name]
+    except KeyError as err:
+        raise ValueError(f"unknown matplotlib colormap {name!r}") from err
+    lut = np.round(cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut

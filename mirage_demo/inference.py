@@ -1,0 +1,351 @@
+"""Classify OCT B-scans and explain the predictions: the API behind the app and the CLI.
+
+>>> p = Predictor.from_pretrained("path/to/checkpoint")     # or a Hub repo id
+>>> r = p.predict("scan.jpeg")                              # path | PIL.Image | np.ndarray
+>>> r.label, r.probabilities, r.warnings
+>>> e = p.explain("scan.jpeg", method="gradcam")            # e.heatmap, e.overlay, e.prediction
+
+Images go through the checkpoint's own preprocessing (``config.preprocessing``:
+:meth:`~mirage_demo.data.Preprocessing.load` then ``normalize``). Probabilities are
+``softmax(logits / temperature)`` with the checkpoint's calibrated temperature; with ``tta=True``
+the logits are the mean over the image and its horizontal flip. Every result carries the
+quality check of :mod:`mirage_demo.quality` in ``warnings``.
+
+A :class:`Predictor` keeps no per-call state, so one instance may serve several threads: the
+model stays in eval mode, hooks are registered per call for the calling thread only and always
+removed (see :mod:`mirage_demo.explain`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
+from mirage_demo.data import ImageReadError, ImageSource, Preprocessing, read_image
+from mirage_demo.explain import (
+    CLASS_AGNOSTIC_METHODS,
+    METHODS,
+    Explainer,
+    canonical_method,
+    render_overlay,
+)
+from mirage_demo.quality import QualityReport, assess, full_scale_of, rgb_of
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "METHODS",
+    "Explanation",
+    "Prediction",
+    "Predictor",
+]
+
+#: The demo model bundled with the repository (``assets/demo-model/`` at its root).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+
+
+@dataclass
+class Prediction:
+    """One image's class probabilities, the quality check's warnings and timings (seconds)."""
+
+    label: str
+    index: int
+    probabilities: dict[str, float]
+    logits: list[float]
+    warnings: list[str]
+    quality: QualityReport
+    image_size: tuple[int, int]  # (height, width) of the input image
+    timing: dict[str, float] = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def confidence(self) -> float:
+        return self.probabilities[self.label]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
+        return {
+            "file": self.source,
+            "label": self.label,
+            "probabilities": self.probabilities,
+            "warnings": list(self.warnings),
+            "logits": self.logits,
+            "quality": self.quality.to_dict(),
+            "image_size": list(self.image_size),
+            "timing": self.timing,
+        }
+
+
+@dataclass
+class Explanation:
+    """A prediction and where the model looked for class ``target``.
+
+    ``heatmap`` is float32 ``(H, W)`` in [0, 1] at the input image's own size; ``overlay`` is
+    the image (grayscale) with the colour-mapped heatmap blended on top.
+    """
+
+    prediction: Prediction
+    method: str
+    target: str
+    target_index: int
+    heatmap: np.ndarray
+    overlay: Image.Image
+    class_specific: bool
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Loaded:
+    tensor: torch.Tensor  # (1, H, W) at the model's input size, in [0, 1]
+    display: np.ndarray  # (H, W) original size, min-maxed to [0, 1]
+    quality: QualityReport
+    name: str
+    seconds: float
+
+
+class Predictor:
+    """A classifier, its class names, preprocessing and temperature: predictions and
+    explanations for single images or batches."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[str],
+        preprocessing: Preprocessing | None = None,
+        temperature: float = 1.0,
+        *,
+        tta: bool = False,
+        target_layer: nn.Module | None = None,
+        colormap: str = "jet",
+        opacity: float = 0.5,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.model = model.eval()
+        self.class_names = [str(name) for name in class_names]
+        num_outputs = getattr(model, "num_classes", None)
+        if num_outputs is not None and num_outputs != len(self.class_names):
+            raise ValueError(
+                f"the model has {num_outputs} outputs but {len(self.class_names)} class names"
+            )
+        self.preprocessing = preprocessing or Preprocessing.from_model(model)
+        self.temperature = float(temperature)
+        self.tta = tta
+        self.colormap = colormap
+        self.opacity = opacity
+        self.explainer = Explainer(model, target_layer=target_layer)
+        self.config: CheckpointConfig | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path = DEFAULT_CHECKPOINT,
+        device: str | torch.device = "cpu",
+        **kwargs: Any,
+    ) -> Predictor:
+        """Load a checkpoint directory or Hub repo id (default: the bundled demo model)."""
+        is_default = Path(source).expanduser().resolve() == DEFAULT_CHECKPOINT
+        if is_default and not DEFAULT_CHECKPOINT.is_dir():
+            raise CheckpointError(
+                f"the bundled demo model is missing: expected a checkpoint directory at "
+                f"{DEFAULT_CHECKPOINT}; pass a checkpoint directory or Hub repo id instead"
+            )
+        model, config = load_checkpoint(source, device=device)
+        predictor = cls(
+            model, config.class_names, config.preprocessing, config.temperature, **kwargs
+        )
+        predictor.config = config
+        return predictor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The explanation methods this model supports."""
+        return self.explainer.methods
+
+    # ----------------------------------------------------------------------------------------
+    # Prediction
+
+    def predict(self, image: ImageSource, *, name: str | None = None) -> Prediction:
+        """Classify one image (a path, PIL image or array)."""
+        return self.predict_batch([image], batch_size=1, names=[name] if name else None)[0]
+
+    def predict_batch(
+        self,
+        images: Iterable[ImageSource],
+        batch_size: int = 8,
+        *,
+        names: Sequence[str] | None = None,
+        on_error: Literal["raise", "return"] = "raise",
+    ) -> list[Prediction | ImageReadError]:
+        """Classify images in batches of ``batch_size``, in order.
+
+        An unreadable image raises :class:`~mirage_demo.data.ImageReadError`, or with
+        ``on_error="return"`` takes its place in the result list and the others go on.
+        """
+        if on_error not in ("raise", "return"):
+            raise ValueError("on_error must be 'raise' or 'return'")
+        images = list(images)
+        names = list(names) if names is not None else [None] * len(images)
+        if len(names) != len(images):
+            raise ValueError(f"{len(names)} names for {len(images)} images")
+        results: list[Prediction | ImageReadError | None] = [None] * len(images)
+        step = max(1, int(batch_size))
+        for start in range(0, len(images), step):
+            chunk: list[tuple[int, _Loaded]] = []
+            for index in range(start, min(start + step, len(images))):
+                try:
+                    chunk.append((index, self._load(images[index], names[index])))
+                except ImageReadError as err:
+                    if on_error == "raise":
+                        raise
+                    results[index] = err
+            if not chunk:
+                continue
+            began = time.perf_counter()
+            logits = self._logits(torch.stack([loaded.tensor for _, loaded in chunk]))
+            seconds = (time.perf_counter() - began) / len(chunk)
+            for (index, loaded), row in zip(chunk, logits, strict=True):
+                results[index] = self._prediction(row, loaded, {"model_s": seconds})
+        return results
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` for ``(B, 1, H, W)`` [0, 1] images (mean over views with TTA)."""
+        x = self.preprocessing.normalize(images).to(self.device)
+        with torch.inference_mode():
+            if not self.tta:
+                return self.model(x).float().cpu()
+            both = self.model(torch.cat([x, x.flip(-1)]))
+            return both.view(2, x.shape[0], -1).mean(0).float().cpu()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities: ``softmax(logits / temperature)``."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def _prediction(
+        self, logits: torch.Tensor, loaded: _Loaded, timing: dict[str, float]
+    ) -> Prediction:
+        probs = self.probabilities(logits).tolist()
+        index = int(np.argmax(probs))
+        timing = {"load_s": loaded.seconds, **timing}
+        timing["total_s"] = sum(timing.values())
+        return Prediction(
+            label=self.class_names[index],
+            index=index,
+            probabilities=dict(zip(self.class_names, probs, strict=True)),
+            logits=logits.tolist(),
+            warnings=list(loaded.quality.warnings),
+            quality=loaded.quality,
+            image_size=tuple(loaded.display.shape),
+            timing=timing,
+            source=loaded.name,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Explanations
+
+    def explain(
+        self,
+        image: ImageSource,
+        method: str = "gradcam",
+        target: int | str | None = None,
+        *,
+        name: str | None = None,
+        colormap: str | None = None,
+        opacity: float | None = None,
+    ) -> Explanation:
+        """Predict and explain one image with one forward pass.
+
+        ``target`` (class index or name) defaults to the predicted class; ``eigencam``,
+        ``attention`` and ``rollout`` are class-agnostic. ``heatmap`` has the image's own size.
+        """
+        method = self.explainer.check_method(canonical_method(method))
+        target_index = None if target is None else self.class_index(target)
+        loaded = self._load(image, name)
+        began = time.perf_counter()
+        x = self.preprocessing.normalize(loaded.tensor[None])
+        views = torch.cat([x, x.flip(-1)]) if self.tta else x
+        trace = self.explainer.trace(views, method)
+        logits = trace.logits.float().cpu().mean(0)
+        model_s = time.perf_counter() - began
+        prediction = self._prediction(logits, loaded, {"model_s": model_s})
+        if target_index is None:
+            target_index = prediction.index
+        began = time.perf_counter()
+        heatmap = self.explainer.heatmaps(
+            trace, targets=[target_index], rows=[0], size=loaded.display.shape
+        )[0]
+        del trace  # frees the tail's graph
+        overlay = render_overlay(
+            loaded.display,
+            heatmap,
+            colormap or self.colormap,
+            self.opacity if opacity is None else opacity,
+        )
+        explain_s = time.perf_counter() - began
+        prediction.timing["explain_s"] = explain_s
+        prediction.timing["total_s"] += explain_s
+        return Explanation(
+            prediction=prediction,
+            method=method,
+            target=self.class_names[target_index],
+            target_index=target_index,
+            heatmap=heatmap.astype(np.float32, copy=False),
+            overlay=overlay,
+            class_specific=method not in CLASS_AGNOSTIC_METHODS,
+            timing=dict(prediction.timing),
+        )
+
+    def class_index(self, target: int | str) -> int:
+        """A class's index from its name or index (``"DME"``, ``1`` or ``"1"``)."""
+        if isinstance(target, str) and not target.lstrip("-").isdigit():
+            if target not in self.class_names:
+                raise ValueError(f"unknown class {target!r}; classes: {self.class_names}")
+            return self.class_names.index(target)
+        index = int(target)
+        if not 0 <= index < len(self.class_names):
+            raise ValueError(f"class index {index} is not in 0..{len(self.class_names) - 1}")
+        return index
+
+    # ----------------------------------------------------------------------------------------
+    # Reading images
+
+    def _load(self, image: ImageSource, name: str | None = None) -> _Loaded:
+        """Decode once: the model input (via the checkpoint's preprocessing), the picture shown
+        under overlays and the quality check."""
+        began = time.perf_counter()
+        if isinstance(image, (str, os.PathLike)):
+            label = name or str(image)
+            try:
+                opened = Image.open(image)
+            except Exception:
+                read_image(image, label)  # raises ImageReadError saying why
+                raise
+            with opened:
+                loaded = self._load(opened, label)
+            loaded.seconds = time.perf_counter() - began
+            return loaded
+        if not isinstance(image, (Image.Image, np.ndarray)):
+            raise TypeError(
+                f"expected a path, PIL image or numpy array, not {type(image).__name__}"
+            )
+        label = name or "image"
+        gray = read_image(image, label)  # (H, W) float32 in the image's own range
+        scale = full_scale_of(image, gray)
+        quality = assess(gray, rgb_of(image, scale), scale)
+        tensor = self.preprocessing.load(gray, label)
+        low, high = float(gray.min()), float(gray.max())
+        display = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+        return _Loaded(tensor, display, quality, label, time.perf_counter() - began)
