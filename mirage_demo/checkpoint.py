@@ -26,9 +26,11 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import mirage_demo
 from mirage_demo.data import Preprocessing
+from mirage_demo.models import create_classifier
 
 __all__ = [
     "CONFIG_NAME",
@@ -155,13 +157,14 @@ def read_config(directory: str | Path) -> CheckpointConfig:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
 
 
-def build_model(config: CheckpointConfig) -> torch.nn.Module:
-    """The untrained model a checkpoint's weights belong to."""
+def build_model(config: CheckpointConfig, device: str | torch.device | None = None) -> nn.Module:
+    """The untrained model a checkpoint's weights belong to (``device="meta"``: no memory)."""
     if config.architecture not in timm.list_models():
         raise CheckpointError(f"unknown architecture {config.architecture!r} in {CONFIG_NAME}")
-    return timm.create_model(
-        config.architecture, pretrained=False, num_classes=config.num_classes, **config.model_kwargs
-    )
+    kwargs = {"in_chans": config.preprocessing.in_chans, **config.model_kwargs}
+    if device is not None:
+        kwargs["device"] = device
+    return create_classifier(config.architecture, num_classes=config.num_classes, **kwargs)
 
 
 def load_checkpoint(
@@ -177,7 +180,7 @@ def load_checkpoint(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
-    model = build_model(config)
+    model = build_model(config, device="meta")  # weights come from the file: allocate once
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -191,7 +194,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"weights in {weights} do not match config.json: " + "; ".join(problems[:5])
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model.to(device).eval(), config
 
 

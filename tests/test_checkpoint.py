@@ -98,3 +98,24 @@ def test_broken_checkpoints(tmp_path, break_it, message):
 def test_not_a_directory_nor_repo_id(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint directory"):
         load_checkpoint(tmp_path / "missing" / "deeper")
+
+
+def test_cnn_checkpoint_round_trip_keeps_one_channel(tmp_path):
+    from mirage_demo.models import create_classifier
+
+    model = create_classifier("resnet18", num_classes=2).eval()
+    config = CheckpointConfig(
+        "resnet18", ["A", "B"], Preprocessing.from_model(model, input_size=64)
+    )
+    save_checkpoint(tmp_path / "cnn", model, config)
+    loaded, _ = load_checkpoint(tmp_path / "cnn")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_loaded_mirage_keeps_position_embedding_frozen(tmp_path):
+    tiny_checkpoint(tmp_path / "ckpt")
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert not loaded.pos_embed.requires_grad
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
