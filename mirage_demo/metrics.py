@@ -47,6 +47,7 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "load_report",
+    "nll",
     "plot_confusion_matrix",
     "plot_reliability",
     "plot_roc_curves",
@@ -87,7 +88,9 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _nll(logits: np.ndarray, y_true: np.ndarray, temperature: float) -> float:
+def nll(logits: np.ndarray, y_true: Sequence[int], temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood (cross-entropy) of ``softmax(logits / temperature)``."""
+    y_true = np.asarray(y_true, dtype=np.int64)
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=1, keepdims=True)
     log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -99,8 +102,10 @@ def fit_temperature(
 ) -> float:
     """The temperature ``T`` minimising the negative log-likelihood of ``softmax(logits / T)``.
 
-    Guo et al. 2017 temperature scaling, fitted on held-out (validation) logits; 1.0 when there
-    is nothing to fit.
+    Guo et al. 2017 temperature scaling, fitted on held-out (validation) logits. Returns 1.0
+    (the model as it is) when there is nothing to fit, or when the optimum runs into the lower
+    bound: validation images all classified correctly make the likelihood keep growing as
+    ``T -> 0``, and a near-zero temperature would turn every prediction into a certainty.
     """
     from scipy.optimize import minimize_scalar
 
@@ -108,12 +113,19 @@ def fit_temperature(
     y_true = np.asarray(y_true, dtype=np.int64)
     if len(y_true) == 0 or not np.isfinite(logits).all():
         return 1.0
+    rows = np.arange(len(y_true))
+    others = logits.copy()
+    others[rows, y_true] = -np.inf
+    if np.all(logits[rows, y_true] > others.max(axis=1)):
+        return 1.0  # all correct: the likelihood only grows as T -> 0
     result = minimize_scalar(
-        lambda log_t: _nll(logits, y_true, math.exp(log_t)),
+        lambda log_t: nll(logits, y_true, math.exp(log_t)),
         bounds=(math.log(bounds[0]), math.log(bounds[1])),
         method="bounded",
         options={"xatol": 1e-6},
     )
+    if result.x - math.log(bounds[0]) < 1e-3:
+        return 1.0
     return float(math.exp(result.x))
 
 
@@ -175,12 +187,27 @@ def _from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks within each row of ``(B, n)`` values, ties sharing their mean rank."""
+    rows, n = values.shape
+    order = np.argsort(values, axis=1, kind="stable")
+    ordered = np.take_along_axis(values, order, axis=1)
+    position = np.broadcast_to(np.arange(n), (rows, n))
+    starts = np.ones((rows, n), dtype=bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ends = np.ones((rows, n), dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, position, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    ranks = np.empty((rows, n))
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=1)
+    return ranks
+
+
 def _auroc(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """One-vs-rest AUROC per row (Mann-Whitney U with average ranks for ties); NaN if a row
     has no positives or no negatives."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores, axis=-1)
+    ranks = _average_ranks(scores)
     n_pos = positive.sum(axis=-1).astype(np.float64)
     n_neg = positive.shape[-1] - n_pos
     u = np.sum(ranks * positive, axis=-1) - n_pos * (n_pos + 1) / 2

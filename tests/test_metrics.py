@@ -66,6 +66,13 @@ def test_hand_computed_values():
     assert m["overall"]["accuracy"]["ci95"] == [None, None]
 
 
+def test_tied_scores_share_their_mean_rank():
+    from mirage_demo.metrics import _average_ranks
+
+    ranks = _average_ranks(np.array([[0.3, 0.1, 0.3, 0.2], [1.0, 1.0, 1.0, 0.0]]))
+    assert ranks.tolist() == [[3.5, 1.0, 3.5, 2.0], [3.0, 3.0, 3.0, 1.0]]
+
+
 def test_agrees_with_scikit_learn_on_random_data():
     rng = np.random.default_rng(3)
     n, k = 400, 4
@@ -181,6 +188,8 @@ def test_fit_temperature_recovers_overconfidence():
     assert fit_temperature(overconfident, y) == pytest.approx(2.5, rel=0.1)
     assert fit_temperature(true_logits, y) == pytest.approx(1.0, rel=0.1)
     assert fit_temperature(np.zeros((0, 4)), []) == 1.0
+    separable = np.eye(4)[y] * 5.0  # every image right: no finite optimum, model left as is
+    assert fit_temperature(separable, y) == 1.0
 
 
 def test_bad_shapes_are_refused():
