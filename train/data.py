@@ -113,6 +113,7 @@ def make_loader(
         sampler=sampler,
         shuffle=False,
         num_workers=workers,
+        persistent_workers=workers > 0,  # datasets hold no per-epoch state (augment is later)
         pin_memory=device.type == "cuda",
         collate_fn=collate_skip_unreadable,
         generator=torch.Generator(),  # workers' seeds must not consume the global RNG

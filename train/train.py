@@ -87,6 +87,25 @@ class Progress:
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def update(self, epoch: int, val: dict[str, Any], patience: int, warmup: float) -> bool:
+        """Record a finished epoch; whether its model is the best so far (validation balanced
+        accuracy, ties broken by the lower loss). Early stopping counts epochs after warm-up."""
+        score, loss = val["balanced_accuracy"] or 0.0, val["loss"]
+        best = self.best
+        better = (
+            not best
+            or score > best["balanced_accuracy"] + 1e-12
+            or (abs(score - best["balanced_accuracy"]) <= 1e-12 and loss < best["loss"])
+        )
+        self.epoch = epoch
+        if better:
+            self.best = {"epoch": epoch, "balanced_accuracy": score, "loss": loss}
+            self.bad_epochs = 0
+        elif patience and epoch > warmup:
+            self.bad_epochs += 1
+            self.stopped = self.bad_epochs >= patience
+        return better
+
 
 # --------------------------------------------------------------------------------------------
 # Setting up: output folder, data, model
@@ -258,7 +277,64 @@ def train(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, An
         dist.close()
 
 
+@dataclass
+class Run:
+    """Everything the loop works with, built once by :func:`setup_run`."""
+
+    config: TrainConfig
+    dist: Dist
+    out: Path
+    data: DatasetSplits
+    preprocessing: Preprocessing
+    model: nn.Module  # the bare model (saved, evaluated)
+    ddp_model: nn.Module  # what the training step calls (DDP wrapper or the model itself)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    augment: BatchAugmentation | None
+    amp_dtype: torch.dtype | None
+    sampler: EpochSampler
+    train_loader: Any
+    val_loader: Any
+    workers: int
+    warmup_epochs: float
+    checkpoint_config: CheckpointConfig  # the best model's config.json, minus per-epoch facts
+    progress: Progress = field(default_factory=Progress)
+    writer: Any = None
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+
+
 def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any] | None:
+    run = setup_run(config, state, dist)
+    for epoch in range(run.progress.epoch, config.epochs):
+        if run.progress.stopped:
+            break
+        train_loss, images, seconds = train_one_epoch(run, epoch)
+        val = validate(run, epoch)
+        better = run.progress.update(epoch + 1, val, config.patience, run.warmup_epochs)
+        row = {
+            "epoch": epoch + 1,
+            "step": run.progress.step,
+            "lr": run.scheduler.get_last_lr()[-1],
+            "train_loss": train_loss,
+            **{f"val_{k}": v for k, v in val.items()},
+            "images_per_s": images / seconds,
+            "seconds": seconds,
+            "best": int(better),
+        }
+        end_epoch(run, row, better)
+    if run.writer is not None:
+        run.writer.close()
+    return _finish(run) if dist.is_main else None
+
+
+def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
+    """Check the input, build data, model, optimiser and schedule, restore a saved state."""
     device, out = dist.device, Path(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -280,7 +356,6 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
             f"the images in {config.data} differ from those of the run being resumed: "
             "resume with the same data, or start a new run in another --out"
         )
-
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model, model_kwargs, preprocessing = build_model(config, num_classes, fresh=state is None)
     train_set, val_set, unreadable = _datasets(config, data, preprocessing, dist)
@@ -302,36 +377,30 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
                 f"({' '.join(str(err).split())[:300]}): start a new run in another --out"
             ) from err
 
-    # model, optimiser, schedule
+    # model, optimiser, schedule (frozen parameters are left out of the optimiser)
     trainable = configure_finetuning(model, config.mode, config.last_k)
     if config.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
     model.to(device)
-    ddp_model = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if dist.enabled
-        else model
-    )
+    ddp_model = model
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     groups = optimizer_param_groups(model, config.weight_decay, config.layer_decay)
     for group in groups:
         group["lr"] = config.base_lr * group.get("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=config.base_lr, fused=device.type == "cuda")
+    balanced = config.balance == "sampler"
     sampler = EpochSampler(
-        train_samples,
-        num_classes,
-        balanced=config.balance == "sampler",
-        seed=config.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
+        train_samples, num_classes, balanced, config.seed, dist.rank, dist.world_size
     )
     workers = config.workers
-    if workers is None:
+    if workers is None:  # CUDA: copy pixels in the background; CPU: the cache is fast enough
         workers = min(6, (os.cpu_count() or 1) // dist.local_world_size)
         workers = workers if device.type == "cuda" or not config.cache else 0
     train_loader = make_loader(train_set, config.batch_size, workers, device, sampler)
     val_loader = make_loader(val_set, EVAL_BATCH_SIZE, workers, device)
     steps_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
-    total_steps = config.epochs * steps_per_epoch
     warmup_epochs = config.warmup_epochs
     if warmup_epochs >= config.epochs:
         warmup_epochs = config.epochs / 10
@@ -341,6 +410,7 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
             f"{config.epochs}: warming up for {warmup_epochs:g} epochs instead",
         )
     warmup_steps = round(warmup_epochs * steps_per_epoch)
+    total_steps = config.epochs * steps_per_epoch
     floor = min(1.0, config.min_lr / config.base_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, floor)
@@ -351,30 +421,8 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
         weight=None if weights is None else weights.to(device),
         label_smoothing=config.label_smoothing,
     )
-    augment = BatchAugmentation(fill=config.aug_fill) if config.augment else None
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    )
 
-    progress = Progress()
-    torch.manual_seed(config.seed + dist.rank)  # dropout / drop-path differ between ranks
-    np.random.seed(config.seed + dist.rank)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        progress = Progress(**state["progress"])
-        if len(state["rng"]) == dist.world_size:
-            set_rng_state(state["rng"][dist.rank])
-        else:
-            _say(
-                dist,
-                "warning: resumed on a different number of processes: random streams "
-                "restart, so the result will differ from an uninterrupted run",
-            )
-        _say(dist, f"resuming {out} after epoch {progress.epoch} (step {progress.step})")
-
-    source = _source_weights(config)
+    # what the run records: config.json's training facts and the resolved options
     effective_batch = config.batch_size * config.accum_steps * dist.world_size
     derived = {
         "lr": config.base_lr,
@@ -388,6 +436,39 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
         "images": {split: data.counts(split) for split in data.splits},
         "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
     }
+    options = {k: v for k, v in config.to_dict().items() if k not in ("resume", "progress")}
+    checkpoint_config = CheckpointConfig(
+        architecture=config.model,
+        class_names=class_names,
+        preprocessing=preprocessing,
+        model_kwargs=model_kwargs,
+        source_weights=_source_weights(config),
+        training={**options, **derived},
+        description=f"{config.model} fine-tuned ({config.mode}) on {num_classes} OCT classes "
+        f"({', '.join(class_names)}) with mirage_demo.",
+    )
+    run = Run(
+        config, dist, out, data, preprocessing, model, ddp_model, optimizer, scheduler, scaler,
+        criterion, BatchAugmentation(fill=config.aug_fill) if config.augment else None,
+        amp_dtype, sampler, train_loader, val_loader, workers, warmup_epochs, checkpoint_config,
+    )  # fmt: skip
+
+    torch.manual_seed(config.seed + dist.rank)  # dropout and drop-path differ between ranks
+    np.random.seed(config.seed + dist.rank)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        run.progress = Progress(**state["progress"])
+        if len(state["rng"]) == dist.world_size:
+            set_rng_state(state["rng"][dist.rank])
+        else:
+            _say(
+                dist,
+                "warning: resumed on a different number of processes: random streams "
+                "restart, so the result will differ from an uninterrupted run",
+            )
+        _say(dist, f"resuming {out} after epoch {run.progress.epoch} (step {run.progress.step})")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = yaml.safe_dump({**config.to_dict(), "resume": False}, sort_keys=False)
@@ -395,6 +476,11 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
         comment = "".join(f"# {line}\n" for line in derived_yaml.splitlines())
         text = f"# python -m train --config this-file (resolved options)\n{comment}{resolved}"
         atomic_write(out / "train_config.yaml", lambda tmp: Path(tmp).write_text(text))
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = str(out / "tensorboard")
+            run.writer = SummaryWriter(log_dir, purge_step=run.progress.epoch + 1)
     _say(
         dist,
         f"{config.model} ({config.mode}, {trainable:,} trainable parameters) on "
@@ -402,195 +488,149 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
         f"{sum(data.counts('val').values())} val images, {num_classes} classes; "
         f"{config.epochs} epochs of {steps_per_epoch} steps, batch {effective_batch}",
     )
+    return run
 
-    writer = None
-    if dist.is_main and config.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=progress.epoch + 1)
+def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
+    """One pass over this epoch's order: ``(mean loss, images seen by all ranks, seconds)``."""
+    config, dist, device = run.config, run.dist, run.dist.device
+    run.sampler.set_epoch(epoch)
+    seed = np.random.SeedSequence([config.seed, epoch, dist.rank]).generate_state(1)[0]
+    generator = torch.Generator().manual_seed(int(seed))  # augmentation parameters
+    run.ddp_model.train()
+    started = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), device=device)
+    seen = 0
+    hide = (not dist.is_main) or (None if config.progress is None else not config.progress)
+    bar = tqdm(
+        total=len(run.sampler) * dist.world_size,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="img",
+        disable=hide,
+        leave=False,
+    )
+    batches = len(run.train_loader)
+    for i, batch in enumerate(run.train_loader):
+        group_start = i - i % config.accum_steps  # gradient accumulation group
+        group_size = min(config.accum_steps, batches - group_start)
+        last_micro = i == group_start + group_size - 1
+        if batch is None:  # every image unreadable (only without the cache)
+            continue
+        images, labels, _ = batch
+        x = to_model_input(images, run.preprocessing, device, run.augment, generator)
+        y = labels.to(device, non_blocking=True)
+        sync = nullcontext() if last_micro or not dist.enabled else run.ddp_model.no_sync()
+        with sync:
+            with run.autocast():
+                loss = run.criterion(run.ddp_model(x), y)
+            run.scaler.scale(loss / group_size).backward()
+        loss_sum += loss.detach().float() * len(y)
+        nonfinite += (~torch.isfinite(loss.detach())).float()
+        seen += len(y)
+        if last_micro:
+            if config.clip_grad:
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.scheduler.step()
+            run.progress.step += 1
+        if i % 10 == 9 or i == batches - 1:  # check now and then: a sync costs GPU time
+            if dist.any(bool(nonfinite.item() > 0)):
+                bar.close()
+                raise TrainingDivergedError(
+                    f"the training loss became NaN or infinite in epoch {epoch + 1} "
+                    f"(step {run.progress.step}): training stopped; {_kept(run)}. Lower --lr, "
+                    "set --clip-grad 1.0 or try --amp bf16/off, and start again"
+                )
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.scheduler.get_last_lr()[-1]:.2e}")
+        bar.update(len(y) * dist.world_size)
+    bar.close()
+    seconds = time.perf_counter() - started
+    totals = dist.gather((float(loss_sum.item()), seen))
+    images = sum(n for _, n in totals)
+    return sum(s for s, _ in totals) / max(1, images), images, seconds
 
-    def checkpoint_config(val: dict[str, Any], epoch: int) -> CheckpointConfig:
-        training = {
-            **{k: v for k, v in config.to_dict().items() if k not in ("resume", "progress")},
-            **derived,
-            "best_epoch": epoch,
-            "val": val,
+
+def _kept(run: Run) -> str:
+    if run.progress.epoch == 0:
+        return "no epoch finished, so nothing was saved"
+    return f"the last good checkpoint (epoch {run.progress.epoch}) is kept in {run.out}"
+
+
+def validate(run: Run, epoch: int) -> dict[str, Any]:
+    """Loss and metrics on the whole validation split (every rank's share, gathered)."""
+    logits, labels, indices = predict(
+        run.model, run.val_loader, run.preprocessing, run.dist.device, run.amp_dtype, False
+    )
+    parts = run.dist.gather((logits, labels, indices))
+    order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
+    logits = np.concatenate([p[0] for p in parts if len(p[1])])[order]
+    labels = np.concatenate([p[1] for p in parts])[order]
+    metrics = compute_metrics(labels, softmax(logits), run.data.class_names, n_bootstrap=0)
+    val = {"loss": nll(logits, labels)}
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
+        val[name] = metrics["overall"][name]["value"]
+    val["images"] = len(labels)
+    if not math.isfinite(val["loss"]):
+        raise TrainingDivergedError(
+            f"the validation loss became {val['loss']} after epoch {epoch + 1}: training "
+            f"stopped; {_kept(run)}"
+        )
+    return val
+
+
+def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
+    """Save the best model, then the state (atomically, so a kill leaves the previous one),
+    the history and TensorBoard; print the epoch's line."""
+    config, dist, epoch = run.config, run.dist, row["epoch"]
+    if better and dist.is_main:
+        val = {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
+        run.checkpoint_config.training.update(best_epoch=epoch, val=val)
+        save_checkpoint(run.out, run.model, run.checkpoint_config)
+    run.progress.history.append(row)
+    rng = run.dist.gather(get_rng_state())
+    if dist.is_main:
+        state = {
+            "config": config.to_dict(),
+            "data": _fingerprint(run.data),
+            "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": rng,
+            "progress": run.progress.__dict__,
         }
-        return CheckpointConfig(
-            architecture=config.model,
-            class_names=class_names,
-            preprocessing=preprocessing,
-            model_kwargs=model_kwargs,
-            temperature=1.0,
-            source_weights=source,
-            training=training,
-            description=f"{config.model} fine-tuned ({config.mode}) on {num_classes} OCT "
-            f"classes ({', '.join(class_names)}) with mirage_demo.",
-        )
-
-    for epoch in range(progress.epoch, config.epochs):
-        if progress.stopped:
-            break
-        # ---- train one epoch
-        sampler.set_epoch(epoch)
-        seed = np.random.SeedSequence([config.seed, epoch, dist.rank]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(seed))  # augmentation parameters
-        ddp_model.train()
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        nonfinite = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(
-            total=len(sampler) * dist.world_size,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="img",
-            disable=(not dist.is_main)
-            or (None if config.progress is None else not config.progress),
-            leave=False,
-        )
-        batches = len(train_loader)
-        for i, batch in enumerate(train_loader):
-            group_start = i - i % config.accum_steps
-            group_size = min(config.accum_steps, batches - group_start)
-            last_micro = i == group_start + group_size - 1
-            if batch is None:
-                continue
-            images, labels, _ = batch
-            x = to_model_input(images, preprocessing, device, augment, generator)
-            y = labels.to(device, non_blocking=True)
-            sync = last_micro or not dist.enabled
-            with nullcontext() if sync else ddp_model.no_sync():
-                with autocast:
-                    loss = criterion(ddp_model(x), y)
-                scaler.scale(loss / group_size).backward()
-            loss_sum += loss.detach().float() * len(y)
-            nonfinite += (~torch.isfinite(loss.detach())).float()
-            seen += len(y)
-            if last_micro:
-                if config.clip_grad:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                progress.step += 1
-            if i % 10 == 9 or i == batches - 1:
-                if dist.any(bool(nonfinite.item() > 0)):
-                    bar.close()
-                    kept = (
-                        f"the last good checkpoint (epoch {progress.epoch}) is kept in {out}"
-                        if progress.epoch
-                        else "no epoch finished, so nothing was saved"
-                    )
-                    raise TrainingDivergedError(
-                        f"the training loss became NaN or infinite in epoch {epoch + 1} "
-                        f"(step {progress.step}): training stopped; {kept}. Lower --lr, set "
-                        "--clip-grad 1.0 or try --amp bf16/off, and start again"
-                    )
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-            bar.update(len(y) * dist.world_size)
-        bar.close()
-        seconds = time.perf_counter() - started
-        totals = dist.gather((float(loss_sum.item()), seen))
-        train_images = sum(n for _, n in totals)
-        train_loss = sum(s for s, _ in totals) / max(1, train_images)
-
-        # ---- validate on every rank's share, gathered
-        logits, labels, indices = predict(
-            model, val_loader, preprocessing, device, amp_dtype, False
-        )
-        parts = dist.gather((logits, labels, indices))
-        order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
-        logits = np.concatenate([p[0] for p in parts if len(p[1])])[order]
-        labels = np.concatenate([p[1] for p in parts])[order]
-        val_metrics = compute_metrics(labels, softmax(logits), class_names, n_bootstrap=0)
-        val = {
-            "loss": nll(logits, labels),
-            **{
-                k: val_metrics["overall"][k]["value"]
-                for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
-            },
-            "images": len(labels),
-        }
-        if not math.isfinite(val["loss"]):
-            raise TrainingDivergedError(
-                f"the validation loss became {val['loss']} after epoch {epoch + 1}: training "
-                f"stopped; the last good checkpoint (epoch {progress.epoch}) is kept in {out}"
-            )
-        best = progress.best
-        balanced = val["balanced_accuracy"] or 0.0
-        better = (
-            not best
-            or balanced > best["balanced_accuracy"] + 1e-12
-            or (abs(balanced - best["balanced_accuracy"]) <= 1e-12 and val["loss"] < best["loss"])
-        )
-        if better:
-            progress.best = {"epoch": epoch + 1, "balanced_accuracy": balanced, "loss": val["loss"]}
-            progress.bad_epochs = 0
-            if dist.is_main:
-                save_checkpoint(out, model, checkpoint_config(val, epoch + 1))
-        elif config.patience and epoch + 1 > warmup_epochs:
-            progress.bad_epochs += 1
-            progress.stopped = progress.bad_epochs >= config.patience
-        row = {
-            "epoch": epoch + 1,
-            "step": progress.step,
-            "lr": scheduler.get_last_lr()[-1],
-            "train_loss": train_loss,
-            **{f"val_{k}": v for k, v in val.items()},
-            "images_per_s": train_images / seconds,
-            "seconds": seconds,
-            "best": int(better),
-        }
-        progress.epoch = epoch + 1
-        progress.history.append(row)
-
-        # ---- save the state atomically (after the best model, so a resume redoes this epoch)
-        rng = dist.gather(get_rng_state())
-        if dist.is_main:
-            save_state(
-                out,
-                {
-                    "config": config.to_dict(),
-                    "data": _fingerprint(data),
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng,
-                    "progress": progress.__dict__,
-                },
-            )
-            _write_history(out, progress.history)
-            if writer is not None:
-                for key, tag in _TENSORBOARD_TAGS.items():
-                    if row.get(key) is not None:
-                        writer.add_scalar(tag, row[key], epoch + 1)
-                writer.flush()
-        _say(
-            dist,
-            f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  "
-            f"val loss {val['loss']:.4f}  val acc {val['accuracy']:.3f}  "
-            f"val bal acc {balanced:.3f}  lr {row['lr']:.2e}  "
-            f"{row['images_per_s']:.1f} img/s  {seconds:.0f}s" + ("  *best*" if better else ""),
-        )
-        if progress.stopped:
-            _say(dist, f"early stopping: no better model for {config.patience} epochs")
-    if writer is not None:
-        writer.close()
-    if not dist.is_main:
-        return None
-    return _finish(config, data, out, device, workers)
+        save_state(run.out, state)
+        _write_history(run.out, run.progress.history)
+        if run.writer is not None:
+            for key, tag in _TENSORBOARD_TAGS.items():
+                if row.get(key) is not None:
+                    run.writer.add_scalar(tag, row[key], epoch)
+            run.writer.flush()
+    _say(
+        dist,
+        f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.4f}  "
+        f"val loss {row['val_loss']:.4f}  val acc {row['val_accuracy']:.3f}  "
+        f"val bal acc {row['val_balanced_accuracy']:.3f}  lr {row['lr']:.2e}  "
+        f"{row['images_per_s']:.1f} img/s  {row['seconds']:.0f}s" + ("  *best*" if better else ""),
+    )
+    if run.progress.stopped:
+        _say(dist, f"early stopping: no better model for {config.patience} epochs")
 
 
-def _finish(
-    config: TrainConfig, data: DatasetSplits, out: Path, device: torch.device, workers: int
-) -> dict[str, Any]:
-    """Calibrate the best model on val, then write the report on test (val if none)."""
+def _finish(run: Run) -> dict[str, Any]:
+    """Calibrate the best model on val, then write the report on test (val if none): both
+    from the image files, as the app and ``train.evaluate`` see them."""
+    config, data, out, device = run.config, run.data, run.out, run.dist.device
     model, checkpoint = load_checkpoint(out, device=device)
     val_loader = make_loader(
-        FileImages(data.splits["val"], checkpoint.preprocessing), EVAL_BATCH_SIZE, workers, device
+        FileImages(data.splits["val"], checkpoint.preprocessing),
+        EVAL_BATCH_SIZE,
+        run.workers,
+        device,
     )
     logits, labels, _ = predict(
         model, val_loader, checkpoint.preprocessing, device, None, config.progress, "val split"
@@ -615,7 +655,7 @@ def _finish(
         split=split,
         device=device,
         batch_size=EVAL_BATCH_SIZE,
-        workers=workers,
+        workers=run.workers,
         n_bootstrap=config.bootstrap,
         progress=config.progress,
     )
