@@ -520,23 +520,10 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
         images, labels, _ = batch
         x = to_model_input(images, run.preprocessing, device, run.augment, generator)
         y = labels.to(device, non_blocking=True)
-        sync = nullcontext() if last_micro or not dist.enabled else run.ddp_model.no_sync()
-        with sync:
-            with run.autocast():
-                loss = run.criterion(run.ddp_model(x), y)
-            run.scaler.scale(loss / group_size).backward()
-        loss_sum += loss.detach().float() * len(y)
-        nonfinite += (~torch.isfinite(loss.detach())).float()
+        loss = train_step(run, x, y, group_size, last_micro)
+        loss_sum += loss * len(y)
+        nonfinite += (~torch.isfinite(loss)).float()
         seen += len(y)
-        if last_micro:
-            if config.clip_grad:
-                run.scaler.unscale_(run.optimizer)
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.scheduler.step()
-            run.progress.step += 1
         if i % 10 == 9 or i == batches - 1:  # check now and then: a sync costs GPU time
             if dist.any(bool(nonfinite.item() > 0)):
                 bar.close()
@@ -552,6 +539,29 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
     totals = dist.gather((float(loss_sum.item()), seen))
     images = sum(n for _, n in totals)
     return sum(s for s, _ in totals) / max(1, images), images, seconds
+
+
+def train_step(
+    run: Run, x: torch.Tensor, y: torch.Tensor, group_size: int = 1, last_micro: bool = True
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch; the optimiser steps on the last micro-batch of
+    an accumulation group of ``group_size``. Returns the (detached, float) loss."""
+    config, dist = run.config, run.dist
+    sync = nullcontext() if last_micro or not dist.enabled else run.ddp_model.no_sync()
+    with sync:
+        with run.autocast():
+            loss = run.criterion(run.ddp_model(x), y)
+        run.scaler.scale(loss / group_size).backward()
+    if last_micro:
+        if config.clip_grad:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.clip_grad)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.progress.step += 1
+    return loss.detach().float()
 
 
 def _kept(run: Run) -> str:
