@@ -325,6 +325,11 @@ def test_bad_run_settings_stop_with_one_line(trained, tmp_path, capsys, monkeypa
         (["--data", data], "--out DIR is required"),
         (["--out", tmp_path / "x", "--data", data, "--epochs", "0"], "--epochs must be"),
         (["--out", tmp_path / "x", "--config", tmp_path / "no.yaml"], "no.yaml does not exist"),
+        (
+            ["--out", tmp_path / "p", "--data", data, *TINY, "--pretrained", *FAST],
+            "cannot load pretrained weights for mirage_tiny_patch32_512",
+        ),
+        (["--out", tmp_path / "w", "--data", data, "--weights", tmp_path / "no.pth"], "no.pth"),
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases.append(
@@ -336,6 +341,27 @@ def test_bad_run_settings_stop_with_one_line(trained, tmp_path, capsys, monkeypa
         assert message in err, (args, err)
     assert (out / "train_state.pt").stat().st_mtime_ns == before  # nothing touched
     assert not (tmp_path / "c").exists()
+
+
+def test_start_from_local_weights_without_the_cache(tmp_path, capsys):
+    """--weights FILE (a converted timm state dict) and decoding files every epoch."""
+    import timm
+    from safetensors.torch import save_file
+
+    data = make_bands(tmp_path / "data", counts=(4, 2, 2))
+    torch.manual_seed(1)
+    encoder = timm.create_model("mirage_tiny_patch32_512", depth=2, img_size=64)
+    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(("head", "norm"))}
+    save_file(state, tmp_path / "encoder.safetensors")
+    args = train_args(data, tmp_path / "out", tmp_path / "cache", epochs=1)
+    args += ["--weights", tmp_path / "encoder.safetensors", "--mode", "linear", "--no-cache"]
+    code, stdout, err = run_main(capsys, *args, "--bootstrap", "0", "--no-tensorboard")
+    assert code == 0, err
+    assert "linear, 963 trainable parameters" in stdout  # norm + head of 192 -> 3 classes
+    model, config = load_checkpoint(tmp_path / "out")
+    assert config.source_weights["name"] == "encoder.safetensors"
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, encoder.blocks[1].mlp.fc2.weight)
+    assert not (tmp_path / "cache").exists()  # --no-cache: nothing cached
 
 
 def test_resume_refuses_a_state_of_another_architecture(trained, tmp_path, capsys):
