@@ -387,13 +387,18 @@ def load_dataset(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    exclude: Sequence[str | Path] = (),
 ) -> DatasetSplits:
     """Discover a dataset and complete its splits.
 
     A missing ``val`` split is carved from ``train`` (``val_fraction`` of it), and a flat
     dataset is split into train/val/test, patient-disjoint and stratified by class.
+    ``exclude`` (image files or folders of them) takes those images, and every image of their
+    patients, out of every split, e.g. scans kept aside as app examples.
     """
     data = discover_dataset(root)
+    if exclude:
+        _exclude(data, exclude)
     if "all" in data.splits:
         fractions = {"test": test_fraction, "val": val_fraction}
         parts = patient_split(data.splits.pop("all"), fractions, seed)
@@ -407,6 +412,32 @@ def load_dataset(
     if shared:
         data.notes.append(f"{len(shared)} patients appear in more than one split")
     return data
+
+
+def _exclude(data: DatasetSplits, references: Sequence[str | Path]) -> None:
+    import hashlib
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    files: list[Path] = []
+    for reference in map(Path, references):
+        if reference.is_dir():
+            files += [p for p in sorted(reference.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        elif reference.is_file():
+            files.append(reference)
+        else:
+            raise DataError(f"--exclude {reference}: no such file or folder")
+    hashes = {digest(p) for p in files}
+    groups = {_group_of(p) for p in files if patient_id(p)}
+    removed = 0
+    for split, samples in data.splits.items():
+        kept = [s for s in samples if s.group not in groups and digest(s.path) not in hashes]
+        removed += len(samples) - len(kept)
+        data.splits[split] = kept
+    data.notes.append(
+        f"excluded {removed} images (copies of {len(files)} reference files and their patients)"
+    )
 
 
 def _shared_patients(splits: dict[str, list[Sample]]) -> set[str]:

@@ -222,3 +222,20 @@ def test_patient_split_refuses_too_few_patients(tmp_path):
         write_scan(tmp_path / "B" / f"B-2-{i}.png")
     with pytest.raises(DataError, match="too few patients"):
         patient_split(discover_dataset(tmp_path).splits["all"], {"val": 0.2})
+
+
+def test_exclude_removes_copies_and_their_patients(tmp_path):
+    make_kermany(tmp_path / "data", patients=6, per_patient=2, splits=("train", "test"))
+    reference = tmp_path / "examples"
+    reference.mkdir()
+    source = tmp_path / "data" / "train" / "DME" / "DME-2003-0.jpeg"
+    (reference / "renamed.jpeg").write_bytes(source.read_bytes())  # a copy, under another name
+    (reference / "NORMAL-4001-7.jpeg").write_bytes(b"x")  # a patient id, other content
+    data = load_dataset(tmp_path / "data", val_fraction=0.2, exclude=[reference])
+    names = {s.path.name for samples in data.splits.values() for s in samples}
+    assert "DME-2003-0.jpeg" not in names and "DME-2003-1.jpeg" in names
+    assert not {"NORMAL-4001-0.jpeg", "NORMAL-4001-1.jpeg"} & names
+    # the copy is in train and test (same name, same pixels), the patient twice in each
+    assert any("excluded 6 images" in note for note in data.notes)
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_dataset(tmp_path / "data", exclude=[tmp_path / "missing"])

@@ -27,6 +27,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+    exclude: list[str] = field(default_factory=list)
     cache: bool = True
     cache_dir: str | None = None
     skip_unreadable: bool = False
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--split-seed", type=int, help=_help("seed of the patient-disjoint split", "split_seed")
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATH",
+        help="leave these images (a file or folder; repeatable), and all images of their "
+        "patients, out of every split, e.g. --exclude assets/examples",
     )
     g.add_argument(
         "--cache",

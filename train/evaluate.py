@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument(
+        "--exclude",
+        action="append",
+        metavar="PATH",
+        help="images left out of the split (default: the ones the checkpoint's training left out)",
+    )
+    parser.add_argument(
         "--out", metavar="DIR", help="report folder (default: the checkpoint directory)"
     )
     parser.add_argument("--batch-size", type=int, default=64)
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val_fraction=float(split_cfg.get("val_fraction", 0.15)),
         test_fraction=float(split_cfg.get("test_fraction", 0.15)),
         seed=int(split_cfg.get("split_seed", 0)),
+        exclude=args.exclude if args.exclude is not None else split_cfg.get("exclude") or [],
     )
     if data.class_names != config.class_names:
         raise UsageError(

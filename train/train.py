@@ -136,7 +136,9 @@ def _prepare_out(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, 
 def _load_data(config: TrainConfig) -> DatasetSplits:
     if not config.data:
         raise UsageError("--data DIR is required: a folder of train|val|test/<CLASS>/ images")
-    data = load_dataset(config.data, config.val_fraction, config.test_fraction, config.split_seed)
+    data = load_dataset(
+        config.data, config.val_fraction, config.test_fraction, config.split_seed, config.exclude
+    )
     if not data.splits.get("val"):
         raise UsageError(f"{config.data}: the validation split is empty")
     return data
