@@ -37,6 +37,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "CheckpointConfig",
     "CheckpointError",
+    "atomic_write",
     "build_model",
     "load_checkpoint",
     "push_to_hub",
@@ -96,16 +97,23 @@ class CheckpointConfig:
         return cls(**fields)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it over
+    ``path``: a reader (or a killed writer) never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_atomic_write = atomic_write
 
 
 def save_checkpoint(

@@ -181,8 +181,8 @@ class Preprocessing:
         """``(x - mean) / std`` and channel repeat: [0, 1] image -> model input."""
         if self.in_chans != image.shape[-3]:
             image = image.expand(*image.shape[:-3], self.in_chans, *image.shape[-2:])
-        mean = torch.tensor(self.mean, dtype=image.dtype).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype).view(-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         if torch.all(mean == 0) and torch.all(std == 1):
             return image
         return (image - mean) / std

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import timm
@@ -48,6 +49,10 @@ def test_round_trip_gives_identical_logits(tmp_path):
     assert not loaded.training
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert saved["format"] == "mirage-demo-checkpoint" and saved["architecture"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # readable like any other file
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_load_from_hub_cache_offline(tmp_path, hub_cache):

@@ -1,0 +1,1 @@
+"""Training and evaluation CLI: ``python -m train`` and ``python -m train.evaluate``."""

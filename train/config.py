@@ -1,0 +1,355 @@
+"""Training options: MIRAGE's recipe as defaults, then a YAML file, then the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RESUMABLE_CHANGES", "TrainConfig", "UsageError", "build_parser", "parse_config"]
+
+
+class UsageError(Exception):
+    """Bad input that stops the run before training: one line that says what to fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``python -m train`` (the resolved copy is saved with the run)."""
+
+    # data
+    data: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    cache: bool = True
+    cache_dir: str | None = None
+    skip_unreadable: bool = False
+    workers: int | None = None
+    # model
+    model: str = "mirage_base_patch32_512"
+    pretrained: bool = False
+    weights: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    mode: str = "full"
+    last_k: int = 2
+    drop_path: float = 0.1
+    grad_checkpointing: bool = False
+    # optimisation
+    epochs: int = 50
+    batch_size: int = 32
+    accum_steps: int = 1
+    lr: float | None = None
+    min_lr: float = 1e-6
+    weight_decay: float = 0.01
+    layer_decay: float = 0.75
+    warmup_epochs: float = 10.0
+    label_smoothing: float = 0.1
+    clip_grad: float | None = None
+    balance: str = "loss"
+    augment: bool = True
+    aug_fill: float = 1.0
+    patience: int = 10
+    # run
+    out: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+    progress: bool | None = None
+    tensorboard: bool = True
+    bootstrap: int = 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def base_lr(self) -> float:
+        """``--lr``, else MIRAGE's: 1e-3 for a linear probe, 1e-5 for fine-tuning."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.mode == "linear" else 1e-5
+
+
+# Options a resumed run may change: they do not alter what is computed.
+RESUMABLE_CHANGES = frozenset(
+    {"data", "cache", "cache_dir", "workers", "device", "threads", "progress", "resume"}
+    | {"tensorboard", "bootstrap"}
+)
+
+_DEFAULTS = TrainConfig()
+_BOOL_FIELDS = {
+    f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", "bool | None")
+}
+
+
+def _help(text: str, key: str) -> str:
+    default = getattr(_DEFAULTS, key)
+    if default is None or default == {} or isinstance(default, bool):
+        return text
+    return f"{text} (default: {default})"
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not a YAML/JSON mapping: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a mapping such as '{\"img_size\": 256}'")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m train`` parser; options that are not given stay unset (SUPPRESS)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Fine-tune MIRAGE (or any timm model) on OCT B-scans laid out as "
+        "DIR/{train,val,test}/<CLASS>/* or DIR/<CLASS>/*. The output folder is a checkpoint "
+        "the app and `python -m train.evaluate` load directly; it also holds the test report, "
+        "logs and the state that --resume continues from. Multi-GPU: torchrun "
+        "--nproc_per_node=N -m train ...",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    flag = argparse.BooleanOptionalAction
+    add("--config", metavar="FILE.yaml", help="options from a YAML file (command line wins)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR", help="dataset folder (required)")
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        help=_help("val share carved from train when there is no val/", "val_fraction"),
+    )
+    g.add_argument(
+        "--test-fraction",
+        type=float,
+        help=_help("test share carved from a flat dataset", "test_fraction"),
+    )
+    g.add_argument(
+        "--split-seed", type=int, help=_help("seed of the patient-disjoint split", "split_seed")
+    )
+    g.add_argument(
+        "--cache",
+        action=flag,
+        help="decode every image once into a uint8 memory-mapped cache (default: on)",
+    )
+    g.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where the cache lives (default: $MIRAGE_DEMO_CACHE or ~/.cache/mirage-demo/images)",
+    )
+    g.add_argument(
+        "--skip-unreadable",
+        action=flag,
+        help="train without unreadable images instead of stopping (default: stop)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="data loader processes per GPU (default: 6 on CUDA, 0 on CPU with the cache)",
+    )
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", metavar="NAME", help=_help("timm architecture", "model"))
+    g.add_argument(
+        "--pretrained",
+        action=flag,
+        help="start from the registry's weights (MIRAGE: the Hugging Face Hub)",
+    )
+    g.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="start from a local weights file (MIRAGE .pth/.safetensors)",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        type=_mapping,
+        metavar="MAPPING",
+        help="extra architecture arguments, e.g. '{\"depth\": 2}'",
+    )
+    g.add_argument(
+        "--img-size", type=int, help="input side in pixels (default: the model's, 512 for MIRAGE)"
+    )
+    g.add_argument(
+        "--mode",
+        choices=["linear", "last-k", "full"],
+        help=_help("what to train: head only, last k blocks + head, everything", "mode"),
+    )
+    g.add_argument("--last-k", type=int, help=_help("blocks trained in --mode last-k", "last_k"))
+    g.add_argument("--drop-path", type=float, help=_help("stochastic depth rate", "drop_path"))
+    g.add_argument(
+        "--grad-checkpointing",
+        action=flag,
+        help="recompute activations in backward (less memory, ~30%% slower)",
+    )
+
+    g = parser.add_argument_group("optimisation (MIRAGE recipe)")
+    g.add_argument("--epochs", type=int, help=_help("training epochs", "epochs"))
+    g.add_argument(
+        "--batch-size", type=int, help=_help("images per step and process", "batch_size")
+    )
+    g.add_argument(
+        "--accum-steps", type=int, help=_help("gradient accumulation steps", "accum_steps")
+    )
+    g.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 1e-3 linear probe, 1e-5 otherwise)"
+    )
+    g.add_argument(
+        "--min-lr", type=float, help=_help("final learning rate of the cosine", "min_lr")
+    )
+    g.add_argument("--weight-decay", type=float, help=_help("AdamW weight decay", "weight_decay"))
+    g.add_argument(
+        "--layer-decay", type=float, help=_help("layer-wise lr decay (1 = off)", "layer_decay")
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help=_help("linear warm-up before the cosine", "warmup_epochs"),
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        help=_help("cross-entropy label smoothing", "label_smoothing"),
+    )
+    g.add_argument(
+        "--clip-grad", type=float, help="clip the gradient norm to this value (default: off)"
+    )
+    g.add_argument(
+        "--balance",
+        choices=["loss", "sampler", "none"],
+        help=_help("class imbalance: weighted loss, balanced sampling or nothing", "balance"),
+    )
+    g.add_argument(
+        "--augment", action=flag, help="flip, affine, intensity augmentation (default: on)"
+    )
+    g.add_argument(
+        "--aug-fill",
+        type=float,
+        help=_help("border value brought in by the affine, in [0, 1]", "aug_fill"),
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        help=_help(
+            "stop after this many epochs past warm-up without a better model (0 = never)",
+            "patience",
+        ),
+    )
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="output checkpoint folder (required)")
+    g.add_argument(
+        "--seed", type=int, help=_help("seed of initialisation, order, augmentation", "seed")
+    )
+    g.add_argument("--device", help=_help("auto, cpu, cuda or cuda:N", "device"))
+    g.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "off"],
+        help=_help(
+            "mixed precision on CUDA (auto: bf16 if supported, else fp16); CPU is fp32", "amp"
+        ),
+    )
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    g.add_argument(
+        "--resume",
+        action=flag,
+        help="continue the run saved in --out (same final weights as an uninterrupted run)",
+    )
+    g.add_argument("--progress", action=flag, help="progress bars (default: on a terminal)")
+    g.add_argument(
+        "--tensorboard", action=flag, help="TensorBoard logs in OUT/tensorboard (default: on)"
+    )
+    g.add_argument(
+        "--bootstrap",
+        type=int,
+        help=_help("bootstrap resamples for the report's confidence intervals", "bootstrap"),
+    )
+    return parser
+
+
+def _from_yaml(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise UsageError(f"config file {path} is not valid YAML: {detail}") from err
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must be a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"config file {path} has unknown options: {', '.join(unknown)}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """Resolved options and the names given explicitly (in the YAML file or on the command line)."""
+    namespace = vars(build_parser().parse_args(argv))
+    explicit: dict[str, Any] = {}
+    if "config" in namespace:
+        explicit.update(_from_yaml(namespace.pop("config")))
+    explicit.update(namespace)
+    config = TrainConfig(**{**_DEFAULTS.to_dict(), **explicit})
+    _validate(config)
+    return config, set(explicit)
+
+
+def _validate(config: TrainConfig) -> None:
+    checks = [
+        (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.accum_steps >= 1, "--accum-steps must be at least 1"),
+        (config.warmup_epochs >= 0, "--warmup-epochs must be 0 or more"),
+        (config.patience >= 0, "--patience must be 0 (off) or more"),
+        (config.bootstrap >= 0, "--bootstrap must be 0 or more"),
+        (0 <= config.aug_fill <= 1, "--aug-fill must be in [0, 1]"),
+        (config.mode in ("linear", "last-k", "full"), "--mode must be linear, last-k or full"),
+        (config.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
+        (config.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
+        (config.img_size is None or config.img_size >= 8, "--img-size must be at least 8"),
+        (config.workers is None or config.workers >= 0, "--workers must be 0 or more"),
+        (isinstance(config.model_kwargs, dict), "model_kwargs must be a mapping"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """The saved run's options, with the changes allowed on ``--resume`` applied.
+
+    Anything that changes what is computed (model, data split, optimiser, schedule, seed...)
+    must stay as saved, or the resumed run would not end where the uninterrupted one would.
+    """
+    resumed = TrainConfig(**{**_DEFAULTS.to_dict(), **saved})
+    for key in sorted(explicit):
+        asked, was = getattr(config, key), getattr(resumed, key)
+        if key in RESUMABLE_CHANGES or key == "out":
+            setattr(resumed, key, asked)
+        elif asked != was:
+            flag = "--" + key.replace("_", "-")
+            if key == "model":
+                raise UsageError(
+                    f"{config.out} holds a {was} run, not {asked}: use another --out to train "
+                    f"{asked}, or drop --model to resume the {was} run"
+                )
+            raise UsageError(
+                f"{flag} {json.dumps(asked)} differs from the run being resumed "
+                f"({json.dumps(was)}): drop {flag} to resume, or start a new run in another --out"
+            )
+    resumed.resume = True
+    return resumed
