@@ -538,6 +538,17 @@ def _example_scans() -> list[tuple[str, str]]:
     ]
 
 
+def _report_image(name: str, figures: dict[str, str]) -> gr.Image:
+    return gr.Image(
+        figures.get(name),
+        label=REPORT_FIGURES[name],
+        elem_id="report-" + name.removesuffix(".png").replace("_", "-"),
+        visible=name in figures,
+        interactive=False,
+        buttons=["download", "fullscreen"],
+    )
+
+
 def build_app(registry: ModelRegistry) -> gr.Blocks:
     """The four-tab app around a :class:`ModelRegistry`."""
     default = registry.get(registry.default)
@@ -592,15 +603,18 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                                 examples_per_page=12,
                             )
                     with gr.Column(scale=1):
-                        probabilities = gr.Label(num_top_classes=4, label="Class probabilities")
+                        probabilities = gr.Label(
+                            num_top_classes=4, label="Class probabilities", elem_id="probabilities"
+                        )
                         overlay = gr.Image(
                             label="Where the model looked",
+                            elem_id="overlay",
                             type="pil",
                             interactive=False,
                             height=320,
                             buttons=["download", "fullscreen"],
                         )
-                        info = gr.Markdown("Upload a scan or pick an example.")
+                        info = gr.Markdown("Upload a scan or pick an example.", elem_id="info")
                 state = gr.State(None)
                 predict_button = gr.Button("Predict only", visible=False)
 
@@ -608,16 +622,10 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                 card, metrics_md, figures = model_report(registry, registry.default)
                 card_view = gr.Markdown(card)
                 metrics_view = gr.Markdown(metrics_md)
-                figure_views = [
-                    gr.Image(
-                        figures.get(name),
-                        label=caption,
-                        visible=name in figures,
-                        interactive=False,
-                        buttons=["download", "fullscreen"],
-                    )
-                    for name, caption in REPORT_FIGURES.items()
-                ]
+                matrix_name, *curve_names = REPORT_FIGURES
+                figure_views = [_report_image(matrix_name, figures)]
+                with gr.Row():
+                    figure_views += [_report_image(name, figures) for name in curve_names]
 
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown(
@@ -753,14 +761,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")
     demo.queue(default_concurrency_limit=args.concurrency, max_size=256)
-    demo.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=args.share,
-        theme=theme(),
-        css=CSS,
-        footer_links=["api"],
-    )
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **LAUNCH_OPTIONS)
 
 
 def default_concurrency() -> int:
@@ -773,3 +774,12 @@ def theme() -> gr.themes.Base:
     fonts = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"]
     mono = ["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]
     return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate", font=fonts, font_mono=mono)
+
+
+#: ``demo.launch(**LAUNCH_OPTIONS)``: look and limits (Gradio 6 takes theme and css here).
+LAUNCH_OPTIONS: dict[str, Any] = {
+    "theme": theme(),
+    "css": CSS,
+    "footer_links": ["api"],
+    "max_file_size": "100mb",
+}

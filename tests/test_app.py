@@ -16,7 +16,14 @@ from PIL import Image
 import mirage_demo  # noqa: F401
 from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
 from mirage_demo.data import Preprocessing
-from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry, available_models, build_app
+from mirage_demo.ui import (
+    EXAMPLES_DIR,
+    LAUNCH_OPTIONS,
+    ModelChoice,
+    ModelRegistry,
+    available_models,
+    build_app,
+)
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -91,7 +98,13 @@ def served(tmp_path_factory):
     demo = build_app(registry)
     demo.queue(default_concurrency_limit=2)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         yield url, guard, registry
@@ -125,7 +138,7 @@ def test_predict_endpoint(client):
 
 @pytest.mark.parametrize("method, target", [("gradcam", "DME"), ("rollout", "the predicted class")])
 def test_explain_endpoint(client, method, target):
-    overlay, label, info, _ = client.predict(
+    overlay, label, info = client.predict(
         handle_file(str(CNV_SCAN)), "tiny (report)", method, target, 0.6, api_name="/explain"
     )
     with Image.open(CNV_SCAN) as scan, Image.open(overlay) as shown:
@@ -251,3 +264,46 @@ def test_unusable_checkpoint_fails_at_start_with_a_clear_message(tmp_path, capsy
         main(["--checkpoint", str(tmp_path / "nope")])
     assert exit_info.value.code == 1
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (.ci/run installs it)")
+def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = served[0]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(url)
+            page.locator("input[type=file]").first.set_input_files(str(CNV_SCAN))
+            top = page.locator("#probabilities [data-testid=label-output-value]")
+            top.wait_for(timeout=60_000)
+            assert top.inner_text().strip() in CLASSES
+            overlay = page.locator("#overlay img")
+            overlay.wait_for(timeout=60_000)
+            width = overlay.evaluate("img => img.naturalWidth")
+            assert width == Image.open(CNV_SCAN).width
+            sync_api.expect(page.locator("#info")).to_contain_text("Predicted")
+            page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
+
+            page.get_by_role("tab", name="Model").click()
+            matrix = page.locator("#report-confusion-matrix img")
+            matrix.wait_for(timeout=30_000)
+            assert matrix.evaluate("img => img.naturalWidth") > 200
+            sync_api.expect(page.get_by_text("Balanced accuracy").first).to_be_visible()
+            page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
+
+            page.get_by_role("tab", name="Learn").click()
+            sync_api.expect(page.get_by_text("What is OCT?")).to_be_visible()
+        finally:
+            browser.close()
