@@ -1,0 +1,309 @@
+"""The Gradio app, served on a free local port and driven through ``gradio_client``."""
+
+from __future__ import annotations
+
+import csv
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import mirage_demo  # noqa: F401
+from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
+from mirage_demo.data import Preprocessing
+from mirage_demo.ui import (
+    EXAMPLES_DIR,
+    LAUNCH_OPTIONS,
+    ModelChoice,
+    ModelRegistry,
+    available_models,
+    build_app,
+)
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
+CNV_SCAN = EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg"
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0, report: bool = True) -> Path:
+    """A 4-class tiny MIRAGE-architecture checkpoint, with an evaluation report."""
+    torch.manual_seed(seed)
+    kwargs = {"img_size": 128, "depth": 2}
+    model = timm.create_model("mirage_tiny_patch32_512", num_classes=4, **kwargs).eval()
+    config = CheckpointConfig(
+        "mirage_tiny_patch32_512",
+        CLASSES,
+        Preprocessing.from_model(model),
+        model_kwargs=kwargs,
+        training={"data": "synthetic test data", "epochs": 1},
+    )
+    save_checkpoint(directory, model, config)
+    if report:
+        from mirage_demo.metrics import write_report
+
+        rng = np.random.default_rng(seed)
+        y_true = np.repeat(np.arange(4), 5)
+        probs = rng.dirichlet(np.ones(4), size=20)
+        probs[np.arange(20), y_true] += 1.0
+        probs /= probs.sum(1, keepdims=True)
+        files = [f"img{i}.png" for i in range(20)]
+        write_report(directory, y_true, probs, CLASSES, files, n_bootstrap=50)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class NetworkGuard:
+    """Records (and refuses) connections to anything but this machine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.attempts: list[str] = []
+        original = socket.socket.connect
+
+        def connect(sock, address):
+            host = address[0] if isinstance(address, tuple) else str(address)
+            if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0") and not str(
+                host
+            ).startswith("/"):
+                self.attempts.append(str(host))
+                raise OSError(f"test: network access to {host} refused")
+            return original(sock, address)
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app with two models (one without a report), on a free port; yields its URL."""
+    monkeypatch = pytest.MonkeyPatch()
+    guard = NetworkGuard(monkeypatch)
+    root = tmp_path_factory.mktemp("app")
+    registry = ModelRegistry(
+        [
+            ModelChoice("tiny (report)", str(tiny_checkpoint(root / "a"))),
+            ModelChoice("tiny (no report)", str(tiny_checkpoint(root / "b", 1, report=False))),
+        ]
+    )
+    demo = build_app(registry)
+    demo.queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        yield url, guard, registry
+    finally:
+        demo.close()
+        monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[0], verbose=False)
+
+
+def labels_of(label_output) -> dict[str, float]:
+    return {c["label"]: c["confidence"] for c in label_output["confidences"]}
+
+
+def test_named_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/predict", "/explain", "/batch"} <= set(endpoints)
+
+
+def test_predict_endpoint(client):
+    label, info = client.predict(handle_file(str(CNV_SCAN)), api_name="/predict")
+    probabilities = labels_of(label)
+    assert set(probabilities) == set(CLASSES)
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+    assert label["label"] == max(probabilities, key=probabilities.get)
+    assert "s on CPU" in info
+
+
+@pytest.mark.parametrize("method, target", [("gradcam", "DME"), ("rollout", "the predicted class")])
+def test_explain_endpoint(client, method, target):
+    overlay, label, info = client.predict(
+        handle_file(str(CNV_SCAN)), "tiny (report)", method, target, 0.6, api_name="/explain"
+    )
+    with Image.open(CNV_SCAN) as scan, Image.open(overlay) as shown:
+        assert shown.size == scan.size  # the overlay keeps the scan's own size
+        assert shown.mode == "RGB"
+    assert set(labels_of(label)) == set(CLASSES)
+    if method == "gradcam":
+        assert "Map for class **DME**" in info
+    else:
+        assert "class-agnostic" in info
+
+
+def test_batch_endpoint_with_zip_and_a_bad_file(client, tmp_path):
+    archive = tmp_path / "scans.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(EXAMPLES_DIR / "NORMAL" / "NORMAL-1384-3.jpeg", "inner/NORMAL-1384-3.jpeg")
+        zf.writestr("inner/broken.png", b"not a png at all")
+        zf.writestr("inner/readme.txt", b"ignored")
+    table, csv_file, summary = client.predict(
+        [handle_file(str(CNV_SCAN)), handle_file(str(archive))], api_name="/batch"
+    )
+    rows = table["data"]
+    files = [row[0] for row in rows]
+    assert files == [
+        "CNV-451136-1.jpeg",
+        "scans.zip/inner/NORMAL-1384-3.jpeg",
+        "scans.zip/inner/broken.png",
+    ]
+    assert rows[2][1] == "unreadable" and "not a readable image" in rows[2][-1]
+    assert all(row[1] in CLASSES for row in rows[:2])
+    with open(csv_file, newline="") as stream:
+        written = list(csv.reader(stream))
+    assert written[0][:2] == ["file", "prediction"] and len(written) == 4
+    assert "2 classified" in summary and "1 unreadable" in summary
+
+
+def write_bad_uploads(folder: Path) -> dict[str, Path]:
+    files = {}
+    files["text"] = folder / "notes.png"
+    files["text"].write_text("this is not an image")
+    files["truncated"] = folder / "truncated.jpeg"
+    files["truncated"].write_bytes(CNV_SCAN.read_bytes()[:2000])
+    files["huge"] = folder / "huge.png"
+    Image.new("1", (20000, 20000)).save(files["huge"])
+    files["gif"] = folder / "animated.gif"
+    frames = [Image.open(CNV_SCAN).convert("L").resize((128, 96)), Image.new("L", (128, 96), 0)]
+    frames[0].save(files["gif"], save_all=True, append_images=frames[1:])
+    files["16bit"] = folder / "deep.png"
+    deep = np.asarray(Image.open(CNV_SCAN).convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(deep).save(files["16bit"])
+    files["tiny"] = folder / "one-pixel.png"
+    Image.new("L", (1, 1), 128).save(files["tiny"])
+    return files
+
+
+def test_bad_uploads_get_friendly_messages_and_the_app_keeps_serving(client, tmp_path):
+    files = write_bad_uploads(tmp_path)
+    for kind in ("text", "truncated", "huge"):
+        with pytest.raises(Exception, match=r"Could not read .*Please upload an OCT B-scan"):
+            client.predict(handle_file(str(files[kind])), api_name="/predict")
+    for kind in ("gif", "16bit"):
+        label, _ = client.predict(handle_file(str(files[kind])), api_name="/predict")
+        assert label["label"] in CLASSES, kind
+    label, info = client.predict(handle_file(str(files["tiny"])), api_name="/predict")
+    assert label["label"] in CLASSES and "may not be an OCT B-scan" in info
+    overlay, *_ = client.predict(
+        handle_file(str(files["16bit"])),
+        "tiny (report)",
+        "gradcam",
+        "the predicted class",
+        0.5,
+        api_name="/explain",
+    )
+    assert Image.open(overlay).size == Image.open(files["16bit"]).size
+    label, _ = client.predict(handle_file(str(CNV_SCAN)), api_name="/predict")  # still serving
+    assert label["label"] in CLASSES
+
+
+def test_a_photo_gets_a_warning(client):
+    import matplotlib
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    _, info = client.predict(handle_file(str(photo)), api_name="/predict")
+    assert "may not be an OCT B-scan" in info
+
+
+def test_model_loads_once_and_no_network_is_used(served, client):
+    _, guard, registry = served
+    first = registry.get("tiny (report)")
+    client.predict(handle_file(str(CNV_SCAN)), api_name="/predict")
+    assert registry.get("tiny (report)") is first
+    assert guard.attempts == []
+
+
+def test_model_report_tables_and_missing_report(served):
+    from mirage_demo.ui import model_report
+
+    registry = served[2]
+    card, metrics_md, figures = model_report(registry, "tiny (report)")
+    assert "`mirage_tiny_patch32_512`" in card and "synthetic test data" in card
+    assert "| CNV | 5 |" in metrics_md and "Balanced accuracy" in metrics_md
+    assert set(figures) == {"confusion_matrix.png", "roc_curves.png", "reliability.png"}
+    assert all(Path(path).is_file() for path in figures.values())
+    _, message, figures = model_report(registry, "tiny (no report)")
+    assert "No evaluation report" in message and "python -m train.evaluate" in message
+    assert figures == {}
+
+
+def test_available_models_lists_given_then_bundled(tmp_path, monkeypatch):
+    given = tiny_checkpoint(tmp_path / "mine", report=False)
+    monkeypatch.setenv("MIRAGE_DEMO_CHECKPOINTS", "someone/oct-model")
+    choices = available_models([str(given)])
+    assert choices[0] == ModelChoice("mine", str(given))
+    assert choices[1] == ModelChoice("someone/oct-model", "someone/oct-model")
+    bundled = [c for c in choices if c.name.endswith("(bundled)")]
+    assert bundled and bundled[0].name == "demo-model (bundled)"
+
+
+def test_unusable_checkpoint_fails_at_start_with_a_clear_message(tmp_path, capsys):
+    from mirage_demo.ui import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "nope")])
+    assert exit_info.value.code == 1
+    assert "no checkpoint directory" in capsys.readouterr().err
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (.ci/run installs it)")
+def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url = served[0]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(url)
+            page.locator("input[type=file]").first.set_input_files(str(CNV_SCAN))
+            top = page.locator("#probabilities [data-testid=label-output-value]")
+            top.wait_for(timeout=60_000)
+            assert top.inner_text().strip() in CLASSES
+            overlay = page.locator("#overlay img")
+            overlay.wait_for(timeout=60_000)
+            width = overlay.evaluate("img => img.naturalWidth")
+            assert width == Image.open(CNV_SCAN).width
+            sync_api.expect(page.locator("#info")).to_contain_text("Predicted")
+            page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
+
+            page.get_by_role("tab", name="Model").click()
+            matrix = page.locator("#report-confusion-matrix img")
+            matrix.wait_for(timeout=30_000)
+            assert matrix.evaluate("img => img.naturalWidth") > 200
+            sync_api.expect(page.get_by_text("Balanced accuracy").first).to_be_visible()
+            page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
+
+            page.get_by_role("tab", name="Learn").click()
+            sync_api.expect(page.get_by_text("What is OCT?")).to_be_visible()
+        finally:
+            browser.close()
