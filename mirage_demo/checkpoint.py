@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from torch import nn
 
 import mirage_demo
 from mirage_demo.data import Preprocessing
+from mirage_demo.fileio import atomic_write, atomic_write_text
 from mirage_demo.models import create_classifier
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "CheckpointConfig",
     "CheckpointError",
-    "atomic_write",
     "build_model",
     "load_checkpoint",
     "push_to_hub",
@@ -97,25 +95,6 @@ class CheckpointConfig:
         return cls(**fields)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then rename it over
-    ``path``: a reader (or a killed writer) never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-_atomic_write = atomic_write
-
-
 def save_checkpoint(
     directory: str | Path, model: torch.nn.Module, config: CheckpointConfig
 ) -> Path:
@@ -124,9 +103,8 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "architecture": config.architecture}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
     return directory
 
 

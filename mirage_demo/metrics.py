@@ -29,13 +29,13 @@ import datetime as dt
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mirage_demo.fileio import atomic_write_text
 
 __all__ = [
     "ECE_BINS",
@@ -475,21 +475,6 @@ def plot_reliability(
 # The report
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    """Write through a temporary file, then rename (readers never see half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(
     directory: str | Path,
     y_true: Sequence[int],
@@ -521,7 +506,9 @@ def write_report(
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
-    _atomic_text(directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(
+        directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+    )
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -529,7 +516,7 @@ def write_report(
     for name, label, row in zip(files, y_true, probs, strict=True):
         predicted = class_names[int(row.argmax())]
         writer.writerow([name, class_names[int(label)], predicted, *(f"{p:.6f}" for p in row)])
-    _atomic_text(directory / "predictions.csv", buffer.getvalue())
+    atomic_write_text(directory / "predictions.csv", buffer.getvalue())
 
     where = f"{split} split, {len(probs)} images"
     plot_confusion_matrix(

@@ -13,6 +13,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: one intra-op thread is faster, and far faster when
+    another process keeps a 2-core machine busy (OpenMP threads then wait on each other).
+    Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
     """An empty Hugging Face Hub cache; returns a function that stores files as a cached repo."""

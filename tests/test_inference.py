@@ -26,16 +26,7 @@ from mirage_demo.models import create_classifier
 from mirage_demo.quality import assess_image
 from tests.synthetic_oct import CLASSES, lesion_scan, oct_like, train_tiny_checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one intra-op thread is faster, and far faster when
-    another process keeps the shared 2-core machine busy (OpenMP threads then wait on each
-    other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

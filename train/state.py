@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mirage_demo.checkpoint import atomic_write
+from mirage_demo.fileio import atomic_write
 from train.config import UsageError
 
 __all__ = ["STATE_NAME", "get_rng_state", "load_state", "save_state", "set_rng_state"]

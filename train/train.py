@@ -38,11 +38,11 @@ from mirage_demo.checkpoint import (
     WEIGHTS_NAME,
     CheckpointConfig,
     CheckpointError,
-    atomic_write,
     load_checkpoint,
     save_checkpoint,
 )
 from mirage_demo.data import DataError, DatasetSplits, Preprocessing, class_weights, load_dataset
+from mirage_demo.fileio import atomic_write
 from mirage_demo.metrics import compute_metrics, fit_temperature, nll, softmax
 from mirage_demo.models import (
     configure_finetuning,
