@@ -368,9 +368,13 @@ def model_card(config: CheckpointConfig | None, name: str) -> str:
         + (f" (license {license_id})" if license_id else "")
         + " |"
     )
-    data = training.get("data_name") or training.get("data")
-    if data:
-        lines.append(f"| Training data | {data} |")
+    data = training.get("data_name") or Path(str(training.get("data") or "")).name
+    images = training.get("images") or {}
+    split_sizes = ", ".join(f"{sum(c.values()):,} {s}" for s, c in images.items() if c)
+    if data or split_sizes:
+        lines.append(
+            f"| Training data | {data}" + (f" ({split_sizes})" if split_sizes else "") + " |"
+        )
     for key, label in (
         ("mode", "Fine-tuning"),
         ("epochs", "Epochs"),

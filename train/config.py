@@ -59,6 +59,8 @@ class TrainConfig:
     patience: int = 10
     # run
     out: str | None = None
+    data_name: str | None = None
+    description: str | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -82,7 +84,7 @@ class TrainConfig:
 # Options a resumed run may change: they do not alter what is computed.
 RESUMABLE_CHANGES = frozenset(
     {"data", "cache", "cache_dir", "workers", "device", "threads", "progress", "resume"}
-    | {"tensorboard", "bootstrap"}
+    | {"tensorboard", "bootstrap", "data_name", "description"}
 )
 
 _DEFAULTS = TrainConfig()
@@ -256,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output checkpoint folder (required)")
+    g.add_argument(
+        "--data-name",
+        metavar="TEXT",
+        help="how the model card names the training data (default: the data folder's name)",
+    )
+    g.add_argument(
+        "--description",
+        metavar="TEXT",
+        help="a sentence for the model card: what this model is and how far to trust it",
+    )
     g.add_argument(
         "--seed", type=int, help=_help("seed of initialisation, order, augmentation", "seed")
     )

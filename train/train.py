@@ -200,6 +200,15 @@ def build_model(
     return model, kwargs, Preprocessing.from_model(model, input_size)
 
 
+def _description(config: TrainConfig, class_names: list[str]) -> str:
+    how = (
+        f"fine-tuned ({config.mode})"
+        if config.pretrained or config.weights
+        else "trained from scratch"
+    )
+    return f"{config.model} {how} on {len(class_names)} OCT classes ({', '.join(class_names)})."
+
+
 def _source_weights(config: TrainConfig) -> dict[str, Any]:
     if config.weights:
         return {"name": Path(config.weights).name, **pretrained_source(config.model)}
@@ -446,8 +455,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
         model_kwargs=model_kwargs,
         source_weights=_source_weights(config),
         training={**options, **derived},
-        description=f"{config.model} fine-tuned ({config.mode}) on {num_classes} OCT classes "
-        f"({', '.join(class_names)}) with mirage_demo.",
+        description=config.description or _description(config, class_names),
     )
     run = Run(
         config, dist, out, data, preprocessing, model, ddp_model, optimizer, scheduler, scaler,
