@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from mirage_demo.checkpoint import load_checkpoint
+from mirage_demo.checkpoint import load_checkpoint, save_checkpoint
 from mirage_demo.metrics import REPORT_FILES
 from train import evaluate
 from train.config import UsageError, check_resumable, parse_config
@@ -453,3 +453,50 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     )
     load_checkpoint(out)
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 9
+
+
+def test_distillation_loss_matches_its_definition():
+    from train.distill import distillation_loss
+
+    student, teacher = torch.randn(4, 3), torch.randn(4, 3)
+    t = 2.0
+    p_teacher = torch.softmax(teacher / t, dim=1)
+    expected = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, dim=1))).sum(1)
+    assert distillation_loss(student, teacher, t) == pytest.approx(4 * expected.mean().item())
+    assert distillation_loss(teacher, teacher, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distils_from_a_teacher_checkpoint(trained, tmp_path, capsys):
+    """With --distill-weight 1 the student follows the teacher, not the labels: a teacher that
+    always answers TOP makes a student that always answers TOP (its input is resized for the
+    teacher, which sees 64 px)."""
+    data, trained_out = trained
+    model, config = load_checkpoint(trained_out)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 6.0]))
+    teacher = save_checkpoint(tmp_path / "always-top", model, config)
+    out = tmp_path / "student"
+    args = train_args(data, out, tmp_path / "cache", epochs=4)
+    args[args.index("--img-size") + 1] = 96
+    code, _, err = run_main(
+        capsys, *args, "--teacher", teacher, "--distill-weight", 1, "--distill-temperature", 1
+    )
+    assert code == 0, err
+    _, student = load_checkpoint(out)
+    assert student.training["teacher"] == str(teacher)
+    assert "distilled from always-top" in student.description
+    with open(out / "predictions.csv", newline="") as handle:
+        assert {row["predicted"] for row in csv.DictReader(handle)} == {"TOP"}
+
+    other = tmp_path / "other-classes"
+    make_bands(other, counts=(12, 5, 5))
+    (other / "train" / "MIDDLE").rename(other / "train" / "CENTRE")
+    for split in ("val", "test"):
+        if (other / split / "MIDDLE").exists():
+            (other / split / "MIDDLE").rename(other / split / "CENTRE")
+    code, _, err = run_main(
+        capsys, *train_args(other, tmp_path / "o", tmp_path / "cache2"), "--teacher", teacher
+    )
+    assert code == 2 and "distil from a model of the same classes" in err
+    assert len(err.strip().splitlines()) == 1

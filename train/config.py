@@ -57,6 +57,9 @@ class TrainConfig:
     augment: bool = True
     aug_fill: float = 1.0
     patience: int = 10
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
     # run
     out: str | None = None
     data_name: str | None = None
@@ -255,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
             "patience",
         ),
     )
+    g.add_argument(
+        "--teacher",
+        metavar="DIR_OR_HUB_ID",
+        help="distil from this trained checkpoint (same classes): the loss mixes the labels "
+        "with the teacher's softened predictions",
+    )
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        help=_help("share of the distillation term in the loss, with --teacher", "distill_weight"),
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=float,
+        help=_help("softmax temperature of the distillation term", "distill_temperature"),
+    )
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output checkpoint folder (required)")
@@ -337,6 +356,8 @@ def _validate(config: TrainConfig) -> None:
         (config.patience >= 0, "--patience must be 0 (off) or more"),
         (config.bootstrap >= 0, "--bootstrap must be 0 or more"),
         (0 <= config.aug_fill <= 1, "--aug-fill must be in [0, 1]"),
+        (0 <= config.distill_weight <= 1, "--distill-weight must be in [0, 1]"),
+        (config.distill_temperature > 0, "--distill-temperature must be positive"),
         (config.mode in ("linear", "last-k", "full"), "--mode must be linear, last-k or full"),
         (config.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
         (config.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),

@@ -52,6 +52,7 @@ from mirage_demo.models import (
 )
 from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
+from train.distill import Teacher, distillation_loss
 from train.distributed import Dist, setup
 from train.evaluate import evaluate_samples, predict, summary
 from train.state import STATE_NAME, get_rng_state, load_state, save_state, set_rng_state
@@ -200,13 +201,32 @@ def build_model(
     return model, kwargs, Preprocessing.from_model(model, input_size)
 
 
+def _teacher(
+    config: TrainConfig, preprocessing: Preprocessing, class_names: list[str], device: torch.device
+) -> Teacher | None:
+    if not config.teacher:
+        return None
+    try:
+        teacher = Teacher(config.teacher, preprocessing, device)
+    except CheckpointError as err:
+        raise UsageError(f"--teacher: {err}") from err
+    if teacher.class_names != class_names:
+        raise UsageError(
+            f"--teacher {config.teacher} predicts [{', '.join(teacher.class_names)}], the data "
+            f"has [{', '.join(class_names)}]: distil from a model of the same classes"
+        )
+    return teacher
+
+
 def _description(config: TrainConfig, class_names: list[str]) -> str:
     how = (
         f"fine-tuned ({config.mode})"
         if config.pretrained or config.weights
         else "trained from scratch"
     )
-    return f"{config.model} {how} on {len(class_names)} OCT classes ({', '.join(class_names)})."
+    taught = f", distilled from {Path(config.teacher).name}" if config.teacher else ""
+    classes = ", ".join(class_names)
+    return f"{config.model} {how}{taught} on {len(class_names)} OCT classes ({classes})."
 
 
 def _source_weights(config: TrainConfig) -> dict[str, Any]:
@@ -303,6 +323,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     criterion: nn.Module
+    teacher: Teacher | None
     augment: BatchAugmentation | None
     amp_dtype: torch.dtype | None
     sampler: EpochSampler
@@ -432,6 +453,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
         weight=None if weights is None else weights.to(device),
         label_smoothing=config.label_smoothing,
     )
+    teacher = _teacher(config, preprocessing, data.class_names, device)
 
     # what the run records: config.json's training facts and the resolved options
     effective_batch = config.batch_size * config.accum_steps * dist.world_size
@@ -459,7 +481,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     )
     run = Run(
         config, dist, out, data, preprocessing, model, ddp_model, optimizer, scheduler, scaler,
-        criterion, BatchAugmentation(fill=config.aug_fill) if config.augment else None,
+        criterion, teacher, BatchAugmentation(fill=config.aug_fill) if config.augment else None,
         amp_dtype, sampler, train_loader, val_loader, workers, warmup_epochs, checkpoint_config,
     )  # fmt: skip
 
@@ -530,7 +552,8 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
         images, labels, _ = batch
         x = to_model_input(images, run.preprocessing, device, run.augment, generator)
         y = labels.to(device, non_blocking=True)
-        loss = train_step(run, x, y, group_size, last_micro)
+        soft = run.teacher(x) if run.teacher is not None else None
+        loss = train_step(run, x, y, group_size, last_micro, soft)
         loss_sum += loss * len(y)
         nonfinite += (~torch.isfinite(loss)).float()
         seen += len(y)
@@ -552,15 +575,26 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
 
 
 def train_step(
-    run: Run, x: torch.Tensor, y: torch.Tensor, group_size: int = 1, last_micro: bool = True
+    run: Run,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    group_size: int = 1,
+    last_micro: bool = True,
+    teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one micro-batch; the optimiser steps on the last micro-batch of
-    an accumulation group of ``group_size``. Returns the (detached, float) loss."""
+    an accumulation group of ``group_size``. Returns the (detached, float) loss. With
+    ``teacher_logits`` the loss mixes in the distillation term (``--distill-weight``)."""
     config, dist = run.config, run.dist
     sync = nullcontext() if last_micro or not dist.enabled else run.ddp_model.no_sync()
     with sync:
         with run.autocast():
-            loss = run.criterion(run.ddp_model(x), y)
+            logits = run.ddp_model(x)
+            loss = run.criterion(logits, y)
+            if teacher_logits is not None:
+                weight = config.distill_weight
+                soft = distillation_loss(logits, teacher_logits, config.distill_temperature)
+                loss = (1 - weight) * loss + weight * soft
         run.scaler.scale(loss / group_size).backward()
     if last_micro:
         if config.clip_grad:
