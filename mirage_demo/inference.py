@@ -90,7 +90,7 @@ class Explanation:
     """A prediction and where the model looked for class ``target``.
 
     ``heatmap`` is float32 ``(H, W)`` in [0, 1] at the input image's own size; ``overlay`` is
-    the image (grayscale) with the colour-mapped heatmap blended on top.
+    ``image`` (the min-maxed grayscale scan) with the colour-mapped heatmap blended on top.
     """
 
     prediction: Prediction
@@ -100,6 +100,7 @@ class Explanation:
     heatmap: np.ndarray
     overlay: Image.Image
     class_specific: bool
+    image: np.ndarray  # the scan the overlay is drawn on: (H, W) grayscale in [0, 1]
     timing: dict[str, float] = field(default_factory=dict)
 
 
@@ -305,6 +306,7 @@ class Predictor:
             heatmap=heatmap.astype(np.float32, copy=False),
             overlay=overlay,
             class_specific=method not in CLASS_AGNOSTIC_METHODS,
+            image=loaded.display,
             timing=dict(prediction.timing),
         )
 

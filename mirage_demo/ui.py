@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 from PIL import Image
 
 from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, resolve_checkpoint_dir
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, read_image
+from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import render_overlay
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 
@@ -217,7 +216,6 @@ def explain_scan(
     except ValueError as err:
         raise gr.Error(str(err)) from err
     prediction = explanation.prediction
-    scan = _gray_display(path)
     what = f"Prediction + {METHOD_LABELS.get(explanation.method, explanation.method)}"
     shown = (
         f"Map for class **{explanation.target}**."
@@ -229,7 +227,11 @@ def explain_scan(
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
         + _timing_line(prediction, what, str(predictor.device))
     )
-    state = {"scan": scan, "heatmap": explanation.heatmap, "colormap": predictor.colormap}
+    state = {
+        "scan": explanation.image,
+        "heatmap": explanation.heatmap,
+        "colormap": predictor.colormap,
+    }
     return explanation.overlay, prediction.probabilities, info, state
 
 
@@ -238,16 +240,6 @@ def reblend(state: dict[str, Any] | None, opacity: float) -> Any:
     if not state:
         return gr.skip()
     return render_overlay(state["scan"], state["heatmap"], state["colormap"], float(opacity))
-
-
-def _gray_display(path: str) -> np.ndarray:
-    gray = read_image(path)
-    low, high = float(gray.min()), float(gray.max())
-    return (gray - low) / (high - low) if high > low else np.zeros_like(gray)
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _batch_inputs(uploads: Sequence[Any]) -> list[tuple[str, Any]]:

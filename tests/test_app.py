@@ -307,3 +307,16 @@ def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
             sync_api.expect(page.get_by_text("What is OCT?")).to_be_visible()
         finally:
             browser.close()
+
+
+def test_opacity_reblends_without_the_model(served):
+    from mirage_demo.ui import explain_scan, reblend
+
+    registry = served[2]
+    overlay, _, _, state = explain_scan(registry, str(CNV_SCAN), "tiny (report)", "gradcam")
+    assert np.array_equal(np.asarray(reblend(state, 0.5)), np.asarray(overlay))
+    bare = np.asarray(reblend(state, 0.0))
+    gray = np.asarray(Image.open(CNV_SCAN).convert("L"), dtype=np.float32)
+    expected = (gray - gray.min()) / (gray.max() - gray.min()) * 255
+    assert np.abs(bare[..., 0].astype(np.float32) - expected).max() <= 1.0
+    assert not np.array_equal(np.asarray(reblend(state, 1.0)), bare)
