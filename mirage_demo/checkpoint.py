@@ -96,12 +96,24 @@ class CheckpointConfig:
 
 
 def save_checkpoint(
-    directory: str | Path, model: torch.nn.Module, config: CheckpointConfig
+    directory: str | Path,
+    model: torch.nn.Module,
+    config: CheckpointConfig,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically)."""
+    """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically).
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights at that precision, to
+    halve the file; :func:`load_checkpoint` always computes in float32.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key] = value.contiguous()
     meta = {"format": "pt", "architecture": config.architecture}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
@@ -166,6 +178,7 @@ def load_checkpoint(
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = build_model(config, device="meta")  # weights come from the file: allocate once
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]

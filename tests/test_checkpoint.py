@@ -124,3 +124,16 @@ def test_loaded_mirage_keeps_position_embedding_frozen(tmp_path):
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
     assert not loaded.pos_embed.requires_grad
     assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    model, config = tiny_checkpoint(tmp_path / "full")
+    save_checkpoint(tmp_path / "half", model, config, dtype=torch.float16)
+    full = (tmp_path / "full" / "model.safetensors").stat().st_size
+    half = (tmp_path / "half" / "model.safetensors").stat().st_size
+    assert half < 0.55 * full
+    loaded, _ = load_checkpoint(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-2)

@@ -62,6 +62,7 @@ class TrainConfig:
     distill_temperature: float = 2.0
     # run
     out: str | None = None
+    save_dtype: str = "float32"
     data_name: str | None = None
     description: str | None = None
     seed: int = 0
@@ -277,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output checkpoint folder (required)")
+    g.add_argument(
+        "--save-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help=_help("precision of the saved weights (float16 halves the file)", "save_dtype"),
+    )
     g.add_argument(
         "--data-name",
         metavar="TEXT",

@@ -643,7 +643,8 @@ def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
     if better and dist.is_main:
         val = {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
         run.checkpoint_config.training.update(best_epoch=epoch, val=val)
-        save_checkpoint(run.out, run.model, run.checkpoint_config)
+        dtype = getattr(torch, config.save_dtype)
+        save_checkpoint(run.out, run.model, run.checkpoint_config, dtype)
     run.progress.history.append(row)
     rng = run.dist.gather(get_rng_state())
     if dist.is_main:
@@ -696,7 +697,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "val_nll_before": nll(logits, labels),
         "val_nll_after": nll(logits, labels, temperature),
     }
-    save_checkpoint(out, model, checkpoint)
+    save_checkpoint(out, model, checkpoint, getattr(torch, config.save_dtype))
     split = "test" if data.splits.get("test") else "val"
     if split == "val":
         print("warning: no test split: the report is on the validation split", flush=True)
