@@ -500,3 +500,23 @@ def test_distils_from_a_teacher_checkpoint(trained, tmp_path, capsys):
     )
     assert code == 2 and "distil from a model of the same classes" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_model_selection_measures():
+    from train.train import Progress
+
+    progress = Progress()
+    epochs = [
+        {"loss": 0.9, "balanced_accuracy": 0.70, "accuracy": 0.6},
+        {"loss": 0.5, "balanced_accuracy": 0.60, "accuracy": 0.9},
+        {"loss": 0.4, "balanced_accuracy": 0.70, "accuracy": 0.9},
+    ]
+    assert [progress.update(i + 1, v, 0, 0) for i, v in enumerate(epochs)] == [True, False, True]
+    assert progress.best["epoch"] == 3  # same balanced accuracy, lower loss
+    by_loss = Progress()
+    assert [by_loss.update(i + 1, v, 0, 0, "loss") for i, v in enumerate(epochs)] == [
+        True, True, True
+    ]  # fmt: skip
+    by_accuracy = Progress()
+    picks = [by_accuracy.update(i + 1, v, 0, 0, "accuracy") for i, v in enumerate(epochs)]
+    assert picks == [True, True, True] and by_accuracy.best["epoch"] == 3

@@ -57,6 +57,7 @@ class TrainConfig:
     augment: bool = True
     aug_fill: float = 1.0
     patience: int = 10
+    select: str = "balanced_accuracy"
     teacher: str | None = None
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
@@ -257,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=_help(
             "stop after this many epochs past warm-up without a better model (0 = never)",
             "patience",
+        ),
+    )
+    g.add_argument(
+        "--select",
+        choices=["balanced_accuracy", "accuracy", "macro_f1", "macro_auroc", "loss"],
+        help=_help(
+            "validation measure that picks the best model (ties: lower loss); with a few "
+            "images of a class, 'loss' is steadier",
+            "select",
         ),
     )
     g.add_argument(

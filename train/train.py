@@ -83,24 +83,33 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimiser steps taken
-    best: dict[str, Any] = field(default_factory=dict)  # epoch, balanced_accuracy, loss
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, select, score, loss
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, epoch: int, val: dict[str, Any], patience: int, warmup: float) -> bool:
-        """Record a finished epoch; whether its model is the best so far (validation balanced
-        accuracy, ties broken by the lower loss). Early stopping counts epochs after warm-up."""
-        score, loss = val["balanced_accuracy"] or 0.0, val["loss"]
+    def update(
+        self,
+        epoch: int,
+        val: dict[str, Any],
+        patience: int,
+        warmup: float,
+        select: str = "balanced_accuracy",
+    ) -> bool:
+        """Record a finished epoch; whether its model is the best so far by ``select`` on the
+        validation split (a higher score, or the lower loss; ties broken by the lower loss).
+        Early stopping counts epochs after warm-up."""
+        loss = val["loss"]
+        score = -loss if select == "loss" else (val[select] or 0.0)
         best = self.best
         better = (
             not best
-            or score > best["balanced_accuracy"] + 1e-12
-            or (abs(score - best["balanced_accuracy"]) <= 1e-12 and loss < best["loss"])
+            or score > best["score"] + 1e-12
+            or (abs(score - best["score"]) <= 1e-12 and loss < best["loss"])
         )
         self.epoch = epoch
         if better:
-            self.best = {"epoch": epoch, "balanced_accuracy": score, "loss": loss}
+            self.best = {"epoch": epoch, "select": select, "score": score, "loss": loss}
             self.bad_epochs = 0
         elif patience and epoch > warmup:
             self.bad_epochs += 1
@@ -348,7 +357,9 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
             break
         train_loss, images, seconds = train_one_epoch(run, epoch)
         val = validate(run, epoch)
-        better = run.progress.update(epoch + 1, val, config.patience, run.warmup_epochs)
+        better = run.progress.update(
+            epoch + 1, val, config.patience, run.warmup_epochs, config.select
+        )
         row = {
             "epoch": epoch + 1,
             "step": run.progress.step,
