@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, resolve_ch
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import render_overlay
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
+from mirage_demo.metrics import load_report
 
 __all__ = ["ModelChoice", "ModelRegistry", "available_models", "build_app", "main"]
 
@@ -130,6 +130,10 @@ class ModelRegistry:
     def directory(self, name: str | None = None) -> Path:
         """The local directory of a model's checkpoint (report files live there)."""
         return resolve_checkpoint_dir(self.choices[name or self.default].source)
+
+    def report(self, name: str | None = None) -> dict[str, Any] | None:
+        """A model's ``metrics.json``, or ``None`` if it has no report."""
+        return load_report(self.directory(name))
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,30 +452,45 @@ def model_report(
     predictor = registry.get(name)
     card = model_card(predictor.config, name)
     directory = registry.directory(name)
-    metrics_file = directory / "metrics.json"
-    if not metrics_file.is_file():
+    metrics = load_report(directory)
+    if metrics is None:
         message = (
             "### No evaluation report\nThis checkpoint has no `metrics.json`: evaluate it with "
             f"`python -m train.evaluate --checkpoint {registry.choices[name].source} --data "
             "DATA_DIR` to see its test figures, confusion matrix and ROC curves here."
         )
         return card, message, {}
-    metrics = json.loads(metrics_file.read_text())
     figures = {fig: str(directory / fig) for fig in REPORT_FIGURES if (directory / fig).is_file()}
     return card, metrics_markdown(metrics), figures
 
 
-def trust_note(config: CheckpointConfig | None) -> str:
-    """One line on how far to trust the loaded model."""
+def trust_note(
+    name: str, config: CheckpointConfig | None, metrics: dict[str, Any] | None = None
+) -> str:
+    """Which model is loaded, and how far to trust it (its test figures, if it has any)."""
     if config is None:
-        return ""
+        return f"**Model: {name}.** {DISCLAIMER}"
     source = (config.source_weights or {}).get("name")
-    if source and "MIRAGE" in source:
-        return f"Fine-tuned from **{source}**. {DISCLAIMER}"
-    return (
-        f"**{config.architecture}**, trained from scratch on a small public set: a demonstration "
-        f"model, not MIRAGE, and far less reliable than one. {DISCLAIMER}"
-    )
+    origin = f"fine-tuned from {source}" if source else "trained from scratch: **not MIRAGE**"
+    line = f"**Model: {name}** ({config.architecture}, {origin})."
+    if metrics:
+        overall = metrics.get("overall", {}).get("balanced_accuracy") or {}
+        value, (low, high) = overall.get("value"), overall.get("ci95") or (None, None)
+        if value is not None:
+            interval = f" (95% CI {low:.0%}–{high:.0%})" if low is not None else ""
+            line += (
+                f" On its {metrics.get('num_images', '?')} test scans: balanced accuracy "
+                f"{value:.0%}{interval}; sensitivity "
+            )
+            parts = []
+            for cls, values in metrics.get("per_class", {}).items():
+                sens = (values.get("sensitivity") or {}).get("value")
+                shown = "–" if sens is None else f"{sens:.0%}"
+                parts.append(f"{cls} {shown} of {values.get('support', '?')}")
+            line += ", ".join(parts) + "."
+    else:
+        line += " It has no test report: how well it works is unknown."
+    return f"{line} {DISCLAIMER}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +588,10 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                 scale=1,
                 visible=len(registry.names) > 1,
             )
-            trust = gr.Markdown(trust_note(default.config), elem_classes="disclaimer")
+            trust = gr.Markdown(
+                trust_note(registry.default, default.config, registry.report(registry.default)),
+                elem_classes="disclaimer",
+            )
 
         with gr.Tabs():
             with gr.Tab("Classify", id="classify"):
@@ -682,7 +704,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
             return (
                 gr.update(choices=methods, value=chosen),
                 gr.update(choices=targets_for(name), value=PREDICTED),
-                trust_note(predictor.config),
+                trust_note(name, predictor.config, registry.report(name)),
                 card_md,
                 report_md,
                 *[gr.update(value=figs.get(f), visible=f in figs) for f in REPORT_FIGURES],

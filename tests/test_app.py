@@ -320,3 +320,16 @@ def test_opacity_reblends_without_the_model(served):
     expected = (gray - gray.min()) / (gray.max() - gray.min()) * 255
     assert np.abs(bare[..., 0].astype(np.float32) - expected).max() <= 1.0
     assert not np.array_equal(np.asarray(reblend(state, 1.0)), bare)
+
+
+def test_trust_note_says_what_is_loaded_and_how_far_to_trust_it(served):
+    from mirage_demo.ui import trust_note
+
+    registry = served[2]
+    name = "tiny (report)"
+    note = trust_note(name, registry.get(name).config, registry.report(name))
+    assert note.startswith("**Model: tiny (report)** (mirage_tiny_patch32_512, trained from")
+    assert "not MIRAGE" in note and "On its 20 test scans: balanced accuracy" in note
+    assert "CNV 100% of 5" in note and "not a diagnosis" in note
+    bare = trust_note("tiny (no report)", registry.get("tiny (no report)").config, None)
+    assert "no test report" in bare
