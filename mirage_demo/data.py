@@ -505,19 +505,31 @@ def class_counts(samples: Iterable[Sample], num_classes: int) -> list[int]:
     return [counts.get(i, 0) for i in range(num_classes)]
 
 
-def class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights for a class-weighted loss (mean weight over samples is 1)."""
+def class_weights(samples: Sequence[Sample], num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Per-class weights ``count ** -power``, scaled so the mean weight over samples is 1.
+
+    ``power=1`` is inverse frequency (a class-weighted loss, or equal draws per class);
+    ``power=0.5`` is square-root sampling, halfway between natural and equal frequencies.
+    """
     counts = torch.tensor(class_counts(samples, num_classes), dtype=torch.float32)
     if torch.any(counts == 0):
         raise DataError("cannot weight classes: some class has no training images")
-    return counts.sum() / (num_classes * counts)
+    weights = counts.pow(-power)
+    return weights * counts.sum() / (weights * counts).sum()
 
 
 def balanced_sampler(
-    samples: Sequence[Sample], num_classes: int, num_samples: int | None = None, seed: int = 0
+    samples: Sequence[Sample],
+    num_classes: int,
+    num_samples: int | None = None,
+    seed: int = 0,
+    power: float = 1.0,
 ) -> WeightedRandomSampler:
-    """Sampler that draws every class equally often (with replacement)."""
-    per_class = class_weights(samples, num_classes)
+    """Sampler (with replacement) drawing class ``c`` in proportion to ``count_c ** (1 - power)``.
+
+    ``power=1``: every class equally often; ``power=0.5``: square-root sampling.
+    """
+    per_class = class_weights(samples, num_classes, power)
     weights = per_class[torch.tensor([s.label for s in samples])]
     generator = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(

@@ -212,8 +212,24 @@ def test_class_weights_and_balanced_sampler(tmp_path):
     samples = discover_dataset(tmp_path).splits["all"]
     weights = class_weights(samples, 2)
     assert weights[1] / weights[0] == pytest.approx(10.0)
+    assert (weights[torch.tensor([s.label for s in samples])]).mean() == pytest.approx(1.0)
     drawn = Counter(samples[i].label for i in balanced_sampler(samples, 2, num_samples=3000))
     assert abs(drawn[0] - drawn[1]) < 300
+
+
+def test_square_root_sampling_draws_classes_in_proportion_to_sqrt_count(tmp_path):
+    for i in range(30):
+        write_scan(tmp_path / "A" / f"a{i}.png")
+    for i in range(3):
+        write_scan(tmp_path / "B" / f"b{i}.png")
+    samples = discover_dataset(tmp_path).splits["all"]
+    weights = class_weights(samples, 2, power=0.5)
+    assert weights[1] / weights[0] == pytest.approx(10**0.5)
+    drawn = Counter(
+        samples[i].label for i in balanced_sampler(samples, 2, num_samples=4000, power=0.5)
+    )
+    expected_b = 4000 * 3**0.5 / (30**0.5 + 3**0.5)  # 961: sqrt(3) / (sqrt(30) + sqrt(3))
+    assert abs(drawn[1] - expected_b) < 100  # ~3.5 binomial standard deviations
 
 
 def test_patient_split_refuses_too_few_patients(tmp_path):

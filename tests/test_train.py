@@ -180,7 +180,7 @@ def weights_of(out):
 
 def test_resume_after_a_kill_ends_with_identical_weights(tmp_path, capsys, monkeypatch):
     data = make_bands(tmp_path / "data", counts=(8, 3, 3))
-    extra = ["--mode", "last-k", "--last-k", "1", "--balance", "sampler", "--patience", "0"]
+    extra = ["--mode", "last-k", "--last-k", "1", "--balance", "sqrt", "--patience", "0"]
 
     def args(out):
         return train_args(data, tmp_path / out, tmp_path / "cache", *extra, "--no-tensorboard")
@@ -416,6 +416,10 @@ def test_epoch_sampler_shards_one_global_order():
     balanced = EpochSampler(samples[:7] + samples[:1] * 20, 3, balanced=True, seed=0)
     drawn = np.bincount([balanced.samples[i].label for i in balanced], minlength=3)
     assert drawn.min() >= 3  # rare classes drawn about as often as the common one
+    sqrt = EpochSampler(samples[:7] + samples[:1] * 200, 3, balanced=True, seed=0, power=0.5)
+    sqrt.set_epoch(0)
+    counts = np.bincount([sqrt.samples[i].label for i in sqrt], minlength=3)
+    assert counts[0] > counts[1] + counts[2]  # square-root sampling keeps the majority ahead
 
 
 def test_learning_rate_schedule():

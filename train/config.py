@@ -241,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--balance",
-        choices=["loss", "sampler", "none"],
-        help=_help("class imbalance: weighted loss, balanced sampling or nothing", "balance"),
+        choices=["loss", "sampler", "sqrt", "none"],
+        help=_help(
+            "class imbalance: class-weighted loss, sampling every class equally often, "
+            "square-root sampling (class c drawn in proportion to sqrt(count_c)) or nothing",
+            "balance",
+        ),
     )
     g.add_argument(
         "--augment", action=flag, help="flip, affine, intensity augmentation (default: on)"
@@ -375,7 +379,10 @@ def _validate(config: TrainConfig) -> None:
         (0 <= config.distill_weight <= 1, "--distill-weight must be in [0, 1]"),
         (config.distill_temperature > 0, "--distill-temperature must be positive"),
         (config.mode in ("linear", "last-k", "full"), "--mode must be linear, last-k or full"),
-        (config.balance in ("loss", "sampler", "none"), "--balance must be loss, sampler or none"),
+        (
+            config.balance in ("loss", "sampler", "sqrt", "none"),
+            "--balance must be loss, sampler, sqrt or none",
+        ),
         (config.amp in ("auto", "bf16", "fp16", "off"), "--amp must be auto, bf16, fp16 or off"),
         (config.img_size is None or config.img_size >= 8, "--img-size must be at least 8"),
         (config.workers is None or config.workers >= 0, "--workers must be 0 or more"),

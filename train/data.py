@@ -57,7 +57,8 @@ class FileImages(Dataset):
 class EpochSampler(Sampler[int]):
     """This rank's share of an epoch: one global order per epoch, the same on every rank.
 
-    The order is a shuffle (or a class-balanced draw with replacement) seeded by
+    The order is a shuffle (or a class-balanced draw with replacement, classes weighted by
+    ``count ** -power``: see :func:`balanced_sampler`) seeded by
     ``seed + epoch``, so it depends only on the epoch: a resumed run sees what the
     uninterrupted one saw. It is padded by wrapping around to a multiple of the world size,
     then rank ``r`` takes positions ``r, r + world, ...``.
@@ -71,10 +72,11 @@ class EpochSampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        power: float = 1.0,
     ) -> None:
         self.samples = list(samples)
         self.num_classes = num_classes
-        self.balanced = balanced
+        self.balanced, self.power = balanced, power
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -85,7 +87,8 @@ class EpochSampler(Sampler[int]):
         """The global order of the current epoch (before sharding)."""
         seed = self.seed + self.epoch
         if self.balanced:
-            return list(balanced_sampler(self.samples, self.num_classes, seed=seed))
+            drawn = balanced_sampler(self.samples, self.num_classes, seed=seed, power=self.power)
+            return list(drawn)
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.samples), generator=generator).tolist()
 

@@ -433,9 +433,15 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     for group in groups:
         group["lr"] = config.base_lr * group.get("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=config.base_lr, fused=device.type == "cuda")
-    balanced = config.balance == "sampler"
+    balanced = config.balance in ("sampler", "sqrt")
     sampler = EpochSampler(
-        train_samples, num_classes, balanced, config.seed, dist.rank, dist.world_size
+        train_samples,
+        num_classes,
+        balanced,
+        config.seed,
+        dist.rank,
+        dist.world_size,
+        power=0.5 if config.balance == "sqrt" else 1.0,
     )
     workers = config.workers
     if workers is None:  # CUDA: copy pixels in the background; CPU: the cache is fast enough
