@@ -96,8 +96,13 @@ default_cfgs = generate_default_cfgs(
             hf_hub_filename="model.safetensors",
             license=MIRAGE_LICENSE,
         ),
-        # No published weights: MIRAGE's architecture at a CPU-friendly size.
-        "mirage_tiny_patch32_512": _cfg(license="apache-2.0", paper_name=None, paper_ids=None),
+        # No published weights: MIRAGE's architecture at a CPU-friendly size, trained from
+        # scratch. Its input is standardised with the mean and std of min-maxed Kermany scans:
+        # on raw [0, 1] input the patch signal is far weaker than the fixed sin-cos position
+        # embedding and a from-scratch model stays at chance for epochs.
+        "mirage_tiny_patch32_512": _cfg(
+            license="apache-2.0", paper_name=None, paper_ids=None, mean=(0.2,), std=(0.2,)
+        ),
     }
 )
 

@@ -196,7 +196,7 @@ def test_augmentation_keeps_shape_and_range():
 def test_preprocessing_from_model_and_round_trip():
     model = timm.create_model("mirage_tiny_patch32_512", img_size=128)
     pre = Preprocessing.from_model(model)
-    assert pre.input_size == (128, 128) and pre.in_chans == 1 and pre.mean == (0.0,)
+    assert pre.input_size == (128, 128) and pre.in_chans == 1 and pre.std == (0.2,)
     assert Preprocessing.from_dict(pre.to_dict()) == pre
     cnn = timm.create_model("resnet18", in_chans=1)
     cnn_pre = Preprocessing.from_model(cnn, input_size=96)
