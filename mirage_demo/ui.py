@@ -379,9 +379,13 @@ def model_card(config: CheckpointConfig | None, name: str) -> str:
         if training.get(key) is not None:
             lines.append(f"| {label} | {training[key]} |")
     pre = config.preprocessing
+    standardise = ""
+    if any(m != 0 for m in pre.mean) or any(s != 1 for s in pre.std):
+        mean, std = "/".join(f"{m:g}" for m in pre.mean), "/".join(f"{s:g}" for s in pre.std)
+        standardise = f", then (x - {mean}) / {std}"
     lines.append(
         f"| Input | {pre.input_size[0]}x{pre.input_size[1]}, {pre.interpolation}, "
-        f"{pre.normalization} |"
+        f"{pre.normalization}{standardise} |"
     )
     lines.append(f"| Temperature (calibration) | {config.temperature:.3g} |")
     lines.append(f"| Created | {config.created[:10]} (mirage_demo {config.library_version}) |")
@@ -557,6 +561,7 @@ def _report_image(name: str, figures: dict[str, str]) -> gr.Image:
     return gr.Image(
         figures.get(name),
         label=REPORT_FIGURES[name],
+        show_label=False,  # the figure carries its own title; the label stays for screen readers
         elem_id="report-" + name.removesuffix(".png").replace("_", "-"),
         visible=name in figures,
         interactive=False,

@@ -239,6 +239,7 @@ def test_model_report_tables_and_missing_report(served):
     registry = served[2]
     card, metrics_md, figures = model_report(registry, "tiny (report)")
     assert "`mirage_tiny_patch32_512`" in card and "synthetic test data" in card
+    assert "per-image min-max to [0, 1], then (x - 0.2) / 0.2" in card  # the input contract
     assert "| CNV | 5 |" in metrics_md and "Balanced accuracy" in metrics_md
     assert set(figures) == {"confusion_matrix.png", "roc_curves.png", "reliability.png"}
     assert all(Path(path).is_file() for path in figures.values())

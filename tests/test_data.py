@@ -204,12 +204,17 @@ def test_preprocessing_from_model_and_round_trip():
     assert cnn_pre.mean[0] == pytest.approx(np.mean([0.485, 0.456, 0.406]))
 
 
-def test_class_weights_and_balanced_sampler(tmp_path):
+def imbalanced_samples(root):
+    """30 images of class A, 3 of class B."""
     for i in range(30):
-        write_scan(tmp_path / "A" / f"a{i}.png")
+        write_scan(root / "A" / f"a{i}.png")
     for i in range(3):
-        write_scan(tmp_path / "B" / f"b{i}.png")
-    samples = discover_dataset(tmp_path).splits["all"]
+        write_scan(root / "B" / f"b{i}.png")
+    return discover_dataset(root).splits["all"]
+
+
+def test_class_weights_and_balanced_sampler(tmp_path):
+    samples = imbalanced_samples(tmp_path)
     weights = class_weights(samples, 2)
     assert weights[1] / weights[0] == pytest.approx(10.0)
     assert (weights[torch.tensor([s.label for s in samples])]).mean() == pytest.approx(1.0)
@@ -218,11 +223,7 @@ def test_class_weights_and_balanced_sampler(tmp_path):
 
 
 def test_square_root_sampling_draws_classes_in_proportion_to_sqrt_count(tmp_path):
-    for i in range(30):
-        write_scan(tmp_path / "A" / f"a{i}.png")
-    for i in range(3):
-        write_scan(tmp_path / "B" / f"b{i}.png")
-    samples = discover_dataset(tmp_path).splits["all"]
+    samples = imbalanced_samples(tmp_path)
     weights = class_weights(samples, 2, power=0.5)
     assert weights[1] / weights[0] == pytest.approx(10**0.5)
     drawn = Counter(
