@@ -167,6 +167,20 @@ class Preprocessing:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def standardizes(self) -> bool:
+        """Whether ``(x - mean) / std`` changes anything (MIRAGE's contract: it does not)."""
+        return any(m != 0 for m in self.mean) or any(s != 1 for s in self.std)
+
+    def describe(self) -> str:
+        """One line for people, e.g. ``512x512, bilinear, per-image min-max to [0, 1]``."""
+        line = f"{self.input_size[0]}x{self.input_size[1]}, {self.interpolation}, "
+        line += self.normalization
+        if self.standardizes:
+            mean, std = "/".join(f"{m:g}" for m in self.mean), "/".join(f"{s:g}" for s in self.std)
+            line += f", then (x - {mean}) / {std}"
+        return line
+
     def load(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """Read, resize and min-max an image: a ``(1, H, W)`` float tensor in [0, 1]."""
         return self.resize_minmax(torch.from_numpy(read_image(source, name))[None])
@@ -181,10 +195,10 @@ class Preprocessing:
         """``(x - mean) / std`` and channel repeat: [0, 1] image -> model input."""
         if self.in_chans != image.shape[-3]:
             image = image.expand(*image.shape[:-3], self.in_chans, *image.shape[-2:])
+        if not self.standardizes:
+            return image
         mean = torch.tensor(self.mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
-        if torch.all(mean == 0) and torch.all(std == 1):
-            return image
         return (image - mean) / std
 
     def __call__(self, source: ImageSource, name: str | None = None) -> torch.Tensor:

@@ -378,15 +378,7 @@ def model_card(config: CheckpointConfig | None, name: str) -> str:
     ):
         if training.get(key) is not None:
             lines.append(f"| {label} | {training[key]} |")
-    pre = config.preprocessing
-    standardise = ""
-    if any(m != 0 for m in pre.mean) or any(s != 1 for s in pre.std):
-        mean, std = "/".join(f"{m:g}" for m in pre.mean), "/".join(f"{s:g}" for s in pre.std)
-        standardise = f", then (x - {mean}) / {std}"
-    lines.append(
-        f"| Input | {pre.input_size[0]}x{pre.input_size[1]}, {pre.interpolation}, "
-        f"{pre.normalization}{standardise} |"
-    )
+    lines.append(f"| Input | {config.preprocessing.describe()} |")
     lines.append(f"| Temperature (calibration) | {config.temperature:.3g} |")
     lines.append(f"| Created | {config.created[:10]} (mirage_demo {config.library_version}) |")
     if config.description:
