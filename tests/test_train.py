@@ -413,10 +413,10 @@ def test_epoch_sampler_shards_one_global_order():
     assert list(single) == order  # the order does not depend on the world size
     single.set_epoch(5)
     assert list(single) != order
-    balanced = EpochSampler(samples[:7] + samples[:1] * 20, 3, balanced=True, seed=0)
+    balanced = EpochSampler(samples[:7] + samples[:1] * 20, 3, balance_power=1.0, seed=0)
     drawn = np.bincount([balanced.samples[i].label for i in balanced], minlength=3)
     assert drawn.min() >= 3  # rare classes drawn about as often as the common one
-    sqrt = EpochSampler(samples[:7] + samples[:1] * 200, 3, balanced=True, seed=0, power=0.5)
+    sqrt = EpochSampler(samples[:7] + samples[:1] * 200, 3, balance_power=0.5, seed=0)
     sqrt.set_epoch(0)
     counts = np.bincount([sqrt.samples[i].label for i in sqrt], minlength=3)
     assert counts[0] > counts[1] + counts[2]  # square-root sampling keeps the majority ahead

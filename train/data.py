@@ -57,9 +57,10 @@ class FileImages(Dataset):
 class EpochSampler(Sampler[int]):
     """This rank's share of an epoch: one global order per epoch, the same on every rank.
 
-    The order is a shuffle (or a class-balanced draw with replacement, classes weighted by
-    ``count ** -power``: see :func:`balanced_sampler`) seeded by
-    ``seed + epoch``, so it depends only on the epoch: a resumed run sees what the
+    The order is a shuffle (``balance_power=None``) or a class-balanced draw with replacement,
+    classes weighted by ``count ** -balance_power`` (1: equally often, 0.5: square-root
+    sampling; see :func:`balanced_sampler`). It is seeded by ``seed + epoch``, so it depends
+    only on the epoch: a resumed run sees what the
     uninterrupted one saw. It is padded by wrapping around to a multiple of the world size,
     then rank ``r`` takes positions ``r, r + world, ...``.
     """
@@ -68,15 +69,14 @@ class EpochSampler(Sampler[int]):
         self,
         samples: Sequence[Sample],
         num_classes: int,
-        balanced: bool = False,
+        balance_power: float | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        power: float = 1.0,
     ) -> None:
         self.samples = list(samples)
         self.num_classes = num_classes
-        self.balanced, self.power = balanced, power
+        self.balance_power = balance_power
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
@@ -86,9 +86,9 @@ class EpochSampler(Sampler[int]):
     def order(self) -> list[int]:
         """The global order of the current epoch (before sharding)."""
         seed = self.seed + self.epoch
-        if self.balanced:
-            drawn = balanced_sampler(self.samples, self.num_classes, seed=seed, power=self.power)
-            return list(drawn)
+        if self.balance_power is not None:
+            power = self.balance_power
+            return list(balanced_sampler(self.samples, self.num_classes, seed=seed, power=power))
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(len(self.samples), generator=generator).tolist()
 

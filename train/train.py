@@ -61,6 +61,8 @@ __all__ = ["TrainingDivergedError", "main", "train"]
 
 log = logging.getLogger("train")
 EVAL_BATCH_SIZE = 64  # the final report's batch size, as train.evaluate's default
+# --balance choices that resample: class c drawn in proportion to count_c ** (1 - power)
+SAMPLING_POWER = {"sampler": 1.0, "sqrt": 0.5}
 _TENSORBOARD_TAGS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
@@ -433,15 +435,13 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     for group in groups:
         group["lr"] = config.base_lr * group.get("lr_scale", 1.0)
     optimizer = torch.optim.AdamW(groups, lr=config.base_lr, fused=device.type == "cuda")
-    balanced = config.balance in ("sampler", "sqrt")
     sampler = EpochSampler(
         train_samples,
         num_classes,
-        balanced,
+        SAMPLING_POWER.get(config.balance),
         config.seed,
         dist.rank,
         dist.world_size,
-        power=0.5 if config.balance == "sqrt" else 1.0,
     )
     workers = config.workers
     if workers is None:  # CUDA: copy pixels in the background; CPU: the cache is fast enough
