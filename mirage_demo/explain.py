@@ -185,6 +185,11 @@ class Trace:
     activation: torch.Tensor | None = None  # target layer's output (a grad leaf for CAMs)
     output: torch.Tensor | None = None  # logits still attached to the tail's graph
     attentions: list[torch.Tensor] = field(default_factory=list)  # (B, N, N) per block
+    # gradients of the activation already taken, by (rows, targets): the CAMs of one trace share
+    # them (e.g. Grad-CAM and HiResCAM of the same class, or one map at two sizes)
+    gradients: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(
+        default_factory=dict
+    )
 
 
 class Explainer:
@@ -323,12 +328,15 @@ class Explainer:
         activations = self._to_map(trace.activation[rows])
         gradients = None
         if trace.method in GRADIENT_METHODS:
-            if trace.output is None:
-                raise RuntimeError("this trace holds no graph to take gradients from")
-            with torch.inference_mode(False), torch.enable_grad():
-                score = trace.output[rows, targets].sum()
-                (gradient,) = torch.autograd.grad(score, trace.activation, retain_graph=True)
-            gradients = self._to_map(gradient[rows])
+            key = (tuple(rows), tuple(targets))
+            if key not in trace.gradients:
+                if trace.output is None:
+                    raise RuntimeError("this trace holds no graph to take gradients from")
+                with torch.inference_mode(False), torch.enable_grad():
+                    score = trace.output[rows, targets].sum()
+                    (gradient,) = torch.autograd.grad(score, trace.activation, retain_graph=True)
+                trace.gradients[key] = gradient[rows]
+            gradients = self._to_map(trace.gradients[key])
         # pytorch-grad-cam's BaseCAM.compute_cam_per_layer + aggregate_multi_layers, one layer
         cam_targets = [ClassifierOutputTarget(t) for t in targets]
         cam = cam_method.get_cam_image(

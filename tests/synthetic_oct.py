@@ -83,3 +83,40 @@ def train_tiny_checkpoint(directory: Path, steps: int = 80, temperature: float =
         training={"steps": steps, "task": "synthetic lesion_scan"},
     )
     return save_checkpoint(directory, model.eval(), config)
+
+
+def tiny_cnn_checkpoint(
+    directory: Path, class_names: list[str], *, data: Path | None = None, seed: int = 0
+) -> Path:
+    """An untrained ``resnet10t`` (128x128, one channel) checkpoint for ``class_names``, quick to
+    run; ``data`` is recorded as its training data folder."""
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet10t", in_chans=1, num_classes=len(class_names)).eval()
+    config = CheckpointConfig(
+        architecture="resnet10t",
+        class_names=list(class_names),
+        preprocessing=Preprocessing.from_model(model, input_size=128),
+        model_kwargs={"in_chans": 1},
+        temperature=1.3,
+        training={"data": str(data) if data else None, "task": "untrained test model"},
+    )
+    return save_checkpoint(directory, model, config)
+
+
+def write_labelled_scans(
+    root: Path, class_names: list[str], per_class: int = 3, start: int = 0
+) -> list[Path]:
+    """``root/<CLASS>/<CLASS>-<patient>-1.png`` synthetic scans (a lesion blob in odd classes);
+    patients (and images) are numbered from ``start``."""
+    from PIL import Image
+
+    paths = []
+    for k, name in enumerate(class_names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            number = start + 100 * k + i
+            image, _ = lesion_scan(k % 2, seed=number)
+            path = root / name / f"{name}-{number}-1.png"
+            Image.fromarray(image).save(path)
+            paths.append(path)
+    return paths

@@ -1,4 +1,5 @@
-"""Data for the loop: datasets of file or cached images, the epoch sampler, model inputs."""
+"""Data for the loop: the epoch sampler. Datasets of file images, loaders and model inputs live in
+:mod:`mirage_demo.evaluation` (the app evaluates with them too) and are re-exported here."""
 
 from __future__ import annotations
 
@@ -7,51 +8,14 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
-from mirage_demo.augment import BatchAugmentation
-from mirage_demo.data import (
-    ImageReadError,
-    Preprocessing,
-    Sample,
-    balanced_sampler,
-    collate_skip_unreadable,
-)
+from mirage_demo.data import Sample, balanced_sampler
+from mirage_demo.evaluation import FileImages, make_loader, to_model_input
 
 __all__ = ["EpochSampler", "FileImages", "make_loader", "to_model_input"]
 
 log = logging.getLogger(__name__)
-
-
-class FileImages(Dataset):
-    """``(image in [0, 1] (1, H, W), label, index)`` decoded from the file every time.
-
-    Used without the cache and for the final report (the app's exact preprocessing). An
-    unreadable file gives ``None`` (logged with its name), dropped by the collate function.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        preprocessing: Preprocessing,
-        indices: Sequence[int] | None = None,
-    ) -> None:
-        self.samples = list(samples)
-        self.preprocessing = preprocessing
-        self.indices = list(range(len(self.samples)) if indices is None else indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int] | None:
-        index = self.indices[item]
-        sample = self.samples[index]
-        try:
-            image = self.preprocessing.load(sample.path, name=str(sample.path))
-        except ImageReadError as err:
-            log.warning("skipping unreadable image: %s", err)
-            return None
-        return image, sample.label, index
 
 
 class EpochSampler(Sampler[int]):
@@ -100,39 +64,3 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return math.ceil(len(self.samples) / self.world_size)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    workers: int,
-    device: torch.device,
-    sampler: Sampler[int] | None = None,
-) -> DataLoader:
-    """A loader in dataset order (or ``sampler``'s); unreadable files are dropped."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        persistent_workers=workers > 0,  # datasets hold no per-epoch state (augment is later)
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_skip_unreadable,
-        generator=torch.Generator(),  # workers' seeds must not consume the global RNG
-    )
-
-
-def to_model_input(
-    images: torch.Tensor,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    augment: BatchAugmentation | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A loader batch (cached uint8 or [0, 1] floats) as the model's input on ``device``."""
-    images = images.to(device, non_blocking=True)
-    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    if augment is not None:
-        images = augment(images, generator)
-    return preprocessing.normalize(images)

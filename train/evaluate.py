@@ -14,139 +14,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-
-from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
-from mirage_demo.data import DataError, Preprocessing, Sample, load_dataset
-from mirage_demo.metrics import softmax, write_report
+from mirage_demo.checkpoint import CheckpointError, load_checkpoint
+from mirage_demo.data import DataError, load_dataset
+from mirage_demo.evaluation import evaluate_samples, predict, summary
 from train.config import UsageError
-from train.data import FileImages, make_loader, to_model_input
 from train.distributed import resolve_device
 
-__all__ = ["evaluate_samples", "main", "predict"]
+# evaluate_samples, predict and summary live in mirage_demo.evaluation (the app shares them)
+__all__ = ["evaluate_samples", "main", "predict", "summary"]
 
 log = logging.getLogger("train.evaluate")
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool | None = None,
-    desc: str = "predicting",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
-    ``(image, label, index)`` batches, in the loader's order."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    logits, labels, indices = [], [], []
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    )
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=_disable(progress))
-    for batch in bar:
-        if batch is None:  # every image of the batch was unreadable
-            continue
-        images, batch_labels, batch_indices = batch
-        with autocast:
-            out = model(to_model_input(images, preprocessing, device))
-        logits.append(out.float().cpu())
-        labels.append(batch_labels)
-        indices.append(batch_indices)
-    if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (
-        torch.cat(logits).numpy(),
-        torch.cat(labels).numpy().astype(np.int64),
-        torch.cat(indices).numpy().astype(np.int64),
-    )
-
-
-def _disable(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
-
-
-def evaluate_samples(
-    model: torch.nn.Module,
-    config: CheckpointConfig,
-    samples: Sequence[Sample],
-    data_root: str | Path,
-    out: str | Path,
-    *,
-    split: str,
-    device: torch.device,
-    batch_size: int = 64,
-    workers: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Predict ``samples`` from their files, calibrate, and write the report into ``out``."""
-    dataset = FileImages(samples, config.preprocessing)
-    loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices = predict(
-        model, loader, config.preprocessing, device, amp_dtype, progress, desc=f"{split} split"
-    )
-    if len(labels) == 0:
-        raise DataError(f"no readable images in the {split} split")
-    probs = softmax(logits, config.temperature)
-    root = Path(data_root)
-    files = [_relative(samples[i].path, root) for i in indices]
-    return write_report(
-        out,
-        labels,
-        probs,
-        config.class_names,
-        files,
-        split=split,
-        temperature=config.temperature,
-        n_bootstrap=n_bootstrap,
-        seed=seed,
-    )
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def summary(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal: overall metrics with CIs, per-class sensitivity."""
-
-    def fmt(entry: dict[str, Any]) -> str:
-        value, (lo, hi) = entry["value"], entry["ci95"]
-        if value is None:
-            return "n/a"
-        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
-        return f"{value:.3f}{ci}"
-
-    lines = [
-        f"{metrics['split']} split: {metrics['num_images']} images "
-        f"({', '.join(f'{k} {v}' for k, v in metrics['images_per_class'].items())}), "
-        f"temperature {metrics['temperature']:.3f}"
-    ]
-    for name, entry in metrics["overall"].items():
-        lines.append(f"  {name:<18} {fmt(entry)}")
-    for cls, entry in metrics["per_class"].items():
-        lines.append(
-            f"  {cls:<12} sensitivity {fmt(entry['sensitivity'])}  "
-            f"specificity {fmt(entry['specificity'])}  AUROC {fmt(entry['auroc'])}"
-        )
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

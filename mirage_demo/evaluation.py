@@ -1,0 +1,435 @@
+"""Evaluate a checkpoint on labelled scans: the report of ``python -m train.evaluate`` and the app.
+
+One code path computes the report wherever it is asked for: :func:`evaluate_samples` decodes the
+files with the checkpoint's preprocessing (:class:`FileImages`), predicts in batches
+(:func:`predict`), calibrates with the checkpoint's temperature and writes
+:func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data split), the trainer's final
+report and the app's ``/evaluate`` (uploaded scans) all call it, so their numbers are the same
+for the same images.
+
+Uploaded labelled scans (:func:`labelled_upload`): a ``.zip`` laid out ``<CLASS>/<image>`` (any
+folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Reading is
+bounded: at most ``max_files`` images and ``max_bytes`` unpacked bytes, counted while streaming
+(a zip's own size fields are not trusted), so the cost of a request does not depend on what the
+archive claims.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mirage_demo.augment import BatchAugmentation
+from mirage_demo.checkpoint import CheckpointConfig
+from mirage_demo.data import (
+    IMAGE_SUFFIXES,
+    DataError,
+    ImageReadError,
+    Preprocessing,
+    Sample,
+    collate_skip_unreadable,
+)
+from mirage_demo.metrics import softmax, write_report
+
+__all__ = [
+    "FileImages",
+    "LabelledUpload",
+    "evaluate_samples",
+    "evaluate_upload",
+    "labelled_upload",
+    "make_loader",
+    "predict",
+    "summary",
+    "to_model_input",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_FILES = 1000
+MAX_UPLOAD_BYTES = 500 * 2**20
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Loading images for the model
+
+
+class FileImages(Dataset):
+    """``(image in [0, 1] (1, H, W), label, index)`` decoded from the file every time.
+
+    Used without the cache and for the report (the app's exact preprocessing). An unreadable
+    file gives ``None`` (logged with its name), dropped by the collate function.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        preprocessing: Preprocessing,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.preprocessing = preprocessing
+        self.indices = list(range(len(self.samples)) if indices is None else indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int] | None:
+        index = self.indices[item]
+        sample = self.samples[index]
+        try:
+            image = self.preprocessing.load(sample.path, name=str(sample.path))
+        except ImageReadError as err:
+            log.warning("skipping unreadable image: %s", err)
+            return None
+        return image, sample.label, index
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader:
+    """A loader in dataset order (or ``sampler``'s); unreadable files are dropped."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # datasets hold no per-epoch state (augment is later)
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_skip_unreadable,
+        generator=torch.Generator(),  # workers' seeds must not consume the global RNG
+    )
+
+
+def to_model_input(
+    images: torch.Tensor,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    augment: BatchAugmentation | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A loader batch (cached uint8 or [0, 1] floats) as the model's input on ``device``."""
+    images = images.to(device, non_blocking=True)
+    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    if augment is not None:
+        images = augment(images, generator)
+    return preprocessing.normalize(images)
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting and reporting
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    desc: str = "predicting",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
+    ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
+    called after each batch (the app's progress bar)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    logits, labels, indices = [], [], []
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    )
+    disable = None if progress is None else not progress
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=disable)
+    total = len(loader)
+    for done, batch in enumerate(bar, start=1):
+        if on_batch is not None:
+            on_batch(done - 1, total)
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images, batch_labels, batch_indices = batch
+        with autocast:
+            out = model(to_model_input(images, preprocessing, device))
+        logits.append(out.float().cpu())
+        labels.append(batch_labels)
+        indices.append(batch_indices)
+    if on_batch is not None:
+        on_batch(total, total)
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (
+        torch.cat(logits).numpy(),
+        torch.cat(labels).numpy().astype(np.int64),
+        torch.cat(indices).numpy().astype(np.int64),
+    )
+
+
+def evaluate_samples(
+    model: torch.nn.Module,
+    config: CheckpointConfig,
+    samples: Sequence[Sample],
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    split: str,
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict ``samples`` from their files, calibrate, and write the report into ``out``
+    (file names in ``predictions.csv`` relative to ``data_root``)."""
+    dataset = FileImages(samples, config.preprocessing)
+    loader = make_loader(dataset, batch_size, workers, device)
+    logits, labels, indices = predict(
+        model,
+        loader,
+        config.preprocessing,
+        device,
+        amp_dtype,
+        progress,
+        desc=f"{split} split",
+        on_batch=on_batch,
+    )
+    if len(labels) == 0:
+        raise DataError(f"no readable images in the {split} split")
+    probs = softmax(logits, config.temperature)
+    root = Path(data_root)
+    files = [_relative(samples[i].path, root) for i in indices]
+    return write_report(
+        out,
+        labels,
+        probs,
+        config.class_names,
+        files,
+        split=split,
+        temperature=config.temperature,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+    )
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal: overall metrics with CIs, per-class sensitivity."""
+
+    def fmt(entry: dict[str, Any]) -> str:
+        value, (lo, hi) = entry["value"], entry["ci95"]
+        if value is None:
+            return "n/a"
+        ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None else ""
+        return f"{value:.3f}{ci}"
+
+    lines = [
+        f"{metrics['split']} split: {metrics['num_images']} images "
+        f"({', '.join(f'{k} {v}' for k, v in metrics['images_per_class'].items())}), "
+        f"temperature {metrics['temperature']:.3f}"
+    ]
+    for name, entry in metrics["overall"].items():
+        lines.append(f"  {name:<18} {fmt(entry)}")
+    for cls, entry in metrics["per_class"].items():
+        lines.append(
+            f"  {cls:<12} sensitivity {fmt(entry['sensitivity'])}  "
+            f"specificity {fmt(entry['specificity'])}  AUROC {fmt(entry['auroc'])}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Labelled uploads
+
+
+@dataclass
+class LabelledUpload:
+    """Uploaded labelled scans unpacked under ``root`` as ``<CLASS>/<image>``."""
+
+    root: Path
+    samples: list[Sample]
+    skipped: list[str]  # entries that are not images (named, with the reason)
+
+
+def labelled_upload(
+    uploads: Sequence[tuple[str, str | Path]],
+    class_names: Sequence[str],
+    root: str | Path,
+    *,
+    max_files: int = MAX_UPLOAD_FILES,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+) -> LabelledUpload:
+    """Unpack ``(name, path)`` uploads into ``root/<CLASS>/<image>``: a ``.zip`` laid out
+    ``<CLASS>/<image>``, or an image whose ``name`` is ``<CLASS>/<image>``.
+
+    The class is an image's parent folder. Classes the checkpoint does not know, an image
+    without a class folder, too many files or bytes, and a corrupt zip raise
+    :class:`~mirage_demo.data.DataError` with a one-line reason.
+    """
+    root = Path(root)
+    known = {name: index for index, name in enumerate(class_names)}
+    budget = _Budget(max_files, max_bytes)
+    entries: list[tuple[str, str, Path]] = []  # (shown name, class, unpacked path)
+    skipped: list[str] = []
+    unknown: set[str] = set()
+    unlabelled: list[str] = []
+
+    def place(shown: str) -> tuple[str, Path] | None:
+        parts = PurePosixPath(shown.replace("\\", "/")).parts
+        if len(parts) < 2:
+            unlabelled.append(shown)
+            return None
+        cls, file_name = parts[-2], parts[-1]
+        if cls not in known:
+            unknown.add(cls)
+            return None
+        target = root / cls / file_name
+        stem, suffix, n = target.stem, target.suffix, 1
+        while target.exists():
+            target, n = root / cls / f"{stem}-{n}{suffix}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return cls, target
+
+    for name, path in uploads:
+        if str(name).lower().endswith(".zip"):
+            with _open_zip(path, name) as archive:
+                for member in _image_members(archive, name, max_files, skipped):
+                    budget.count_file()
+                    placed = place(member.filename)
+                    if placed is None:
+                        continue
+                    cls, target = placed
+                    try:
+                        with archive.open(member) as stream:
+                            budget.copy(stream, target, name)
+                    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
+                        raise DataError(f"{name}/{member.filename} is corrupt ({err})") from err
+                    entries.append((member.filename, cls, target))
+        elif Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            placed = place(str(name))
+            if placed is None:
+                continue
+            cls, target = placed
+            budget.count_file()
+            with open(path, "rb") as source:
+                budget.copy(source, target, str(name))
+            entries.append((str(name), cls, target))
+        else:
+            skipped.append(f"{name}: not an image or a .zip")
+    if unknown:
+        raise DataError(
+            f"classes the model does not know: {', '.join(sorted(unknown))} "
+            f"(it knows {', '.join(class_names)}); rename or remove those folders"
+        )
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} image(s) without a class folder (e.g. {unlabelled[0]}): "
+            "lay the scans out as <CLASS>/<image>"
+        )
+    if not entries:
+        raise DataError("no labelled images found: upload a .zip laid out as <CLASS>/<image>")
+    samples = [Sample(target, known[cls], target.stem) for _, cls, target in entries]
+    return LabelledUpload(root, samples, skipped)
+
+
+def evaluate_upload(
+    model: torch.nn.Module,
+    config: CheckpointConfig,
+    uploads: Sequence[tuple[str, str | Path]],
+    out: str | Path,
+    *,
+    device: torch.device,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+    max_files: int = MAX_UPLOAD_FILES,
+    max_bytes: int = MAX_UPLOAD_BYTES,
+) -> tuple[dict[str, Any], LabelledUpload]:
+    """The report of ``train.evaluate`` on uploaded labelled scans: unpacked into
+    ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out``."""
+    upload = labelled_upload(
+        uploads, config.class_names, Path(out) / "scans", max_files=max_files, max_bytes=max_bytes
+    )
+    metrics = evaluate_samples(
+        model,
+        config,
+        upload.samples,
+        upload.root,
+        out,
+        split="uploaded",
+        device=device,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        on_batch=on_batch,
+    )
+    return metrics, upload
+
+
+class _Budget:
+    """Counts files and unpacked bytes; raises as soon as a limit is passed."""
+
+    def __init__(self, max_files: int, max_bytes: int) -> None:
+        self.max_files, self.max_bytes = max_files, max_bytes
+        self.files = self.bytes = 0
+
+    def count_file(self) -> None:
+        self.files += 1
+        if self.files > self.max_files:
+            raise DataError(f"more than {self.max_files} images in one upload")
+
+    def copy(self, source: Any, target: Path, name: str) -> None:
+        with open(target, "wb") as sink:
+            while chunk := source.read(_CHUNK):
+                self.bytes += len(chunk)
+                if self.bytes > self.max_bytes:
+                    raise DataError(f"{name} unpacks to more than {self.max_bytes // 2**20} MB")
+                sink.write(chunk)
+
+
+def _open_zip(path: str | Path, name: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"{name} is not a readable zip archive") from err
+
+
+def _image_members(
+    archive: zipfile.ZipFile, name: str, max_files: int, skipped: list[str]
+) -> list[zipfile.ZipInfo]:
+    """The image entries of a zip (folders, hidden files and macOS metadata left out)."""
+    members = archive.infolist()
+    if len(members) > 10 * max_files:
+        raise DataError(f"{name} holds {len(members)} entries (limit {max_files} images)")
+    images = []
+    for member in members:
+        parts = PurePosixPath(member.filename).parts
+        if member.is_dir() or not parts or "__MACOSX" in parts or parts[-1].startswith("."):
+            continue
+        if PurePosixPath(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(f"{name}/{member.filename}: not an image")
+            continue
+        images.append(member)
+    return images

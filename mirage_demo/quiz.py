@@ -1,0 +1,129 @@
+"""Test yourself: a round of labelled scans, the student's answers against the model's.
+
+A :class:`Quiz` is pure state (no I/O, no model): it draws ``size`` different scans for a round,
+records the student's answer to each, and keeps both scores and the mistakes per class. The
+model's answer comes with each :class:`QuizItem` (e.g. the bundled test scans' predictions).
+Nothing about the student outlives the object: the app keeps one per browser session.
+
+>>> quiz = Quiz(items, size=10, seed=7)
+>>> item = quiz.current           # show item.image; ask for a class
+>>> turn = quiz.answer("DME")     # turn.correct, turn.model_correct, turn.item.reference
+>>> quiz.finished, quiz.summary()
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Quiz", "QuizItem", "Turn"]
+
+
+@dataclass(frozen=True)
+class QuizItem:
+    """One labelled scan: where it is, its reference class and the model's answer."""
+
+    key: str  # unique within a quiz (e.g. the scan's file name)
+    image: str
+    reference: str
+    model_answer: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One answered scan."""
+
+    item: QuizItem
+    answer: str
+
+    @property
+    def correct(self) -> bool:
+        return self.answer == self.item.reference
+
+    @property
+    def model_correct(self) -> bool:
+        return self.item.model_answer == self.item.reference
+
+
+class Quiz:
+    """A round of ``size`` scans drawn without repeats from ``items`` (all if fewer)."""
+
+    def __init__(
+        self,
+        items: Sequence[QuizItem],
+        size: int = 10,
+        *,
+        class_names: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"a round needs at least one scan, got size={size}")
+        unique = {item.key: item for item in items}
+        if not unique:
+            raise ValueError("no labelled scans to quiz on")
+        self.class_names = list(class_names or sorted({i.reference for i in unique.values()}))
+        self.rng = random.Random(seed)
+        self.round: list[QuizItem] = self.rng.sample(list(unique.values()), min(size, len(unique)))
+        self.turns: list[Turn] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.round)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.turns) == len(self.round)
+
+    @property
+    def current(self) -> QuizItem | None:
+        """The scan to answer now (``None`` when the round is over)."""
+        return None if self.finished else self.round[len(self.turns)]
+
+    def answer(self, choice: str) -> Turn:
+        """Record the student's class for the current scan."""
+        if self.finished:
+            raise ValueError("the round is over: start a new one")
+        if choice not in self.class_names:
+            raise ValueError(f"unknown class {choice!r}; choose from {', '.join(self.class_names)}")
+        turn = Turn(self.round[len(self.turns)], choice)
+        self.turns.append(turn)
+        return turn
+
+    @property
+    def student_score(self) -> int:
+        return sum(turn.correct for turn in self.turns)
+
+    @property
+    def model_score(self) -> int:
+        return sum(turn.model_correct for turn in self.turns)
+
+    def mistakes(self, who: str = "student") -> dict[str, dict[str, int]]:
+        """Per reference class: ``{answered class: count}`` of the wrong answers of ``who``
+        (``"student"`` or ``"model"``), classes without mistakes left out."""
+        if who not in ("student", "model"):
+            raise ValueError("who must be 'student' or 'model'")
+        out: dict[str, dict[str, int]] = {}
+        for turn in self.turns:
+            given = turn.answer if who == "student" else turn.item.model_answer
+            if given != turn.item.reference:
+                row = out.setdefault(turn.item.reference, {})
+                row[given] = row.get(given, 0) + 1
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Scores and mistakes so far, and the scans of each class seen."""
+        seen: dict[str, int] = {}
+        for turn in self.turns:
+            seen[turn.item.reference] = seen.get(turn.item.reference, 0) + 1
+        return {
+            "answered": len(self.turns),
+            "size": self.size,
+            "student": self.student_score,
+            "model": self.model_score,
+            "seen_per_class": seen,
+            "student_mistakes": self.mistakes("student"),
+            "model_mistakes": self.mistakes("model"),
+        }
