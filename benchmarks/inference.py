@@ -4,6 +4,7 @@
 
     python benchmarks/inference.py                       # MIRAGE-Base at 512, random weights
     python benchmarks/inference.py --model mirage_tiny_patch32_512 --rounds 3 --json out.json
+    python benchmarks/inference.py --checkpoint assets/demo-model --threads 2   # the bundled CNN
 
 All timings of a round are taken back to back (in a shuffled order) and each is divided by that
 round's bare forward, so the ratios hold on a machine shared with other work; the table gives the
@@ -14,6 +15,9 @@ common size):
 - ``predict``: ``Predictor.predict(path)``: decode, quality check, preprocessing, forward;
 - ``predict + <method>``: ``Predictor.explain(path, method)``: the same plus the heatmap at the
   image's size and the RGB overlay, from one forward pass;
+- ``compare all methods``: :func:`mirage_demo.trust.compare_methods`, the Classify tab's grid:
+  every method's map with its deletion test and sanity check (the model's last block
+  randomised); also reported as a ratio to ``predict + gradcam`` (a single explanation);
 - ``pytorch-grad-cam GradCAM``: the library's own call on the preprocessed tensor (forward and
   a full backward), for comparison;
 - batched throughput: ``predict_batch`` vs ``predict`` one image at a time;
@@ -49,6 +53,7 @@ from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
 from mirage_demo.data import Preprocessing
 from mirage_demo.explain import METHODS
 from mirage_demo.inference import Predictor
+from mirage_demo.trust import compare_methods
 
 CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 
@@ -87,6 +92,7 @@ def rss(field="VmRSS"):
             return int(line.split()[1]) / 1024
 import numpy as np, mirage_demo
 from mirage_demo.inference import Predictor
+from mirage_demo.trust import compare_methods
 out = {{"imports_mib": rss()}}
 p = Predictor.from_pretrained({directory!r})
 out["loaded_mib"] = rss()
@@ -108,6 +114,9 @@ print(json.dumps(out))
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mirage_base_patch32_512")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a checkpoint directory instead of --model's random weights"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-images", type=int, default=8)
@@ -119,9 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
     methods = [m for m in args.methods.split(",") if m]
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=len(CLASSES)).eval()
-    preprocessing = Preprocessing.from_model(model)
-    predictor = Predictor(model, CLASSES, preprocessing)
+    if args.checkpoint:
+        predictor = Predictor.from_pretrained(args.checkpoint)
+        model, preprocessing = predictor.model, predictor.preprocessing
+        args.model = f"{predictor.config.architecture} ({args.checkpoint})"
+    else:
+        model = timm.create_model(args.model, num_classes=len(CLASSES)).eval()
+        preprocessing = Preprocessing.from_model(model)
+        predictor = Predictor(model, CLASSES, preprocessing)
     methods = [m for m in methods if m in predictor.methods]
 
     work = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bare forward": bare,
         "predict": lambda: predictor.predict(scan),
         **{f"predict + {m}": (lambda m=m: predictor.explain(scan, m)) for m in methods},
+        "compare all methods (grid + deletion + sanity)": lambda: compare_methods(predictor, scan),
         "pytorch-grad-cam GradCAM (full backward)": library_gradcam,
     }
     print(
@@ -179,8 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     speedup = [s / b for s, b in zip(single, batched, strict=True)]
 
     # Checkpoint load time and memory.
-    config = CheckpointConfig(args.model, CLASSES, preprocessing)
-    directory = save_checkpoint(work / "checkpoint", model, config)
+    if args.checkpoint:
+        directory = args.checkpoint
+    else:
+        config = CheckpointConfig(args.model, CLASSES, preprocessing)
+        directory = save_checkpoint(work / "checkpoint", model, config)
     load_times = [seconds(lambda: Predictor.from_pretrained(directory)) for _ in range(3)]
     memory = resident_memory(str(directory), args.threads)
     weights_mib = (directory / "model.safetensors").stat().st_size / 2**20
@@ -197,6 +215,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"| {name} | {t_med:.3f} | {t_min:.3f}-{t_max:.3f} | "
             f"{r_med:.2f} ({r_min:.2f}-{r_max:.2f}) |"
+        )
+    grid = "compare all methods (grid + deletion + sanity)"
+    single = "predict + gradcam"
+    grid_ratio = [g / e for g, e in zip(times[grid], times.get(single, []), strict=False)]
+    if grid_ratio:
+        print(
+            f"\n{grid}: {statistics.median(times[grid]):.3f} s, "
+            f"{statistics.median(grid_ratio):.2f}x a single explanation ({single}; "
+            f"range {min(grid_ratio):.2f}-{max(grid_ratio):.2f}), "
+            f"{len(predictor.methods)} methods"
         )
     print()
     print("| throughput | images/s (median) |")
@@ -222,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "times_s": times,
         "ratios": ratios,
+        "compare_vs_single_explanation": grid_ratio,
         "throughput": throughput,
         "batch_speedup": speedup,
         "load_s": load_times,
