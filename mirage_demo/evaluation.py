@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mirage_demo.augment import BatchAugmentation
 from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.data import (
+    _KERMANY_NAME,
     IMAGE_SUFFIXES,
     DataError,
     ImageReadError,
@@ -285,7 +286,8 @@ def labelled_upload(
     """Unpack ``(name, path)`` uploads into ``root/<CLASS>/<image>``: a ``.zip`` laid out
     ``<CLASS>/<image>``, or an image whose ``name`` is ``<CLASS>/<image>``.
 
-    The class is an image's parent folder. Classes the checkpoint does not know, an image
+    The class is an image's parent folder (for a file without one, the class in a Kermany-style
+    name, ``CNV-1016042-1.jpeg``). Classes the checkpoint does not know, an image
     without a class folder, too many files or bytes, and a corrupt zip raise
     :class:`~mirage_demo.data.DataError` with a one-line reason.
     """
@@ -299,10 +301,14 @@ def labelled_upload(
 
     def place(shown: str) -> tuple[str, Path] | None:
         parts = PurePosixPath(shown.replace("\\", "/")).parts
-        if len(parts) < 2:
+        kermany = _KERMANY_NAME.match(PurePosixPath(parts[-1]).stem) if parts else None
+        if len(parts) >= 2:
+            cls, file_name = parts[-2], parts[-1]
+        elif kermany:  # a loose file named as Kermany's: CNV-1016042-1.jpeg
+            cls, file_name = kermany.group("cls"), parts[-1]
+        else:
             unlabelled.append(shown)
             return None
-        cls, file_name = parts[-2], parts[-1]
         if cls not in known:
             unknown.add(cls)
             return None

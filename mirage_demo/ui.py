@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
@@ -27,6 +28,16 @@ from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import render_overlay
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.metrics import load_report
+from mirage_demo.ui_teach import (
+    TEACH_CSS,
+    build_compare_section,
+    build_evaluate_tab,
+    build_learn_links,
+    build_model_explorer,
+    build_quiz_tab,
+    example_label,
+    reference_line,
+)
 
 __all__ = ["ModelChoice", "ModelRegistry", "available_models", "build_app", "main"]
 
@@ -228,6 +239,7 @@ def explain_scan(
     )
     info = (
         _warnings_md(prediction)
+        + reference_line(example_label(path), prediction.label, prediction.confidence)
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
         + _timing_line(prediction, what, str(predictor.device))
     )
@@ -531,11 +543,14 @@ Bruch's membrane — and the choroid below. The dip in the middle of a macular s
   probability that a patient has a disease.
 """
 
-CSS = """
+CSS = (
+    """
 .disclaimer {border-left: 4px solid #d97706; padding: 6px 12px; background: #fffbeb;}
 .disclaimer p {margin: 0; color: #78350f;}
 footer {visibility: hidden}
 """
+    + TEACH_CSS
+)
 
 
 def _example_scans() -> list[tuple[str, str]]:
@@ -590,7 +605,17 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                 elem_classes="disclaimer",
             )
 
-        with gr.Tabs():
+        ctx = SimpleNamespace(
+            registry=registry,
+            model=model,
+            demo=demo,
+            model_call=lambda fn: fn,
+            on_model=lambda fn, outputs: (
+                demo.load(fn, inputs=[model], outputs=outputs, api_visibility="private"),
+                model.change(fn, inputs=[model], outputs=outputs, api_visibility="private"),
+            ),
+        )
+        with gr.Tabs() as tabs:
             with gr.Tab("Classify", id="classify"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -630,6 +655,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                             buttons=["download", "fullscreen"],
                         )
                         info = gr.Markdown("Upload a scan or pick an example.", elem_id="info")
+                build_compare_section(ctx, scan, target, PREDICTED)
                 state = gr.State(None)
                 predict_button = gr.Button("Predict only", visible=False)
 
@@ -637,10 +663,13 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                 card, metrics_md, figures = model_report(registry, registry.default)
                 card_view = gr.Markdown(card)
                 metrics_view = gr.Markdown(metrics_md)
+                build_model_explorer(ctx)
                 matrix_name, *curve_names = REPORT_FIGURES
                 figure_views = [_report_image(matrix_name, figures)]
                 with gr.Row():
                     figure_views += [_report_image(name, figures) for name in curve_names]
+
+            build_evaluate_tab(ctx, metrics_markdown)
 
             with gr.Tab("Batch", id="batch"):
                 gr.Markdown(
@@ -662,6 +691,8 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                 )
                 batch_csv = gr.File(label="Download as CSV")
 
+            build_quiz_tab(ctx)
+
             with gr.Tab("Learn", id="learn"):
                 intro, rest = LEARN_MD.split("## Reading a heat map")
                 gr.Markdown(intro)
@@ -674,6 +705,7 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
                         object_fit="contain",
                     )
                 gr.Markdown("## Reading a heat map" + rest)
+                build_learn_links(tabs)
 
         gr.Markdown(
             "Models fine-tuned from MIRAGE inherit its CC BY-NC-ND 4.0 license (Morano et al. "

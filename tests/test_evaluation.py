@@ -75,12 +75,13 @@ def test_upload_reproduces_train_evaluate_exactly(dataset, tmp_path):
         assert (tmp_path / "app" / figure).is_file()
 
 
-def test_loose_files_take_their_class_from_the_folder(dataset, tmp_path):
+def test_loose_files_take_their_class_from_the_folder_or_a_kermany_name(dataset, tmp_path):
     root, _ = dataset
-    files = sorted((root / "test").rglob("*.png"))[:3]
+    files = sorted((root / "test").rglob("*.png"))[::4]
     uploads = [(f"{p.parent.name}/{p.name}", p) for p in files]
+    uploads += [(p.name, p) for p in files]  # CNV-2000-1.png: the class is in the name
     upload = labelled_upload(uploads, CLASSES, tmp_path / "u")
-    assert [CLASSES[s.label] for s in upload.samples] == [p.parent.name for p in files]
+    assert [CLASSES[s.label] for s in upload.samples] == [p.parent.name for p in files] * 2
 
 
 def test_unknown_classes_are_an_error_that_names_them(dataset, tmp_path):
