@@ -239,7 +239,9 @@ def explain_scan(
     )
     info = (
         _warnings_md(prediction)
-        + reference_line(example_label(path), prediction.label, prediction.confidence)
+        + reference_line(
+            example_label(path), prediction.label, prediction.confidence, predictor.class_names
+        )
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
         + _timing_line(prediction, what, str(predictor.device))
     )

@@ -84,10 +84,20 @@ def example_label(path: str | Path) -> str | None:
     return labels.get(digest)
 
 
-def reference_line(reference: str | None, predicted: str, confidence: float) -> str:
+def reference_line(
+    reference: str | None,
+    predicted: str,
+    confidence: float,
+    class_names: list[str] | None = None,
+) -> str:
     """``labelled DME; the model says NORMAL`` when a labelled scan is misclassified."""
     if reference is None:
         return ""
+    if class_names is not None and reference not in class_names:
+        return (
+            f"Labelled **{reference}**, a class this model does not know; it says "
+            f"**{predicted}** ({confidence:.0%}).\n\n"
+        )
     if reference == predicted:
         return f"Labelled **{reference}**; the model agrees ({confidence:.0%}).\n\n"
     return (
@@ -340,7 +350,9 @@ def compare_scan(
             ]
         )
     prediction = comparison.prediction
-    reference = reference_line(example_label(path), prediction.label, prediction.confidence)
+    reference = reference_line(
+        example_label(path), prediction.label, prediction.confidence, predictor.class_names
+    )
     text = (
         reference
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}); the maps explain "
@@ -654,7 +666,7 @@ def build_compare_section(ctx: Any, scan: Any, target: Any, predicted_label: str
         gallery, rows, info = compare_scan(
             ctx.registry.get(name), path, shown or Path(path).name, explained
         )
-        return gr.update(value=gallery, columns=len(rows)), rows, info
+        return gallery, rows, info
 
     button.click(
         on_compare,
@@ -663,6 +675,11 @@ def build_compare_section(ctx: Any, scan: Any, target: Any, predicted_label: str
         api_name="compare",
         preprocess=False,
     )
+
+    def on_model(name: str):  # one column per method: the randomised maps line up below
+        return gr.update(columns=len(ctx.registry.get(name).methods), value=None), None, ""
+
+    ctx.on_model(on_model, [maps, table, text])
 
 
 def _path_of(upload: Any) -> str:

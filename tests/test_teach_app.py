@@ -1,0 +1,231 @@
+"""The teaching views in the served app: explorer, /evaluate, /compare, quiz, example labels.
+
+A 3-class checkpoint (built here) runs through every view, next to the bundled demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from mirage_demo.inference import DEFAULT_CHECKPOINT
+from mirage_demo.ui import EXAMPLES_DIR, LAUNCH_OPTIONS, ModelChoice, ModelRegistry, build_app
+from mirage_demo.ui_teach import (
+    METHOD_NAMES,
+    explorer_cell,
+    explorer_open,
+    explorer_view,
+    quiz_answer,
+    quiz_next,
+    quiz_start,
+)
+from tests.synthetic_oct import tiny_cnn_checkpoint, write_labelled_scans
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, free_port
+from train import evaluate
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+THREE = ["CNV", "DME", "NORMAL"]
+DEMO = "demo-model (bundled)"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data with train/val/test splits, a 3-class checkpoint with its test report written
+    from those files, and a copy whose data folder is gone."""
+    root = tmp_path_factory.mktemp("teach")
+    data = root / "data"
+    for offset, (split, count) in enumerate((("train", 1), ("val", 1), ("test", 4))):
+        write_labelled_scans(data / split, THREE, count, start=1000 * offset)
+    three = tiny_cnn_checkpoint(root / "three", THREE, data=data)
+    args = ["--checkpoint", str(three), "--data", str(data), "--bootstrap", "50"]
+    assert evaluate.main(args) == 0
+    lost = tiny_cnn_checkpoint(root / "lost", THREE, data=root / "gone")
+    for name in ("predictions.csv", "metrics.json"):
+        (lost / name).write_bytes((three / name).read_bytes())
+    return root, data, three, lost
+
+
+@pytest.fixture(scope="module")
+def served(setup):
+    _, _, three, lost = setup
+    registry = ModelRegistry(
+        [
+            ModelChoice(DEMO, str(DEFAULT_CHECKPOINT)),
+            ModelChoice("three", str(three)),
+            ModelChoice("lost", str(lost)),
+        ]
+    )
+    demo = build_app(registry)
+    demo.queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/", registry
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[0], verbose=False)
+
+
+def test_evaluate_endpoint_reproduces_train_evaluate(setup, client, tmp_path):
+    _, data, three, _ = setup
+    cli = tmp_path / "cli"
+    args = ["--checkpoint", str(three), "--data", str(data), "--split", "test", "--out", str(cli)]
+    assert evaluate.main(args) == 0  # the app's bootstrap: 1000 resamples, seed 0
+    archive = tmp_path / "labelled.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for image in sorted((data / "test").rglob("*.png")):
+            zf.write(image, image.relative_to(data / "test").as_posix())
+    outputs = client.predict([handle_file(str(archive))], "three", api_name="/evaluate")
+    note, report, *_, csv_file, numbers, matrix, _ = outputs
+    expected = json.loads((cli / "metrics.json").read_text())
+    for key in ("overall", "per_class", "confusion_matrix", "images_per_class", "num_images"):
+        assert numbers[key] == expected[key], key
+    assert "12 labelled scans" in note and "Balanced accuracy" in report
+    rows = Path(csv_file).read_text().splitlines()
+    assert rows[0] == "file,true,predicted,prob_CNV,prob_DME,prob_NORMAL" and len(rows) == 13
+    assert matrix["headers"][1:] == THREE
+
+
+def test_evaluate_names_unknown_classes(client, tmp_path):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(EXAMPLES_DIR / "DRUSEN" / "DRUSEN-163081-1.jpeg", "DRUSEN/a.jpeg")
+    with pytest.raises(Exception, match="DRUSEN"):  # the 3-class model has no DRUSEN
+        client.predict([handle_file(str(archive))], "three", api_name="/evaluate")
+
+
+@pytest.mark.parametrize("model", [DEMO, "three"])
+def test_compare_endpoint_gives_one_map_and_score_per_method(served, client, model):
+    registry = served[1]
+    methods = registry.get(model).methods
+    scan = EXAMPLES_DIR / "DME" / "DME-11053-1.jpeg"
+    gallery, table, text = client.predict(
+        handle_file(str(scan)), model, "the predicted class", api_name="/compare"
+    )
+    assert len(gallery) == 2 * len(methods)  # each map, then its randomised twin
+    assert [row[0] for row in table["data"]] == [METHOD_NAMES[m] for m in methods]
+    assert all(isinstance(row[1], float) and -1 <= row[5] <= 1 for row in table["data"])
+    assert "Labelled DME" in text  # a bundled example: its reference label is shown
+
+
+def test_example_scans_show_their_label_and_the_disagreement(client):
+    for cls, name in (("DME", "DME-11053-1.jpeg"), ("CNV", "CNV-451136-1.jpeg")):
+        _, probabilities, info = client.predict(
+            handle_file(str(EXAMPLES_DIR / cls / name)),
+            DEMO,
+            "gradcam",
+            "the predicted class",
+            0.5,
+            api_name="/explain",
+        )
+        predicted = probabilities["label"]
+        if predicted == cls:
+            assert f"Labelled **{cls}**; the model agrees" in info
+        else:
+            assert f"Labelled {cls}; the model says {predicted}" in info
+
+
+@pytest.mark.parametrize("model", ["three", DEMO])
+def test_explorer_and_quiz_work_for_every_checkpoint(served, model):
+    registry = served[1]
+    predictor = registry.get(model)
+    names = list(predictor.class_names)
+    _, message, state = explorer_view(registry.directory(model), registry.report(model), names)
+    assert state.scans is not None and "Choose a cell" in message
+    total = sum(map(sum, state.counts))
+    assert total == registry.report(model)["num_images"]
+    row = max(range(len(names)), key=lambda r: sum(state.counts[r]))
+    column = max(range(len(names)), key=lambda c: state.counts[row][c])
+    gallery, text, state = explorer_cell(state, row, column + 1)
+    assert len(gallery) == min(60, state.counts[row][column]) > 0
+    assert f"labelled {names[row]}, predicted {names[column]}" in text
+    overlay, caption = explorer_open(predictor, state, 0)
+    assert overlay.size[0] > 0 and f"labelled **{names[row]}**" in caption
+
+    quiz, image, _ = quiz_start(registry.directory(model), names, 3, seed=0)
+    seen = []
+    while not quiz.finished:
+        seen.append(image)
+        _, feedback, score = quiz_answer(predictor, quiz, names[0])
+        assert "Reference:" in feedback
+        image, text = quiz_next(quiz)
+    assert len(set(seen)) == 3 and "Round over" in text and "You:" in score
+
+
+def test_unreachable_test_scans_are_said_plainly(served):
+    registry = served[1]
+    names = list(registry.get("lost").class_names)
+    _, message, state = explorer_view(registry.directory("lost"), registry.report("lost"), names)
+    assert state.scans is None and "not reachable" in message
+    assert sum(map(sum, state.counts)) == 12  # the report's matrix is still shown
+    gallery, text, _ = explorer_cell(state, 0, 1)
+    assert gallery == [] and "not available" in text
+    quiz, _, text = quiz_start(registry.directory("lost"), names, 5)
+    assert quiz is None and "not reachable" in text
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium")
+def test_browser_clicks_a_confusion_matrix_cell_and_sees_its_scans(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    registry = served[1]
+    counts = registry.report(DEMO)["confusion_matrix"]
+    row, column = max(
+        ((r, c) for r in range(len(counts)) for c in range(len(counts)) if r != c),
+        key=lambda rc: counts[rc[0]][rc[1]],
+    )  # the largest off-diagonal cell: a mistake
+    names = registry.get(DEMO).class_names
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.goto(served[0])
+            page.get_by_role("tab", name="Model").click()
+            cell = page.locator(f"#explorer-matrix [data-testid=cell-{row}-{column + 1}]")
+            cell.click(timeout=60_000)
+            sync_api.expect(page.locator("#explorer-cell")).to_contain_text(
+                f"{counts[row][column]} scans labelled {names[row]}, predicted {names[column]}",
+                timeout=60_000,
+            )
+            thumbnails = page.locator("#explorer-gallery img")
+            sync_api.expect(thumbnails).to_have_count(counts[row][column], timeout=30_000)
+            thumbnails.first.click()
+            page.locator("#explorer-overlay img").wait_for(timeout=60_000)
+            sync_api.expect(page.locator("#explorer-caption")).to_contain_text(
+                f"labelled {names[row]}"
+            )
+            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_a_three_class_checkpoint_classifies_explains_and_batches(client, setup):
+    scan = EXAMPLES_DIR / "NORMAL" / "NORMAL-1384-3.jpeg"
+    _, probabilities, info = client.predict(
+        handle_file(str(scan)), "three", "gradcam", "DME", 0.5, api_name="/explain"
+    )
+    assert {c["label"] for c in probabilities["confidences"]} == set(THREE)
+    assert "Labelled **NORMAL**" in info or "Labelled NORMAL;" in info  # a bundled example
+    drusen = EXAMPLES_DIR / "DRUSEN" / "DRUSEN-163081-1.jpeg"
+    *_, info = client.predict(
+        handle_file(str(drusen)), "three", "gradcam", "DME", 0.5, api_name="/explain"
+    )
+    assert "Labelled **DRUSEN**, a class this model does not know" in info
+    table, _, summary = client.predict([handle_file(str(scan))], "three", api_name="/batch")
+    assert table["headers"][2:5] == [f"p({c})" for c in THREE]
