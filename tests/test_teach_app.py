@@ -227,5 +227,5 @@ def test_a_three_class_checkpoint_classifies_explains_and_batches(client, setup)
         handle_file(str(drusen)), "three", "gradcam", "DME", 0.5, api_name="/explain"
     )
     assert "Labelled **DRUSEN**, a class this model does not know" in info
-    table, _, summary = client.predict([handle_file(str(scan))], "three", api_name="/batch")
+    table, _, _ = client.predict([handle_file(str(scan))], "three", api_name="/batch")
     assert table["headers"][2:5] == [f"p({c})" for c in THREE]
