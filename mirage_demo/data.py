@@ -9,6 +9,7 @@ model's input size -> per-image min-max to [0, 1] -> (training only) augmentatio
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections import Counter
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 SPLIT_NAMES = ("train", "val", "test")
 MAX_PIXELS = 64_000_000  # a B-scan is ~0.5 MP; refuse decompression bombs early
-ImageSource = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
+#: What every reader accepts: a path, the file's bytes, a PIL image or an array.
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
 
 
 class DataError(ValueError):
@@ -57,7 +59,19 @@ class DataError(ValueError):
 
 
 class ImageReadError(ValueError):
-    """An image that cannot be decoded; the message names it and says why."""
+    """An image that cannot be decoded: ``name`` says which, ``reason`` why.
+
+    The message is ``"<name>: <reason>"``; callers that show or store the two apart read the
+    attributes, never the text.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes
+        return type(self), (self.name, self.reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +81,7 @@ class ImageReadError(ValueError):
 def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     """Any OCT image as a float32 ``(H, W)`` grayscale array in its own intensity range.
 
+    ``source`` is a path, the file's bytes, a PIL image or an array.
     8/16-bit grayscale, float TIFF, RGB(A), palette and animated images (first frame) work.
     Unreadable input raises :class:`ImageReadError` with the file's name and the reason.
     """
@@ -74,11 +89,12 @@ def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return _array_to_gray(source, label)
     try:
-        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image = source if isinstance(source, Image.Image) else open_image(source)
         if image.width * image.height > MAX_PIXELS:
             raise ImageReadError(
-                f"{label}: {image.width}x{image.height} pixels is too large "
-                f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+                label,
+                f"{image.width}x{image.height} pixels is too large "
+                f"(limit {MAX_PIXELS // 1_000_000} megapixels)",
             )
         if getattr(image, "n_frames", 1) > 1:
             image = next(ImageSequence.Iterator(image))
@@ -87,13 +103,20 @@ def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
     except ImageReadError:
         raise
     except FileNotFoundError as err:
-        raise ImageReadError(f"{label}: file not found") from err
+        raise ImageReadError(label, "file not found") from err
     except Image.DecompressionBombError as err:
-        raise ImageReadError(f"{label}: image is too large ({err})") from err
+        raise ImageReadError(label, f"image is too large ({err})") from err
     except UnidentifiedImageError as err:
-        raise ImageReadError(f"{label}: not a readable image (unknown format)") from err
+        raise ImageReadError(label, "not a readable image (unknown format)") from err
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageReadError(f"{label}: corrupt or truncated image ({err})") from err
+        raise ImageReadError(label, f"corrupt or truncated image ({err})") from err
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """``Image.open`` of a path or of a file's bytes (lazy: decodes nothing yet)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(source))
+    return Image.open(source)
 
 
 def _pil_to_gray(image: Image.Image, label: str) -> np.ndarray:
@@ -106,7 +129,7 @@ def _pil_to_gray(image: Image.Image, label: str) -> np.ndarray:
         image = image.convert("L")
     array = np.asarray(image, dtype=np.float32)
     if array.ndim != 2:
-        raise ImageReadError(f"{label}: unsupported image mode {image.mode}")
+        raise ImageReadError(label, f"unsupported image mode {image.mode}")
     return array
 
 
@@ -119,9 +142,9 @@ def _array_to_gray(array: np.ndarray, label: str) -> np.ndarray:
             rgb = array[..., :3].astype(np.float32)
             array = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if array.ndim != 2 or min(array.shape) < 1:
-        raise ImageReadError(f"{label}: expected a 2-D image, got an array of shape {array.shape}")
+        raise ImageReadError(label, f"expected a 2-D image, got an array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
-        raise ImageReadError(f"{label}: array must hold finite numbers")
+        raise ImageReadError(label, "array must hold finite numbers")
     return array.astype(np.float32, copy=False)
 
 

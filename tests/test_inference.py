@@ -115,6 +115,33 @@ def test_predict_batch_equals_one_at_a_time_and_reports_bad_files(predictor, tmp
         predictor.predict(tmp_path / "broken.png")
 
 
+def test_predict_batch_takes_bytes_and_reports_errors_as_data(predictor, tmp_path):
+    image = Image.fromarray(lesion_scan(1, 310)[0])
+    image.save(tmp_path / "scan.png")
+    data = (tmp_path / "scan.png").read_bytes()
+    given = ImageReadError("archive.zip/x.png", "corrupt in zip (bad CRC)")
+    seen = []
+    results = predictor.predict_batch(
+        [tmp_path / "scan.png", data, image, b"not an image", given],
+        batch_size=2,
+        names=[None, "upload.png", None, "junk.png", "x"],
+        on_error="return",
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    reference = results[0].probabilities
+    for result in results[1:3]:  # the same scan as bytes and as a PIL image
+        assert result.probabilities == pytest.approx(reference, abs=1e-6)
+    assert results[1].source == "upload.png"
+    junk, passed = results[3], results[4]
+    assert (junk.name, junk.reason) == ("junk.png", "not a readable image (unknown format)")
+    assert str(junk) == "junk.png: not a readable image (unknown format)"
+    assert passed is given
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    with pytest.raises(ImageReadError) as raised:
+        predictor.predict(b"\x89PNG\r\n\x1a\n broken", name="broken.png")
+    assert raised.value.name == "broken.png" and "not a readable image" in raised.value.reason
+
+
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(checkpoint):
     plain = Predictor.from_pretrained(checkpoint)
     tta = Predictor.from_pretrained(checkpoint, tta=True)
