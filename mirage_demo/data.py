@@ -14,7 +14,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -33,6 +33,7 @@ __all__ = [
     "OCTDataset",
     "Preprocessing",
     "Sample",
+    "SplitSpec",
     "balanced_sampler",
     "class_counts",
     "class_weights",
@@ -419,32 +420,88 @@ def patient_split(
     return out
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """How :func:`load_dataset` completes a dataset's splits: the typed record a checkpoint
+    stores (``config.json: "split"``) so that evaluation rebuilds exactly the training split.
+
+    ``val_fraction`` of ``train`` becomes ``val`` when there is no ``val/`` folder; a flat
+    dataset also loses ``test_fraction`` to ``test``; both patient-disjoint with ``seed``.
+    ``exclude`` (image files or folders) leaves those images and their patients out. Fractions
+    are checked where they are used (a dataset with a ``val/`` folder never uses
+    ``val_fraction``).
+    """
+
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"split {name} must be a number, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DataError(f"split seed must be an integer, not {self.seed!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, (str, Path)) else self.exclude
+        if not all(isinstance(e, (str, Path)) for e in exclude):
+            raise DataError(f"split exclude must be a list of paths, not {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(str(e) for e in exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitSpec:
+        """From stored JSON (untrusted: types are checked, unknown keys refused)."""
+        if not isinstance(data, dict):
+            raise DataError(f"a split record must be an object, not {data!r}")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataError(f"unknown split settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
 def load_dataset(
     root: str | Path,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-    exclude: Sequence[str | Path] = (),
+    split: SplitSpec | None = None,
+    *,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int | None = None,
+    exclude: Sequence[str | Path] | None = None,
 ) -> DatasetSplits:
-    """Discover a dataset and complete its splits.
+    """Discover a dataset and complete its splits as ``split`` says (default
+    :class:`SplitSpec`); the keywords override single fields of it.
 
     A missing ``val`` split is carved from ``train`` (``val_fraction`` of it), and a flat
     dataset is split into train/val/test, patient-disjoint and stratified by class.
     ``exclude`` (image files or folders of them) takes those images, and every image of their
     patients, out of every split, e.g. scans kept aside as app examples.
     """
+    overrides = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "exclude": None if exclude is None else tuple(str(e) for e in exclude),
+    }
+    spec = replace(split or SplitSpec(), **{k: v for k, v in overrides.items() if v is not None})
     data = discover_dataset(root)
-    if exclude:
-        _exclude(data, exclude)
+    if spec.exclude:
+        _exclude(data, spec.exclude)
     if "all" in data.splits:
-        fractions = {"test": test_fraction, "val": val_fraction}
-        parts = patient_split(data.splits.pop("all"), fractions, seed)
+        fractions = {"test": spec.test_fraction, "val": spec.val_fraction}
+        parts = patient_split(data.splits.pop("all"), fractions, spec.seed)
         data.splits = {"train": parts["rest"], "val": parts["val"], "test": parts["test"]}
-        data.notes.append(f"flat layout: split {val_fraction:.0%} val, {test_fraction:.0%} test")
+        data.notes.append(
+            f"flat layout: split {spec.val_fraction:.0%} val, {spec.test_fraction:.0%} test"
+        )
     elif "val" not in data.splits:
-        parts = patient_split(data.splits["train"], {"val": val_fraction}, seed)
+        parts = patient_split(data.splits["train"], {"val": spec.val_fraction}, spec.seed)
         data.splits["train"], data.splits["val"] = parts["rest"], parts["val"]
-        data.notes.append(f"no val/ folder: carved {val_fraction:.0%} of train as val")
+        data.notes.append(f"no val/ folder: carved {spec.val_fraction:.0%} of train as val")
     shared = _shared_patients(data.splits)
     if shared:
         data.notes.append(f"{len(shared)} patients appear in more than one split")

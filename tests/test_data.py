@@ -76,6 +76,11 @@ def test_flat_layout_is_split_patient_disjoint_and_stratified(tmp_path):
     assert again.splits == data.splits
     other = load_dataset(tmp_path / "flat", val_fraction=0.2, test_fraction=0.2, seed=2)
     assert other.splits["val"] != data.splits["val"]
+    from mirage_demo.data import SplitSpec
+
+    record = SplitSpec(val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert load_dataset(tmp_path / "flat", record).splits == data.splits  # the typed record
+    assert load_dataset(tmp_path / "flat", record, seed=2).splits == other.splits  # overridden
 
 
 def test_missing_val_is_carved_from_train(tmp_path):
