@@ -173,16 +173,16 @@ def scan_set_for(
                 for s in data["scans"]
             ]
             if all(e.image.is_file() for e in entries):
-                origin = f"the {len(entries)} test scans bundled with the app (downsized copies)"
+                origin = f"the {len(entries)} scans of its report, bundled with the app (downsized)"
                 return ScanSet(list(config.class_names), entries, origin), origin
     for root in _data_roots(config.training or {}, checkpoint):
         if all((root / row["file"]).is_file() for row in rows):
             entries = [_entry(row, root / row["file"]) for row in rows]
-            origin = f"the {len(entries)} test scans in {root}"
+            origin = f"the {len(entries)} scans of its report, in {root}"
             return ScanSet(list(config.class_names), entries, origin), origin
     where = (config.training or {}).get("data") or "its data folder"
     return None, (
-        f"The test scans of this checkpoint are not reachable here: its predictions.csv names "
+        f"The scans of this checkpoint's report are not reachable here: its predictions.csv names "
         f"them relative to {where}, which is not on this machine. The matrix is shown; its "
         "scans are not."
     )

@@ -13,15 +13,9 @@ import pytest
 
 from mirage_demo.inference import DEFAULT_CHECKPOINT
 from mirage_demo.ui import EXAMPLES_DIR, LAUNCH_OPTIONS, ModelChoice, ModelRegistry, build_app
-from mirage_demo.ui_teach import (
-    METHOD_NAMES,
-    explorer_cell,
-    explorer_open,
-    explorer_view,
-    quiz_answer,
-    quiz_next,
-    quiz_start,
-)
+from mirage_demo.ui.context import method_name
+from mirage_demo.ui.explore import explorer_cell, explorer_open, explorer_view
+from mirage_demo.ui.quiz import quiz_answer, quiz_next, quiz_start
 from tests.synthetic_oct import tiny_cnn_checkpoint, write_labelled_scans
 from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, free_port
 from train import evaluate
@@ -120,7 +114,7 @@ def test_compare_endpoint_gives_one_map_and_score_per_method(served, client, mod
         handle_file(str(scan)), model, "the predicted class", api_name="/compare"
     )
     assert len(gallery) == 2 * len(methods)  # each map, then its randomised twin
-    assert [row[0] for row in table["data"]] == [METHOD_NAMES[m] for m in methods]
+    assert [row[0] for row in table["data"]] == [method_name(m) for m in methods]
     assert all(isinstance(row[1], float) and -1 <= row[5] <= 1 for row in table["data"])
     assert "Labelled DME" in text  # a bundled example: its reference label is shown
 

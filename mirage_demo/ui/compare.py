@@ -1,0 +1,146 @@
+"""Classify tab: every explanation method on one scan, side by side, each with a faithfulness
+score and a sanity check (:func:`mirage_demo.trust.compare_methods`; named endpoint
+``/compare``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mirage_demo.data import ImageReadError
+from mirage_demo.trust import compare_methods
+from mirage_demo.ui.context import AppContext, example_label, method_name, reference_line
+
+__all__ = ["COMPARE_HEADERS", "build_compare_section", "compare_scan"]
+
+
+def faithfulness_verdict(score: float) -> str:
+    if score > 0.05:
+        return "points at what the model uses"
+    if score < -0.05:
+        return "worse than a random part"
+    return "no better than a random part"
+
+
+def sanity_verdict(similarity: float) -> str:
+    if similarity >= 0.7:
+        return "barely changes: fails the sanity check"
+    if similarity >= 0.3:
+        return "partly changes"
+    return "changes: depends on what the model learnt"
+
+
+def compare_scan(
+    predictor: Any, path: str, name: str, target: str | None = None
+) -> tuple[list, list[list[Any]], str]:
+    """``/compare``: every method's map of one scan, its faithfulness and sanity scores.
+
+    Returns a gallery (the maps of the trained model, then the same maps after randomising
+    the model's last block, one method per column), a table (one row per method) and a text.
+    """
+    try:
+        comparison = compare_methods(predictor, path, target=target, name=name)
+    except ImageReadError as err:
+        raise gr.Error(f"Could not read {name}: {err}", title="Unreadable image") from err
+    except ValueError as err:
+        raise gr.Error(str(err)) from err
+    maps, randomized, rows = [], [], []
+    for score in comparison.scores:
+        label = method_name(score.method)
+        maps.append((score.overlay, f"{label} {score.faithfulness * 100:+.0f}"))
+        randomized.append((score.randomized_overlay, f"random · ρ {score.similarity:.2f}"))
+        rows.append(
+            [
+                label,
+                round(score.faithfulness * 100, 1),
+                faithfulness_verdict(score.faithfulness),
+                round(score.drop * 100, 1),
+                round(score.random_drop * 100, 1),
+                round(score.similarity, 2),
+                sanity_verdict(score.similarity),
+            ]
+        )
+    prediction = comparison.prediction
+    reference = reference_line(
+        example_label(path), prediction.label, prediction.confidence, predictor.class_names
+    )
+    text = (
+        reference
+        + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}); the maps explain "
+        f"**{comparison.target}**. Top row: the trained model's maps. Bottom row: the same "
+        "maps after the model's last block was replaced by random weights.\n\n"
+        f"- **Faithfulness**: how many more percentage points the probability of "
+        f"{comparison.target} falls when the map's top {comparison.fraction:.0%} of the scan "
+        "is blurred away than when a random part of the same size is (higher is better).\n"
+        "- **Sanity check**: ρ, the rank correlation of a map with its randomised twin; near "
+        "1, the map does not depend on what the model learnt (it fails the check).\n\n"
+        f"{comparison.timing['total_s']:.2f} s for the whole grid."
+    )
+    return maps + randomized, rows, text
+
+
+COMPARE_HEADERS = [
+    "Method",
+    "Faithfulness (points)",
+    "Reading",
+    "Drop: map's part",
+    "Drop: random part",
+    "ρ after randomising",
+    "Sanity check",
+]
+
+
+def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_label: str) -> None:
+    """Classify tab: every method side by side with its scores (named endpoint ``/compare``)."""
+    with gr.Accordion("Compare all methods, with a trust check", open=False, elem_id="compare"):
+        gr.Markdown(
+            "Every explanation method on this scan, each with a **faithfulness** score (does "
+            "blurring away what the map highlights change the answer more than blurring a "
+            "random part?) and a **sanity check** (does the map change when the model's last "
+            "block is replaced by random weights? It should: Adebayo et al. 2018)."
+        )
+        button = gr.Button("Compare all methods", variant="primary", elem_id="compare-button")
+        text = gr.Markdown(elem_id="compare-text")
+        maps = gr.Gallery(
+            label="Top: the trained model's maps. Bottom: after randomising its last block",
+            columns=5,
+            height="auto",
+            object_fit="contain",
+            elem_id="compare-maps",
+        )
+        table = gr.Dataframe(
+            headers=COMPARE_HEADERS, interactive=False, wrap=True, elem_id="compare-table"
+        )
+
+    @ctx.model_call
+    def on_compare(upload, name, target_name):
+        if upload is None:
+            raise gr.Error("Upload a scan or pick an example first.")
+        path = _path_of(upload)
+        shown = upload.get("orig_name") if isinstance(upload, dict) else None
+        explained = None if target_name in (None, "", predicted_label) else target_name
+        gallery, rows, info = compare_scan(
+            ctx.registry.get(name), path, shown or Path(path).name, explained
+        )
+        return gallery, rows, info
+
+    button.click(
+        on_compare,
+        inputs=[scan, ctx.model, target],
+        outputs=[maps, table, text],
+        api_name="compare",
+        preprocess=False,
+    )
+
+    def on_model(name: str):  # one column per method: the randomised maps line up below
+        return gr.update(columns=len(ctx.registry.get(name).methods), value=None), None, ""
+
+    ctx.on_model(on_model, [maps, table, text])
+
+
+def _path_of(upload: Any) -> str:
+    if isinstance(upload, dict):
+        return str(upload.get("path") or upload.get("name"))
+    return str(getattr(upload, "path", None) or upload)

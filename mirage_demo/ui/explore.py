@@ -1,0 +1,239 @@
+"""The confusion-matrix explorer: choose a cell, see its scans, open one with its map.
+
+Used twice: in the Model tab on the checkpoint's own test scans
+(:func:`~mirage_demo.testscans.scan_set_for`: the bundled copies, the original images, or a
+sentence saying why they cannot be shown) and in the Evaluate tab on uploaded labelled scans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from mirage_demo.data import ImageReadError
+from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
+from mirage_demo.ui.context import AppContext, method_name
+
+__all__ = [
+    "ExplorerState",
+    "ExplorerViews",
+    "build_model_explorer",
+    "explorer_cell",
+    "explorer_open",
+    "explorer_view",
+    "explorer_views",
+    "matrix_frame",
+]
+
+MAX_GALLERY = 60
+CORNER = "true ↓ · said →"
+
+
+# --------------------------------------------------------------------------------------------
+# Confusion-matrix explorer
+
+
+@dataclass
+class ExplorerState:
+    """What the explorer shows: the matrix's scans (if reachable) and the chosen cell."""
+
+    class_names: list[str]
+    counts: list[list[int]]
+    scans: ScanSet | None = None
+    cell: tuple[str, str] | None = None
+    shown: list[ScanEntry] = field(default_factory=list)
+
+
+def matrix_frame(state: ExplorerState) -> Any:
+    """The confusion matrix as a table: rows the reference class, columns the prediction;
+    the diagonal green, errors red, darker with more scans."""
+    names = state.class_names
+    frame = pd.DataFrame(
+        [[name, *row] for name, row in zip(names, state.counts, strict=True)],
+        columns=[CORNER, *names],
+    )
+    largest = max([max(row) for row in state.counts] + [1])
+
+    def colour(row: pd.Series) -> list[str]:
+        styles = ["font-weight: bold"]
+        for name in names:
+            count = row[name]
+            share = count / largest
+            if count == 0:
+                styles.append("color: #94a3b8")
+            elif names[row.name] == name:
+                styles.append(f"background-color: rgba(22, 163, 74, {0.15 + 0.6 * share:.2f})")
+            else:
+                styles.append(f"background-color: rgba(220, 38, 38, {0.2 + 0.6 * share:.2f})")
+        return styles
+
+    return frame.style.apply(colour, axis=1)
+
+
+def explorer_view(directory: Path, report: dict[str, Any] | None, class_names: list[str]):
+    """``(matrix, message, state)`` for a checkpoint: its test scans when reachable."""
+    scans, message = scan_set_for(directory)
+    if scans is not None:
+        counts = scans.matrix()
+        message = (
+            f"Showing {message}. **Choose a cell** to see its scans: the diagonal is what the "
+            "model gets right, the other cells are its mistakes."
+        )
+    elif report and report.get("confusion_matrix"):
+        counts = report["confusion_matrix"]
+    else:
+        counts = [[0] * len(class_names) for _ in class_names]
+    state = ExplorerState(list(class_names), counts, scans)
+    return matrix_frame(state), message, state
+
+
+def explorer_cell(
+    state: ExplorerState | None, row: int, column: int
+) -> tuple[list[tuple[str, str]], str, ExplorerState | None]:
+    """The scans of one cell (reference class ``row``, prediction ``column``) as a gallery."""
+    if state is None:
+        return [], "", state
+    if column == 0:  # the class-name column
+        return [], "Choose a cell with a count, not the class name.", state
+    names = state.class_names
+    true, predicted = names[row], names[column - 1]
+    if state.scans is None:
+        return (
+            [],
+            (
+                f"{state.counts[row][column - 1]} scans of class {true} predicted {predicted}: "
+                "their images are not available here."
+            ),
+            state,
+        )
+    entries = state.scans.cell(true, predicted)
+    state.cell, state.shown = (true, predicted), entries[:MAX_GALLERY]
+    verdict = "right" if true == predicted else "wrong"
+    head = f"**{len(entries)} scans labelled {true}, predicted {predicted}**"
+    head += f" (the model was {verdict})"
+    if len(entries) > MAX_GALLERY:
+        head += f"; the {MAX_GALLERY} most confident are shown"
+    if not entries:
+        return [], head + ".", state
+    gallery = [(str(e.image), _caption(e)) for e in state.shown]
+    return gallery, head + ". Click one to see where the model looked.", state
+
+
+def _caption(entry: ScanEntry) -> str:
+    """The probabilities of the answer and, for a mistake, of the reference class."""
+    shown = f"{entry.predicted} {entry.probabilities[entry.predicted]:.0%}"
+    if not entry.correct:
+        shown += f" · {entry.true} {entry.probabilities[entry.true]:.0%}"
+    return shown
+
+
+def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tuple[Any, str]:
+    """One scan of the chosen cell with the map of the class the model predicted."""
+    if state is None or not 0 <= index < len(state.shown):
+        return None, ""
+    entry = state.shown[index]
+    method = "gradcam" if "gradcam" in predictor.methods else predictor.methods[0]
+    try:
+        explanation = predictor.explain(entry.image, method=method, target=entry.predicted)
+    except (ImageReadError, ValueError) as err:
+        raise gr.Error(f"Cannot open {entry.file}: {err}") from err
+    now = explanation.prediction
+    text = (
+        f"**{entry.file}**: labelled **{entry.true}**; the model said **{entry.predicted}** "
+        f"({entry.probabilities[entry.predicted]:.0%}). {method_name(method)} map for "
+        f"{entry.predicted}."
+    )
+    if now.label != entry.predicted:
+        text += (
+            f" (On the picture shown here, a downsized copy, it now says {now.label} "
+            f"{now.confidence:.0%}.)"
+        )
+    return explanation.overlay, text
+
+
+@dataclass
+class ExplorerViews:
+    """The components of one confusion-matrix explorer."""
+
+    matrix: gr.Dataframe
+    message: gr.Markdown
+    gallery: gr.Gallery
+    overlay: gr.Image
+    caption: gr.Markdown
+    state: gr.State
+
+    @property
+    def outputs(self) -> list[Any]:
+        return [self.matrix, self.message, self.state]
+
+
+def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
+    """Lay out an explorer (matrix, the chosen cell's gallery, one opened scan) and wire it."""
+    message = gr.Markdown(elem_id=f"{prefix}-message")
+    with gr.Row():
+        with gr.Column(scale=2):
+            matrix = gr.Dataframe(
+                label="Confusion matrix: choose a cell",
+                interactive=False,
+                elem_id=f"{prefix}-matrix",
+                elem_classes="explorer-matrix",
+                max_height=400,
+            )
+        with gr.Column(scale=3):
+            cell_text = gr.Markdown(elem_id=f"{prefix}-cell")
+            gallery = gr.Gallery(
+                label="Scans in the chosen cell",
+                columns=3,
+                height=420,
+                object_fit="contain",
+                allow_preview=False,
+                elem_id=f"{prefix}-gallery",
+            )
+    with gr.Row():
+        overlay = gr.Image(
+            label="The chosen scan and where the model looked",
+            type="pil",
+            interactive=False,
+            height=360,
+            elem_id=f"{prefix}-overlay",
+        )
+        caption = gr.Markdown(elem_id=f"{prefix}-caption")
+    state = gr.State(None)
+
+    def on_cell(current: ExplorerState | None, evt: gr.SelectData):
+        row, column = evt.index
+        gallery_items, text, current = explorer_cell(current, int(row), int(column))
+        return gallery_items, text, current, None, ""
+
+    matrix.select(
+        on_cell,
+        inputs=[state],
+        outputs=[gallery, cell_text, state, overlay, caption],
+        api_visibility="private",
+    )
+
+    @ctx.model_call
+    def on_open(current: ExplorerState | None, name: str, evt: gr.SelectData):
+        return explorer_open(ctx.registry.get(name), current, int(evt.index))
+
+    gallery.select(
+        on_open, inputs=[state, ctx.model], outputs=[overlay, caption], api_visibility="private"
+    )
+    return ExplorerViews(matrix, message, gallery, overlay, caption, state)
+
+
+def build_model_explorer(ctx: AppContext) -> None:
+    """The Model tab's explorer of the checkpoint's own test scans."""
+    gr.Markdown("## Explore the confusion matrix")
+    views = explorer_views(ctx, "explorer")
+
+    def on_model(name: str):
+        registry = ctx.registry
+        names = list(registry.config(name).class_names)
+        return explorer_view(registry.directory(name), registry.report(name), names)
+
+    ctx.on_model(on_model, views.outputs)

@@ -1,0 +1,178 @@
+"""Test yourself: a round of the model's labelled test scans; the student against the model
+(:class:`mirage_demo.quiz.Quiz`, kept per browser session only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mirage_demo.quiz import Quiz, QuizItem
+from mirage_demo.testscans import ScanSet, scan_set_for
+from mirage_demo.ui.context import AppContext, method_name
+
+__all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
+
+
+def quiz_items(scans: ScanSet) -> list[QuizItem]:
+    return [
+        QuizItem(e.file, str(e.image), e.true, e.predicted, dict(e.probabilities))
+        for e in scans.entries
+    ]
+
+
+def quiz_score(quiz: Quiz) -> str:
+    return (
+        f"**You: {quiz.student_score}** · **Model: {quiz.model_score}** "
+        f"(after {len(quiz.turns)} of {quiz.size} scans)"
+    )
+
+
+def quiz_start(directory: Path, class_names: list[str], size: int, seed: int | None = None):
+    """A new round: ``(quiz, first image, text)``; ``quiz`` is None when there are no scans."""
+    scans, message = scan_set_for(directory)
+    if scans is None:
+        return None, None, f"No labelled scans for this model: {message}"
+    quiz = Quiz(quiz_items(scans), int(size), class_names=class_names, seed=seed)
+    return quiz, quiz.current.image, quiz_score(quiz)
+
+
+def quiz_answer(predictor: Any, quiz: Quiz | None, choice: str | None):
+    """Record an answer: ``(map overlay, feedback, score)``."""
+    if quiz is None or quiz.finished:
+        raise gr.Error("Start a round first.")
+    if not choice:
+        raise gr.Error("Pick a class first.")
+    item = quiz.current
+    turn = quiz.answer(choice)
+    method = "gradcam" if "gradcam" in predictor.methods else predictor.methods[0]
+    explanation = predictor.explain(item.image, method=method, target=item.model_answer)
+    you = "right" if turn.correct else "wrong"
+    model = "right" if turn.model_correct else "wrong"
+    confidence = item.probabilities.get(item.model_answer, 0.0)
+    feedback = (
+        f"## Reference: {item.reference}\n"
+        f"- **You said {choice}**: {you}.\n"
+        f"- **The model said {item.model_answer}** ({confidence:.0%}): {model}.\n\n"
+        f"The map ({method_name(method)}) shows where the model looked for "
+        f"{item.model_answer}."
+    )
+    if quiz.finished:
+        feedback += "\n\n" + quiz_summary(quiz)
+    return explanation.overlay, feedback, quiz_score(quiz)
+
+
+def quiz_next(quiz: Quiz | None):
+    """The next scan: ``(image, text)``."""
+    if quiz is None:
+        raise gr.Error("Start a round first.")
+    if quiz.finished:
+        return None, quiz_summary(quiz)
+    return quiz.current.image, ""
+
+
+def quiz_summary(quiz: Quiz) -> str:
+    summary = quiz.summary()
+    lines = [
+        f"## Round over: you {summary['student']} of {summary['size']}, "
+        f"the model {summary['model']} of {summary['size']}",
+        "",
+        "| Reference class | Scans | Your mistakes | The model's mistakes |",
+        "|---|---|---|---|",
+    ]
+    for cls in quiz.class_names:
+        seen = summary["seen_per_class"].get(cls, 0)
+        if not seen:
+            continue
+        lines.append(
+            f"| {cls} | {seen} | {_mistakes(summary['student_mistakes'].get(cls))} | "
+            f"{_mistakes(summary['model_mistakes'].get(cls))} |"
+        )
+    lines.append("\nNothing about your answers is kept: start a new round to play again.")
+    return "\n".join(lines)
+
+
+def _mistakes(row: dict[str, int] | None) -> str:
+    if not row:
+        return "none"
+    return ", ".join(f"{n} as {cls}" for cls, n in sorted(row.items()))
+
+
+def build_quiz_tab(ctx: AppContext) -> None:
+    """Test yourself: a round of labelled test scans; you against the model."""
+    registry = ctx.registry
+    classes = list(registry.config(registry.default).class_names)
+    with gr.Tab("Test yourself", id="quiz"):
+        gr.Markdown(
+            "Look at a scan the model was tested on, choose its class, then see the reference "
+            "label, the model's answer and where it looked. Your answers are not stored."
+        )
+        with gr.Row():
+            size = gr.Slider(3, 30, value=10, step=1, label="Scans in a round")
+            start = gr.Button("Start a round", variant="primary", elem_id="quiz-start")
+        score = gr.Markdown(elem_id="quiz-score", elem_classes="teach-big")
+        with gr.Row():
+            image = gr.Image(
+                label="Which class is this scan?",
+                type="filepath",
+                interactive=False,
+                height=380,
+                elem_id="quiz-scan",
+            )
+            overlay = gr.Image(
+                label="Where the model looked",
+                type="pil",
+                interactive=False,
+                height=380,
+                elem_id="quiz-map",
+            )
+        choice = gr.Radio(classes, label="Your answer", elem_id="quiz-choice")
+        with gr.Row():
+            answer = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
+            following = gr.Button("Next scan", elem_id="quiz-next")
+        feedback = gr.Markdown(elem_id="quiz-feedback", elem_classes="teach-big")
+        state = gr.State(None)
+
+    def on_start(name, count):
+        names = list(registry.config(name).class_names)
+        quiz, first, text = quiz_start(registry.directory(name), names, int(count))
+        ready = gr.update(interactive=quiz is not None)
+        return quiz, first, None, gr.update(choices=names, value=None), text, "", ready
+
+    start.click(
+        on_start,
+        inputs=[ctx.model, size],
+        outputs=[state, image, overlay, choice, score, feedback, answer],
+        api_visibility="private",
+    )
+
+    @ctx.model_call
+    def on_answer(quiz, name, picked):
+        shown, text, scores = quiz_answer(registry.get(name), quiz, picked)
+        return quiz, shown, text, scores, gr.update(interactive=False)
+
+    answer.click(
+        on_answer,
+        inputs=[state, ctx.model, choice],
+        outputs=[state, overlay, feedback, score, answer],
+        api_visibility="private",
+    )
+
+    def on_next(quiz):
+        shown, text = quiz_next(quiz)
+        scores = quiz_score(quiz) if quiz else ""
+        ready = gr.update(interactive=quiz is not None and not quiz.finished)
+        return shown, None, gr.update(value=None), text, scores, ready
+
+    following.click(
+        on_next,
+        inputs=[state],
+        outputs=[image, overlay, choice, feedback, score, answer],
+        api_visibility="private",
+    )
+
+    def on_model(name):
+        return None, None, None, gr.update(choices=list(registry.config(name).class_names)), ""
+
+    ctx.on_model(on_model, [state, image, overlay, choice, feedback])
