@@ -140,11 +140,7 @@ def compare_methods(
         target_index = prediction.index
     input_size = tuple(x.shape[-2:])
     display_size = loaded.display.shape
-    maps_in, maps_shown = {}, {}
-    for method in methods:
-        trace = replace(traces[_trace_key(method)], method=method)
-        maps_shown[method] = explainer.heatmaps(trace, [target_index], [0], display_size)[0]
-        maps_in[method] = _resized(maps_shown[method], input_size)
+    maps_shown, maps_in = _maps(explainer, traces, target_index, display_size, input_size)
     del traces
     seconds_maps = time.perf_counter() - began
 
@@ -164,11 +160,9 @@ def compare_methods(
     began = time.perf_counter()
     randomized = randomized_explainer(predictor, seed)
     random_traces = _traces(randomized, x, methods)
-    randomized_in, randomized_shown = {}, {}
-    for method in methods:
-        trace = replace(random_traces[_trace_key(method)], method=method)
-        randomized_shown[method] = randomized.heatmaps(trace, [target_index], [0], display_size)[0]
-        randomized_in[method] = _resized(randomized_shown[method], input_size)
+    randomized_shown, randomized_in = _maps(
+        randomized, random_traces, target_index, display_size, input_size
+    )
     del random_traces
     seconds_sanity = time.perf_counter() - began
 
@@ -211,6 +205,23 @@ def compare_methods(
         image=loaded.display,
         timing=timing,
     )
+
+
+def _maps(
+    explainer: Explainer,
+    traces: dict[str, Trace],
+    target: int,
+    display_size: tuple[int, int],
+    input_size: tuple[int, int],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every method's map from the traces: at the scan's size (shown, as
+    :meth:`Predictor.explain` draws it) and at the model input's size (for the deletions)."""
+    shown, at_input = {}, {}
+    for method in explainer.methods:
+        trace = replace(traces[_trace_key(method)], method=method)
+        shown[method] = explainer.heatmaps(trace, [target], [0], display_size)[0]
+        at_input[method] = _resized(shown[method], input_size)
+    return shown, at_input
 
 
 def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import socket
 import zipfile
@@ -103,6 +104,16 @@ def served(tmp_path_factory):
             ModelChoice("tiny (no report)", str(tiny_checkpoint(root / "b", 1, report=False))),
         ]
     )
+    try:
+        with serve(registry) as url:
+            yield url, guard, registry
+    finally:
+        monkeypatch.undo()
+
+
+@contextlib.contextmanager
+def serve(registry: ModelRegistry):
+    """The app around ``registry`` on a free local port; yields its URL."""
     demo = build_app(registry)
     demo.queue(default_concurrency_limit=2)
     port = free_port()
@@ -113,12 +124,10 @@ def served(tmp_path_factory):
         quiet=True,
         **LAUNCH_OPTIONS,
     )
-    url = f"http://127.0.0.1:{port}/"
     try:
-        yield url, guard, registry
+        yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
-        monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from mirage_demo.inference import DEFAULT_CHECKPOINT
-from mirage_demo.ui import EXAMPLES_DIR, LAUNCH_OPTIONS, ModelChoice, ModelRegistry, build_app
+from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry
 from mirage_demo.ui.context import method_name
 from mirage_demo.ui.explore import explorer_cell, explorer_open, explorer_view
 from mirage_demo.ui.quiz import quiz_answer, quiz_next, quiz_start
 from tests.synthetic_oct import tiny_cnn_checkpoint, write_labelled_scans
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, free_port
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serve
 from train import evaluate
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -56,20 +56,8 @@ def served(setup):
             ModelChoice("lost", str(lost)),
         ]
     )
-    demo = build_app(registry)
-    demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        **LAUNCH_OPTIONS,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/", registry
-    finally:
-        demo.close()
+    with serve(registry) as url:
+        yield url, registry
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ __all__ = [
     "example_label",
     "example_scans",
     "method_name",
+    "picture",
     "reference_line",
     "unreadable",
     "upload_path",
@@ -188,3 +189,8 @@ def reference_line(
         f"**Labelled {reference}; the model says {predicted}** ({confidence:.0%}). The model "
         "disagrees with the reference label: a wrong answer, worth a close look.\n\n"
     )
+
+
+def picture(label: str, elem_id: str, *, kind: str = "pil", height: int = 380) -> gr.Image:
+    """An output image (a scan or an overlay), not an upload."""
+    return gr.Image(label=label, type=kind, interactive=False, height=height, elem_id=elem_id)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
-from mirage_demo.ui.context import AppContext, method_name
+from mirage_demo.ui.context import AppContext, method_name, picture
 
 __all__ = [
     "ExplorerState",
@@ -194,13 +194,7 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
                 elem_id=f"{prefix}-gallery",
             )
     with gr.Row():
-        overlay = gr.Image(
-            label="The chosen scan and where the model looked",
-            type="pil",
-            interactive=False,
-            height=360,
-            elem_id=f"{prefix}-overlay",
-        )
+        overlay = picture("The chosen scan and where the model looked", f"{prefix}-overlay")
         caption = gr.Markdown(elem_id=f"{prefix}-caption")
     state = gr.State(None)
 

@@ -10,7 +10,7 @@ import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet, scan_set_for
-from mirage_demo.ui.context import AppContext, method_name
+from mirage_demo.ui.context import AppContext, method_name, picture
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -113,20 +113,8 @@ def build_quiz_tab(ctx: AppContext) -> None:
             start = gr.Button("Start a round", variant="primary", elem_id="quiz-start")
         score = gr.Markdown(elem_id="quiz-score", elem_classes="teach-big")
         with gr.Row():
-            image = gr.Image(
-                label="Which class is this scan?",
-                type="filepath",
-                interactive=False,
-                height=380,
-                elem_id="quiz-scan",
-            )
-            overlay = gr.Image(
-                label="Where the model looked",
-                type="pil",
-                interactive=False,
-                height=380,
-                elem_id="quiz-map",
-            )
+            image = picture("Which class is this scan?", "quiz-scan", kind="filepath")
+            overlay = picture("Where the model looked", "quiz-map")
         choice = gr.Radio(classes, label="Your answer", elem_id="quiz-choice")
         with gr.Row():
             answer = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
