@@ -49,7 +49,8 @@ class Turn:
 
 
 class Quiz:
-    """A round of ``size`` scans drawn without repeats from ``items`` (all if fewer)."""
+    """A round of ``size`` scans drawn without repeats from ``items`` (all if fewer), the
+    reference classes as evenly as the scans allow."""
 
     def __init__(
         self,
@@ -66,8 +67,23 @@ class Quiz:
             raise ValueError("no labelled scans to quiz on")
         self.class_names = list(class_names or sorted({i.reference for i in unique.values()}))
         self.rng = random.Random(seed)
-        self.round: list[QuizItem] = self.rng.sample(list(unique.values()), min(size, len(unique)))
+        self.round: list[QuizItem] = self._draw(list(unique.values()), size)
         self.turns: list[Turn] = []
+
+    def _draw(self, items: list[QuizItem], size: int) -> list[QuizItem]:
+        """``size`` different items, the classes taking turns (so a rare class is seen even
+        when most scans are of two classes), in random order."""
+        by_class: dict[str, list[QuizItem]] = {}
+        for item in self.rng.sample(items, len(items)):
+            by_class.setdefault(item.reference, []).append(item)
+        order = self.rng.sample(sorted(by_class), len(by_class))
+        drawn: list[QuizItem] = []
+        while len(drawn) < size and any(by_class.values()):
+            for cls in order:
+                if by_class[cls] and len(drawn) < size:
+                    drawn.append(by_class[cls].pop())
+        self.rng.shuffle(drawn)
+        return drawn
 
     @property
     def size(self) -> int:

@@ -65,3 +65,11 @@ def test_wrong_use_is_refused():
         Quiz([], size=3)
     with pytest.raises(ValueError, match="at least one"):
         Quiz(items(), size=0)
+
+
+def test_rare_classes_get_their_turn():
+    common = [QuizItem(f"a{i}", "x", "A", "A") for i in range(50)]
+    rare = [QuizItem("b", "x", "B", "A"), QuizItem("c", "x", "C", "A")]
+    for seed in range(5):
+        quiz = Quiz(common + rare, size=4, class_names=CLASSES, seed=seed)
+        assert sorted(item.reference for item in quiz.round) == ["A", "A", "B", "C"]
