@@ -21,7 +21,7 @@ from mirage_demo.ui.context import AppContext, example_scans
 from mirage_demo.ui.evaluate import build_evaluate_tab
 from mirage_demo.ui.learn import build_learn_tab
 from mirage_demo.ui.quiz import build_quiz_tab
-from mirage_demo.ui.registry import ENV_CHECKPOINTS, ModelRegistry, available_models
+from mirage_demo.ui.registry import ASSETS, ENV_CHECKPOINTS, ModelRegistry, available_models
 from mirage_demo.ui.report import build_model_tab, trust_note
 
 __all__ = ["LAUNCH_OPTIONS", "TABS", "TITLE", "build_app", "default_concurrency", "main"]
@@ -151,4 +151,6 @@ LAUNCH_OPTIONS: dict[str, Any] = {
     "css": CSS,
     "footer_links": ["api"],
     "max_file_size": "100mb",
+    # the bundled scans are shown whatever the working directory (only these folders)
+    "allowed_paths": [str(ASSETS / "examples"), str(ASSETS / "test-scans")],
 }
