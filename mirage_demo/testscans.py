@@ -182,9 +182,9 @@ def scan_set_for(
             return ScanSet(list(config.class_names), entries, origin), origin
     where = (config.training or {}).get("data") or "its data folder"
     return None, (
-        f"The scans of this checkpoint's report are not reachable here: its predictions.csv names "
-        f"them relative to {where}, which is not on this machine. The matrix is shown; its "
-        "scans are not."
+        "**The scans of this checkpoint's report are not reachable here.** Its predictions.csv "
+        f"names them relative to {where}, which is not on this machine: the matrix is shown, "
+        "its scans are not."
     )
 
 

@@ -105,7 +105,7 @@ def explorer_cell(
         return (
             [],
             (
-                f"{state.counts[row][column - 1]} scans of class {true} predicted {predicted}: "
+                f"{state.counts[row][column - 1]} scan(s) of class {true} predicted {predicted}: "
                 "their images are not available here."
             ),
             state,
@@ -113,7 +113,8 @@ def explorer_cell(
     entries = state.scans.cell(true, predicted)
     state.cell, state.shown = (true, predicted), entries[:MAX_GALLERY]
     verdict = "right" if true == predicted else "wrong"
-    head = f"**{len(entries)} scans labelled {true}, predicted {predicted}**"
+    noun = "scan" if len(entries) == 1 else "scans"
+    head = f"**{len(entries)} {noun} labelled {true}, predicted {predicted}**"
     head += f" (the model was {verdict})"
     if len(entries) > MAX_GALLERY:
         head += f"; the {MAX_GALLERY} most confident are shown"
