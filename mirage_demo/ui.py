@@ -27,6 +27,7 @@ from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import render_overlay
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.metrics import load_report
+from mirage_demo.zerogpu import ZERO_GPU, gpu_task, resolve_device, serving_device
 
 __all__ = ["ModelChoice", "ModelRegistry", "available_models", "build_app", "main"]
 
@@ -51,6 +52,9 @@ METHOD_LABELS = {
 }
 PREDICTED = "the predicted class"
 MAX_BATCH_FILES = 500
+#: ZeroGPU time reserved per call (seconds): one scan, and a batch (grows with its size).
+SCAN_GPU_SECONDS = 30
+BATCH_GPU_SECONDS = (30, 0.25, 120)  # base, per image, at most
 MAX_ZIP_BYTES = 500 * 2**20
 REPORT_FIGURES = {
     "confusion_matrix.png": "Confusion matrix: counts and row-normalised (rows: true class)",
@@ -92,7 +96,11 @@ def available_models(extra: Sequence[str] = ()) -> list[ModelChoice]:
 
 
 class ModelRegistry:
-    """Loads each checkpoint once, on first use, and keeps it (thread-safe)."""
+    """Loads each checkpoint once per device, on first use, and keeps it (thread-safe).
+
+    Models run on ``device``, or on the CPU inside a ZeroGPU fallback (see
+    :mod:`mirage_demo.zerogpu`).
+    """
 
     def __init__(self, choices: Sequence[ModelChoice], device: str = "cpu") -> None:
         if not choices:
@@ -102,7 +110,7 @@ class ModelRegistry:
             )
         self.choices = {choice.name: choice for choice in choices}
         self.device = device
-        self._loaded: dict[str, Predictor] = {}
+        self._loaded: dict[tuple[str, str], Predictor] = {}
         self._lock = threading.Lock()
 
     @property
@@ -118,14 +126,20 @@ class ModelRegistry:
         name = name or self.default
         if name not in self.choices:
             raise gr.Error(f"Unknown model {name!r}. Available: {', '.join(self.names)}.")
+        key = (name, serving_device(self.device))
         with self._lock:
-            if name not in self._loaded:
+            if key not in self._loaded:
                 source = self.choices[name].source
                 try:
-                    self._loaded[name] = Predictor.from_pretrained(source, device=self.device)
+                    self._loaded[key] = Predictor.from_pretrained(source, device=key[1])
                 except CheckpointError as err:
                     raise gr.Error(f"Cannot load model {name!r}: {err}") from err
-            return self._loaded[name]
+            return self._loaded[key]
+
+    def preload(self) -> None:
+        """Load every model now (on ZeroGPU models must be placed at start-up)."""
+        for name in self.names:
+            self.get(name)
 
     def directory(self, name: str | None = None) -> Path:
         """The local directory of a model's checkpoint (report files live there)."""
@@ -287,6 +301,19 @@ def _zip_members(path: str, name: str) -> list[tuple[str, Any]]:
                 continue
             out.append((f"{name}/{member.filename}", io.BytesIO(data)))
     return out
+
+
+def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
+    """ZeroGPU seconds to reserve for ``/batch``: a base plus a little per image, capped."""
+    base, per_image, cap = BATCH_GPU_SECONDS
+    images = 0
+    for upload in uploads or []:
+        try:
+            with zipfile.ZipFile(upload_path(upload)) as archive:
+                images += len(archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            images += 1
+    return int(min(cap, base + per_image * images))
 
 
 def classify_batch(
@@ -682,14 +709,19 @@ def build_app(registry: ModelRegistry) -> gr.Blocks:
         )
 
         # -- events ----------------------------------------------------------------------
+        # The model-running handlers take only picklable arguments (on ZeroGPU they cross into
+        # a GPU worker process); the registry reaches them through the closure.
+        @gpu_task(duration=SCAN_GPU_SECONDS)
         def on_explain(upload, name, method_name, target_name, alpha):
             if upload is None:  # cleared
                 return None, None, "Upload a scan or pick an example.", None
             return explain_scan(registry, upload, name, method_name, target_name, alpha)
 
+        @gpu_task(duration=SCAN_GPU_SECONDS)
         def on_predict(upload, name):
             return predict_scan(registry, upload, name)
 
+        @gpu_task(duration=batch_gpu_seconds)
         def on_batch(files, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
             return classify_batch(registry, files, name, progress)
 
@@ -760,7 +792,11 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoint directory or Hugging Face repo id to serve (repeat for a picker; "
         f"default: the bundled models; also ${ENV_CHECKPOINTS})",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda when present, also on a ZeroGPU Space; else cpu), cpu or cuda",
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument(
@@ -771,7 +807,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        registry = ModelRegistry(available_models(args.checkpoint), device=args.device)
+        registry = ModelRegistry(
+            available_models(args.checkpoint), device=resolve_device(args.device)
+        )
+        if ZERO_GPU:
+            registry.preload()
         demo = build_app(registry)
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")
