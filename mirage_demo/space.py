@@ -60,8 +60,6 @@ STAGED_PATHS = ("app.py", "mirage_demo", "assets", "LICENSE", "requirements.txt"
 SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, *REPORT_FILES, "README.md"})
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
 DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: the hardware free accounts may use for Gradio
-#: Python versions ZeroGPU offers (3.10.13, 3.12.12); the front matter names the newer one.
-PYTHON_VERSION = "3.12"
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -238,7 +236,6 @@ def repository_front_matter() -> dict[str, Any]:
 def front_matter(checkpoints: Sequence[ServedCheckpoint], hardware: str) -> dict[str, Any]:
     """The staged README's front matter: the repository's, plus hardware and models."""
     meta = repository_front_matter()
-    meta["python_version"] = PYTHON_VERSION
     meta["suggested_hardware"] = hardware
     hub = [c.source for c in checkpoints if not c.local]
     models = [s.partition("@")[0] for s in hub]
