@@ -31,7 +31,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoUrl
 from spaces.zero.gradio import error as zerogpu_error
 
-from mirage_demo import space, zerogpu
+from mirage_demo import space, ui, zerogpu
 from mirage_demo.inference import Predictor
 from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, batch_gpu_seconds, build_app
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
@@ -269,6 +269,31 @@ def test_batch_reserves_gpu_time_by_size(tmp_path):
     assert batch_gpu_seconds([str(ROOT / SCAN)]) == 30
     assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 40  # 30 + 0.25 x 41
     assert batch_gpu_seconds([str(archive)] * 20) == 120  # capped
+
+
+@pytest.mark.parametrize("zero_gpu", [True, False], ids=["zerogpu", "elsewhere"])
+def test_models_are_placed_at_start_up_on_zerogpu(tmp_path, monkeypatch, zero_gpu):
+    """On ZeroGPU every model is loaded (onto emulated CUDA) before the app is built; elsewhere
+    each loads on first use."""
+    loads: list[str] = []
+    real = Predictor.from_pretrained.__func__
+
+    def counting(cls, source, device="cpu", **kwargs):
+        loads.append(str(source))
+        return real(cls, source, device=device, **kwargs)
+
+    def stop_before_serving(registry):
+        raise SystemExit(len(loads))
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(ui, "build_app", stop_before_serving)
+    monkeypatch.setattr(ui, "ZERO_GPU", zero_gpu)
+    a, b = tiny_checkpoint(tmp_path / "a", report=False), tiny_checkpoint(tmp_path / "b", 1, False)
+    with pytest.raises(SystemExit) as stopped:
+        ui.main(["--checkpoint", str(a), "--checkpoint", str(b)])
+    every = len(ui.available_models([str(a), str(b)]))  # with the bundled ones
+    assert every >= 2
+    assert stopped.value.code == (every if zero_gpu else 0)
 
 
 @pytest.mark.parametrize("refuse", [False, True], ids=["gpu-granted", "quota-exhausted"])
