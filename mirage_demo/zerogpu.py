@@ -39,8 +39,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: True on a ZeroGPU Space (the variable the ``spaces`` package itself reads).
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 CPU_FALLBACK_MESSAGE = (
-    "The free GPU time of this Space is used up for now, so this ran on the CPU: slower "
-    "(seconds instead of a fraction of one), same model, same result."
+    "The free GPU time of this Space is used up for now, so this ran on the CPU instead: "
+    "same model, same result, possibly slower."
 )
 # Titles of the gr.Error that ``spaces`` raises when ZeroGPU does not run a call at all.
 # "ZeroGPU worker error" (the function itself failed on the GPU) is not among them.
