@@ -36,10 +36,10 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return float(rss) / 1024, float(peak) / 1024
 
 
-def measure(root: Path, requests: int) -> dict[str, float]:
+def measure(root: Path, requests: int, checkpoints: list[str]) -> dict[str, float]:
     port = free_port()
     began = time.perf_counter()
-    process = start_app(port, [], root=root)
+    process = start_app(port, [a for c in checkpoints for a in ("--checkpoint", c)], root=root)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         _, info = client.predict(handle_file(str(EXAMPLES[0])), api_name="/predict")
@@ -73,8 +73,11 @@ def main() -> None:
             Path(tmp) / "space", space.check_checkpoints(args.checkpoint, offline=True)
         )
         print(f"staged: {len(staged.files)} files, {staged.size_bytes / 2**20:.1f} MiB")
-        results = {"staged Space": measure(staged.directory, args.requests)}
-    results["this checkout (baseline)"] = measure(ROOT, args.requests)
+        served = staged.variables.get(space.ENV_CHECKPOINTS, "").split(",")
+        results = {
+            "staged Space": measure(staged.directory, args.requests, [s for s in served if s])
+        }
+    results["this checkout (baseline)"] = measure(ROOT, args.requests, args.checkpoint)
     base = results["this checkout (baseline)"]["cold_start_s"]
     print(
         "| app | device | cold start s (x baseline) | RSS / peak MiB "
