@@ -31,9 +31,11 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoUrl
 from spaces.zero.gradio import error as zerogpu_error
 
-from mirage_demo import space, ui, zerogpu
+from mirage_demo import space, zerogpu
 from mirage_demo.inference import Predictor
-from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, batch_gpu_seconds, build_app
+from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available_models, build_app
+from mirage_demo.ui import app as ui_app
+from mirage_demo.ui.batch import batch_gpu_seconds
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +99,7 @@ def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsy
     assert "spaces" in (out / "requirements.txt").read_text()
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"app.py", "LICENSE", "mirage_demo/ui.py", "mirage_demo/zerogpu.py"} <= files
+    assert {"app.py", "LICENSE", "mirage_demo/ui/app.py", "mirage_demo/zerogpu.py"} <= files
     assert {f"assets/examples/{SCAN.parent.name}/{SCAN.name}"} <= files
     # whatever assets/ holds now is staged: every bundled checkpoint's served files
     for checkpoint in (ROOT / "assets").glob("*/config.json"):
@@ -286,12 +288,12 @@ def test_models_are_placed_at_start_up_on_zerogpu(tmp_path, monkeypatch, zero_gp
         raise SystemExit(len(loads))
 
     monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))
-    monkeypatch.setattr(ui, "build_app", stop_before_serving)
-    monkeypatch.setattr(ui, "ZERO_GPU", zero_gpu)
+    monkeypatch.setattr(ui_app, "build_app", stop_before_serving)
+    monkeypatch.setattr(ui_app, "ZERO_GPU", zero_gpu)
     a, b = tiny_checkpoint(tmp_path / "a", report=False), tiny_checkpoint(tmp_path / "b", 1, False)
     with pytest.raises(SystemExit) as stopped:
-        ui.main(["--checkpoint", str(a), "--checkpoint", str(b)])
-    every = len(ui.available_models([str(a), str(b)]))  # with the bundled ones
+        ui_app.main(["--checkpoint", str(a), "--checkpoint", str(b)])
+    every = len(available_models([str(a), str(b)]))  # with the bundled ones
     assert every >= 2
     assert stopped.value.code == (every if zero_gpu else 0)
 
