@@ -7,7 +7,8 @@ then, for that folder and, as the baseline in the same run, for this checkout: s
 ``python app.py`` and times process start to the first ``/predict`` answer on an example scan
 (cold start), reads the app process's resident memory after it (VmRSS, and its peak VmHWM),
 then times ``--requests`` ``/predict`` and ``/explain`` (Grad-CAM) calls one at a time: the
-client's wall time and the model time the app reports. CPU only: on a GPU machine the same
+client's wall time and the model time the app reports. Medians over ``--rounds`` alternating
+starts of each. CPU only: on a GPU machine the same
 numbers are GPU figures only if the app chose CUDA (it says so in its answer).
 """
 
@@ -67,17 +68,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--checkpoint", action="append", default=[])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating starts of each")
     args = parser.parse_args()
+    runs: dict[str, list[dict[str, float]]] = {"staged Space": [], "this checkout (baseline)": []}
     with tempfile.TemporaryDirectory() as tmp:
         staged = space.stage(
             Path(tmp) / "space", space.check_checkpoints(args.checkpoint, offline=True)
         )
         print(f"staged: {len(staged.files)} files, {staged.size_bytes / 2**20:.1f} MiB")
-        served = staged.variables.get(space.ENV_CHECKPOINTS, "").split(",")
-        results = {
-            "staged Space": measure(staged.directory, args.requests, [s for s in served if s])
+        served = [s for s in staged.variables.get(space.ENV_CHECKPOINTS, "").split(",") if s]
+        for _ in range(args.rounds):  # alternate, so neither gets all the warm caches
+            runs["staged Space"].append(measure(staged.directory, args.requests, served))
+            runs["this checkout (baseline)"].append(measure(ROOT, args.requests, args.checkpoint))
+    results = {
+        name: {
+            key: statistics.median(r[key] for r in rs) if key != "device" else rs[0][key]
+            for key in rs[0]
         }
-    results["this checkout (baseline)"] = measure(ROOT, args.requests, args.checkpoint)
+        for name, rs in runs.items()
+    }
     base = results["this checkout (baseline)"]["cold_start_s"]
     print(
         "| app | device | cold start s (x baseline) | RSS / peak MiB "
