@@ -236,7 +236,11 @@ def repository_front_matter() -> dict[str, Any]:
 def front_matter(checkpoints: Sequence[ServedCheckpoint], hardware: str) -> dict[str, Any]:
     """The staged README's front matter: the repository's, plus hardware and models."""
     meta = repository_front_matter()
-    meta["suggested_hardware"] = hardware
+    # A hint for people who duplicate the Space (the hardware itself is set through the API);
+    # written for the flavors the Spaces configuration reference lists, not for ZeroGPU.
+    meta.pop("suggested_hardware", None)
+    if hardware != DEFAULT_HARDWARE:
+        meta["suggested_hardware"] = hardware
     hub = [c.source for c in checkpoints if not c.local]
     models = [s.partition("@")[0] for s in hub]
     models += [

@@ -95,7 +95,7 @@ def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsy
 
     meta = read_front_matter(out / "README.md")
     check_space_front_matter(meta, out)
-    assert meta["suggested_hardware"] == "zero-a10g"
+    assert "suggested_hardware" not in meta  # ZeroGPU is set through the API
     assert "spaces" in (out / "requirements.txt").read_text()
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
@@ -402,7 +402,7 @@ def test_deploy_creates_a_zerogpu_space(hub, trained, capsys):
     assert upload["delete_patterns"] == "*"  # the Space mirrors the staged folder
     assert "checkpoints/my-model/model.safetensors" in upload["files"]
     assert not any("train_state" in f or f.startswith("tests") for f in upload["files"])
-    assert upload["front_matter"]["suggested_hardware"] == "zero-a10g"
+    assert upload["front_matter"]["python_version"] == "3.12"
     assert not Path(upload["folder_path"]).exists()  # the staging folder is cleaned up
 
 
