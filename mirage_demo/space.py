@@ -142,9 +142,11 @@ def check_checkpoints(sources: Sequence[str], offline: bool = False) -> list[Ser
         try:
             if local and not path.is_dir():
                 raise CheckpointError(f"{source} is a file, not a checkpoint directory")
+            if not local and _looks_local(source):
+                raise CheckpointError(f"no checkpoint directory at {source}")
             directory = resolve_checkpoint_dir(source, local_files_only=offline)
         except CheckpointError as err:
-            if offline and not local and _not_cached(err) and not _looks_local(source):
+            if offline and _not_cached(err):
                 checked.append(ServedCheckpoint(source, None, None, local=False))
                 continue
             raise DeployError(f"checkpoint {source}: {err}") from err

@@ -447,9 +447,10 @@ def test_bad_input_is_refused_before_any_upload(
 ):
     repo, checkpoints = "you/oct-demo", [str(trained)]
     argv_extra: list[str] = []
-    if case == "missing":
-        checkpoints = [str(tmp_path / "runs" / "nope")]
+    if case == "missing":  # runs/nope with runs/ here: a typo, not a Hub repo id
         (tmp_path / "runs").mkdir()
+        monkeypatch.chdir(tmp_path)
+        checkpoints = ["runs/nope"]
     elif case == "corrupt":
         checkpoints = [str(corrupt_checkpoint(tmp_path / "bad", trained))]
     elif case == "repo-id":
