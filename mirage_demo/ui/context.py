@@ -68,7 +68,8 @@ class AppContext:
     demo: gr.Blocks
     model: gr.Dropdown  # the model picker, above the tabs
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
-    #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
+    #: A further decorator for every event handler that runs a model (applied over the
+    #: ZeroGPU wrapping :meth:`model_call` always does).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
 
     def model_call(
