@@ -4,8 +4,10 @@ Upload is tested at the ``HfApi`` boundary, without a network: :class:`Recording
 subclass of the real ``huggingface_hub.HfApi``, records every call the deploy makes (each one
 bound against the real method's signature, so a wrong argument fails here), and answers like
 the Hub would; a network guard refuses any other connection. The staged folder is booted with
-``python app.py`` in a subprocess using this interpreter: the staged ``requirements.txt`` is
-this repository's, already installed here.
+``python app.py`` in a subprocess using this interpreter (Python 3.11 here; the Space runs 3.12):
+the staged ``requirements.txt`` is this repository's, already installed here, and every other
+package installed here (pytest, grad-cam, playwright, ...) is made unimportable in that process,
+as it would be on the Space.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
 
@@ -148,6 +151,47 @@ def test_dry_run_lists_an_uncached_hub_checkpoint_unchecked(tmp_path, hub_cache)
 # The staged folder boots on its own and classifies a real scan
 
 
+def outside_requirements(requirements: Path) -> set[str]:
+    """Top-level modules installed here whose distributions the staged requirements do not
+    pull in (test and lint tools, ...): a Space built from those requirements lacks them."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
+    todo = [Requirement(line).name for line in lines if line]
+    needed: set[str] = set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in needed:
+            continue
+        needed.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for requirement in map(Requirement, requires):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return {
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if not any(canonicalize_name(d) in needed for d in dists) and module != "pip"
+    }
+
+
+def requirements_only(folder: Path, requirements: Path) -> Path:
+    """A ``sitecustomize`` (put on ``PYTHONPATH``) that makes importing anything outside the
+    staged requirements fail, as it would on the Space."""
+    blocked = sorted(outside_requirements(requirements))
+    assert "pytest" in blocked and "spaces" not in blocked and "gradio" not in blocked
+    folder.mkdir()
+    # None in sys.modules: `import x` fails, importlib.util.find_spec("x") says absent
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
+    )
+    return folder
+
+
 def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
     out = tmp_path / "space"
     staged = space.stage(out, space.check_checkpoints([str(trained)]))
@@ -156,7 +200,8 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
         **os.environ,
         **staged.variables,
         "GRADIO_ANALYTICS_ENABLED": "False",
-        "PYTHONPATH": "",  # the staged library, not this checkout's
+        # the staged library, not this checkout's; only what its requirements install
+        "PYTHONPATH": str(requirements_only(tmp_path / "site", out / "requirements.txt")),
     }
     log = tmp_path / "app.log"
     with log.open("w") as stream:
