@@ -362,7 +362,7 @@ def deploy(
     try:
         user = api.whoami()
     except HfHubHTTPError as err:
-        raise DeployError(f"the Hub refused the token: {err}") from err
+        raise DeployError(f"the Hub refused the token: {_one_line(err)}") from err
     log(f"Signed in as {user.get('name', '?')}.")
     with tempfile.TemporaryDirectory(prefix="mirage-space-") as tmp:
         staged = stage(Path(tmp) / "space", served, hardware)
@@ -370,8 +370,20 @@ def deploy(
         try:
             url = _publish(api, repo_id, staged, hardware, private)
         except HfHubHTTPError as err:
-            raise DeployError(f"the Hub refused the deployment of {repo_id}: {err}") from err
+            hint = ""
+            if getattr(err.response, "status_code", None) == 402:
+                hint = (
+                    f" ({hardware} needs a paid plan; a free account can use "
+                    f"--hardware {DEFAULT_HARDWARE})"
+                )
+            raise DeployError(
+                f"the Hub refused the deployment of {repo_id}: {_one_line(err)}{hint}"
+            ) from err
     return url
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _publish(api: Any, repo_id: str, staged: StagedSpace, hardware: str, private: bool) -> str:

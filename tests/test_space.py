@@ -370,9 +370,15 @@ def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
 # Deploying: the exact calls at the HfApi boundary
 
 
+def http_error(api: HfApi, status: int, reason: str) -> HfHubHTTPError:
+    response = httpx.Response(status, request=httpx.Request("POST", api.endpoint))
+    return HfHubHTTPError(f"{status} Client Error: {reason}", response=response)
+
+
 class RecordingHfApi(HfApi):
     """The real HfApi with its network methods replaced by recorders answering like the Hub."""
 
+    paid = False  # a free account
     existing: ClassVar[set[str]] = set()
     variables: ClassVar[dict[str, dict]] = {}
     log: ClassVar[list[tuple[str, dict]]] = []
@@ -387,17 +393,17 @@ class RecordingHfApi(HfApi):
     def whoami(self, *args, **kwargs):
         self._record("whoami", *args, **kwargs)
         if self.token != "hf_valid":
-            request = httpx.Request("GET", f"{self.endpoint}/api/whoami-v2")
-            response = httpx.Response(401, request=request)
-            raise HfHubHTTPError("401 Client Error: Unauthorized", response=response)
+            raise http_error(self, 401, "Unauthorized")
         return {"name": "you"}
 
     def repo_exists(self, *args, **kwargs):
         return self._record("repo_exists", *args, **kwargs)["repo_id"] in self.existing
 
     def create_repo(self, *args, **kwargs):
-        repo_id = self._record("create_repo", *args, **kwargs)["repo_id"]
-        return RepoUrl(f"https://huggingface.co/spaces/{repo_id}")
+        arguments = self._record("create_repo", *args, **kwargs)
+        if arguments["space_hardware"] == "cpu-basic" and not self.paid:
+            raise http_error(self, 402, "Payment Required:\nGradio Spaces on CPU need a plan")
+        return RepoUrl(f"https://huggingface.co/spaces/{arguments['repo_id']}")
 
     def upload_folder(self, *args, **kwargs):
         arguments = self._record("upload_folder", *args, **kwargs)
@@ -467,6 +473,15 @@ def test_deploy_updates_an_existing_space(hub, monkeypatch):
     ]
     assert calls[1][1] == {"repo_id": "you/oct-demo", "hardware": "cpu-basic"}
     assert calls[3][1] == {"repo_id": "you/oct-demo", "key": "MIRAGE_DEMO_CHECKPOINTS"}
+
+
+def test_cpu_space_on_a_free_account_says_what_to_do(hub, capsys, monkeypatch):
+    monkeypatch.setattr(space, "deploy", _with_api(space.deploy, hub))
+    assert space.main(["deploy", "you/oct-demo", "--hardware", "cpu-basic"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "402" in err and "--hardware zero-a10g" in err
+    assert "upload_folder" not in [name for name, _ in hub.log]
 
 
 def corrupt_checkpoint(directory: Path, trained: Path) -> Path:
