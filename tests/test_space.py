@@ -222,16 +222,23 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
                 client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             except Exception:  # not listening yet
                 time.sleep(0.5)
-        label, info = client.predict(handle_file(str(out / SCAN)), api_name="/predict")
+        scan = handle_file(str(out / SCAN))
+        label, info = client.predict(scan, api_name="/predict")
+        bundled, _ = client.predict(scan, "demo-model (bundled)", api_name="/predict")
     finally:
         process.terminate()
         process.wait(30)
-    # the default model is the deployed checkpoint (the first in MIRAGE_DEMO_CHECKPOINTS)
+    # the default model is the deployed checkpoint (the first in MIRAGE_DEMO_CHECKPOINTS) ...
     expected = Predictor.from_pretrained(trained).predict(out / SCAN).probabilities
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(got) == set(CLASSES)
     assert got == pytest.approx(expected, abs=1e-4)
     assert "on CPU" in info
+    # ... and the bundled demo model, staged from assets/, answers as it does here
+    expected = Predictor.from_pretrained(ROOT / "assets" / "demo-model").predict(ROOT / SCAN)
+    got = {c["label"]: c["confidence"] for c in bundled["confidences"]}
+    assert bundled["label"] == expected.label
+    assert got == pytest.approx(expected.probabilities, abs=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,6 +462,23 @@ def test_deploy_creates_a_zerogpu_space(hub, trained, capsys):
     assert not any("train_state" in f or f.startswith("tests") for f in upload["files"])
     assert upload["front_matter"]["python_version"] == "3.12"
     assert not Path(upload["folder_path"]).exists()  # the staging folder is cleaned up
+
+
+def test_deploy_serves_a_hub_checkpoint(hub, trained, hub_cache):
+    """The Hub checkpoint is checked through the real download code (from the local cache:
+    HF_HUB_OFFLINE=1), preloaded at build time and named in the Space variable."""
+    hub_cache("someone/oct-model", {p.name: p for p in trained.iterdir() if p.is_file()})
+    hub.existing.add("you/oct-demo")
+    space.deploy("you/oct-demo", ["someone/oct-model"], api_factory=hub, log=lambda _: None)
+    calls = dict(hub.log)
+    assert calls["add_space_variable"] == {
+        "repo_id": "you/oct-demo",
+        "key": "MIRAGE_DEMO_CHECKPOINTS",
+        "value": "someone/oct-model",
+    }
+    assert calls["upload_folder"]["front_matter"]["preload_from_hub"] == ["someone/oct-model"]
+    assert not any(f.startswith("checkpoints/") for f in calls["upload_folder"]["files"])
+    assert "get_space_variables" not in calls  # the variable is set, nothing to remove
 
 
 def test_deploy_updates_an_existing_space(hub, monkeypatch):
