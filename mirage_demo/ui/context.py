@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ import gradio as gr
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, ModelRegistry
+from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
     "DISCLAIMER",
@@ -48,6 +49,8 @@ METHOD_LABELS = {
     "rollout": "Attention rollout",
 }
 PREDICTED = "the predicted class"
+#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
+SCAN_GPU_SECONDS = 30
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,7 +67,8 @@ class AppContext:
     ``gr.Tab``, lays out its components and wires its events. It reads models through
     ``registry`` (``registry.config``/``report`` never load a model; ``registry.get`` does,
     and only in event handlers), listens to the model picker with :meth:`on_model`, and
-    wraps every handler that runs a model in :meth:`model_call`.
+    wraps every handler that runs a model in :meth:`model_call` (its arguments must be
+    picklable: on ZeroGPU they cross into the GPU worker process).
     """
 
     registry: ModelRegistry
@@ -72,12 +76,20 @@ class AppContext:
     model: gr.Dropdown  # the model picker, above the tabs
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
     tabs: gr.Tabs | None = None  # the tab bar, for links that switch tabs (set by build_app)
-    #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
+    #: A further decorator for every event handler that runs a model (applied over the
+    #: ZeroGPU wrapping :meth:`model_call` always does).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
 
-    def model_call(self, fn: F) -> F:
-        """``fn`` wrapped with :attr:`wrap_model_call`."""
-        return self.wrap_model_call(fn)  # type: ignore[return-value]
+    def model_call(
+        self, fn: F | None = None, *, duration: int | Callable[..., int] = SCAN_GPU_SECONDS
+    ) -> Any:
+        """``fn`` run through ZeroGPU (``spaces.GPU`` reserving ``duration`` seconds, or a
+        function of the call's arguments; CPU fallback; nothing elsewhere: see
+        :func:`~mirage_demo.zerogpu.gpu_task`), then wrapped with :attr:`wrap_model_call`.
+        ``@ctx.model_call`` or ``@ctx.model_call(duration=...)``."""
+        if fn is None:
+            return functools.partial(self.model_call, duration=duration)
+        return self.wrap_model_call(gpu_task(duration)(fn))
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
@@ -149,7 +161,7 @@ def method_name(method: str) -> str:
 # Bundled examples: their reference label
 
 
-@lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def _example_labels() -> dict[str, str]:
     if not EXAMPLES_MANIFEST.is_file():
         return {}

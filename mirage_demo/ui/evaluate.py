@@ -15,6 +15,7 @@ import gradio as gr
 from mirage_demo.data import DataError
 from mirage_demo.evaluation import evaluate_upload
 from mirage_demo.testscans import scan_set_from_predictions
+from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
@@ -129,7 +130,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         gr.Markdown("### Explore your scans")
         views = explorer_views(ctx, "evaluate")
 
-    @ctx.model_call
+    @ctx.model_call(duration=batch_gpu_seconds)  # as /batch: a base plus per image
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         result = evaluate_scans(registry.get(name), uploaded, progress)
         state = result["state"]
