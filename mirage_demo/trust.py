@@ -44,12 +44,13 @@ import time
 import weakref
 from dataclasses import dataclass, field, replace
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
+from torch.nn import functional as F
 
 from mirage_demo.data import ImageSource
 from mirage_demo.explain import (
@@ -220,13 +221,16 @@ def _maps(
     for method in explainer.methods:
         trace = replace(traces[_trace_key(method)], method=method)
         shown[method] = explainer.heatmaps(trace, [target], [0], display_size)[0]
-        at_input[method] = _resized(shown[method], input_size)
+        at_input[method] = _resize(shown[method], input_size, "area")
     return shown, at_input
 
 
-def _resized(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The map shown (at the scan's size) at the model input's size, for the deletion test."""
-    return cv2.resize(heatmap.astype(np.float32), size[::-1], interpolation=cv2.INTER_AREA)
+def _resize(maps: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``(H, W)`` or ``(N, H, W)`` float maps resized to ``size`` (``area`` or ``bicubic``)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    batch = tensor.reshape(-1, 1, *tensor.shape[-2:])
+    resized = F.interpolate(batch, size=tuple(size), mode=mode)
+    return resized.reshape(*maps.shape[:-2], *size).numpy()
 
 
 def _trace_key(method: str) -> str:
@@ -250,7 +254,7 @@ def smooth_random_maps(count: int, size: tuple[int, int], seed: int = 0) -> np.n
     rng = np.random.default_rng(seed)
     height, width = size
     coarse = rng.random((count, 8, 8)).astype(np.float32)
-    return np.stack([cv2.resize(c, (width, height), interpolation=cv2.INTER_CUBIC) for c in coarse])
+    return _resize(coarse, (height, width), "bicubic")
 
 
 def top_mask(heatmap: np.ndarray, fraction: float) -> np.ndarray:
@@ -263,6 +267,19 @@ def top_mask(heatmap: np.ndarray, fraction: float) -> np.ndarray:
     return mask.reshape(heatmap.shape)
 
 
+def _heavy_blur(image: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """A ``(1, H, W)`` image blurred with a Gaussian of sigma a quarter of its longer side:
+    averaged down ``factor`` times, blurred there, then back up (bilinear), so the cost does
+    not grow with sigma."""
+    height, width = image.shape[-2:]
+    small = F.interpolate(
+        image[None].float(), size=(max(1, height // factor), max(1, width // factor)), mode="area"
+    )
+    sigma = max(height, width) / 4 / factor
+    small = torch.from_numpy(ndimage.gaussian_filter(small[0, 0].numpy(), sigma, mode="nearest"))
+    return F.interpolate(small[None, None], size=(height, width), mode="bilinear")[0]
+
+
 def deletion_scores(
     predictor: Predictor,
     image: torch.Tensor,
@@ -273,8 +290,7 @@ def deletion_scores(
     """For each map (at the model input's size): the explained class's probability on the
     ``(1, H, W)`` [0, 1] input minus the probability once the map's top ``fraction`` is
     replaced by a blurred copy of the input. One batched forward pass."""
-    sigma = max(image.shape[-2:]) / 4
-    blurred = torch.from_numpy(cv2.GaussianBlur(image[0].numpy(), (0, 0), sigma))[None]
+    blurred = _heavy_blur(image)
     masks = torch.from_numpy(np.stack([top_mask(m, fraction) for m in maps]))[:, None]
     deleted = torch.where(masks, blurred[None], image[None])
     batch = torch.cat([image[None], deleted])
@@ -339,8 +355,8 @@ def rank_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation of two maps on a :data:`SIMILARITY_GRID` grid (area
     averaging); a flat map is 1 against the same flat map, else 0."""
     grid = (SIMILARITY_GRID, SIMILARITY_GRID)
-    small_a = cv2.resize(a.astype(np.float32), grid, interpolation=cv2.INTER_AREA).ravel()
-    small_b = cv2.resize(b.astype(np.float32), grid, interpolation=cv2.INTER_AREA).ravel()
+    small_a = _resize(a, grid, "area").ravel()
+    small_b = _resize(b, grid, "area").ravel()
     if np.ptp(small_a) == 0 or np.ptp(small_b) == 0:  # a flat map: no ranking to compare
         return 1.0 if np.allclose(small_a, small_b) else 0.0
     return float(spearmanr(small_a, small_b).statistic)
