@@ -49,8 +49,9 @@ def compare_scan(
     maps, randomized, rows = [], [], []
     for score in comparison.scores:
         label = method_name(score.method)
-        maps.append((score.overlay, f"{label} {score.faithfulness * 100:+.0f}"))
-        randomized.append((score.randomized_overlay, f"random · ρ {score.similarity:.2f}"))
+        # the score first: a caption is cut to the thumbnail's width
+        maps.append((score.overlay, f"{score.faithfulness * 100:+.0f} {label}"))
+        randomized.append((score.randomized_overlay, f"ρ {score.similarity:.2f} {label}"))
         rows.append(
             [
                 label,

@@ -154,6 +154,8 @@ def warnings_markdown(prediction: Prediction) -> str:
 
 def method_name(method: str) -> str:
     """A method's short name for captions (``EigenCAM``, not its label with notes)."""
+    if method in ("attention", "rollout"):
+        return method.capitalize()
     return METHOD_LABELS.get(method, method).split(" (")[0]
 
 
