@@ -85,6 +85,19 @@ def test_evaluate_endpoint_reproduces_train_evaluate(setup, client, tmp_path):
     assert matrix["headers"][1:] == THREE
 
 
+def test_evaluate_counts_files_it_left_out(setup, client, tmp_path):
+    _, data, _, _ = setup
+    archive = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for image in sorted((data / "test").rglob("*.png"))[:4]:
+            zf.write(image, image.relative_to(data / "test").as_posix())
+        zf.writestr("CNV/broken.png", b"not a png")
+        zf.writestr("notes.txt", b"hello")
+    note, *_ = client.predict([handle_file(str(archive))], "three", api_name="/evaluate")
+    assert "4 labelled scans evaluated" in note
+    assert "Skipped (not images): 1" in note and "Unreadable images left out: 1" in note
+
+
 def test_evaluate_names_unknown_classes(client, tmp_path):
     archive = tmp_path / "bad.zip"
     with zipfile.ZipFile(archive, "w") as zf:
