@@ -285,6 +285,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
+@pytest.mark.slow  # headless Chromium
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (.ci/run installs it)")
 def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
