@@ -181,7 +181,7 @@ def build_cache(
         )
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(samples), desc=desc, unit="img", disable=_disable(progress)) as bar:
+        with tqdm(total=len(samples), desc=desc, unit="img", disable=tqdm_disable(progress)) as bar:
             for batch in loader:
                 for index, pixels, error in batch:
                     if error is None:
@@ -211,5 +211,7 @@ def build_cache(
     return ImageCache(target)
 
 
-def _disable(progress: bool | None) -> bool | None:
+def tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``--progress/--no-progress`` option (``None``: tqdm decides,
+    i.e. a bar only on a terminal)."""
     return None if progress is None else not progress

@@ -35,6 +35,7 @@ from mirage_demo.data import (
     ImageReadError,
     ImageSource,
     Preprocessing,
+    minmax,
     open_image,
     read_image,
 )
@@ -365,6 +366,5 @@ class Predictor:
         scale = full_scale_of(image, gray)
         quality = assess(gray, rgb_of(image, scale), scale)
         tensor = self.preprocessing.load(gray, label)
-        low, high = float(gray.min()), float(gray.max())
-        display = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+        display = minmax(torch.from_numpy(gray)).numpy()
         return _Loaded(tensor, display, quality, label, time.perf_counter() - began)

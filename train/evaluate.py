@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mirage_demo.cache import tqdm_disable
 from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
 from mirage_demo.data import DataError, Preprocessing, Sample, load_dataset
 from mirage_demo.metrics import softmax, write_report
@@ -54,7 +55,7 @@ def predict(
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=_disable(progress))
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress))
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable
             continue
@@ -71,10 +72,6 @@ def predict(
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(indices).numpy().astype(np.int64),
     )
-
-
-def _disable(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
 
 
 def evaluate_samples(
