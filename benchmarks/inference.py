@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     scan = args.image or work / "scan.jpeg"
     if args.image is None:
         Image.fromarray(synthetic_scan()).save(scan, quality=95)
-    x = preprocessing.normalize(preprocessing.load(scan))[None]
+    x = preprocessing.normalize(preprocessing.read_resized(scan))[None]
     layer = predictor.explainer.target_layer
     reshape = predictor.explainer.reshape_transform
 

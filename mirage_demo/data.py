@@ -205,8 +205,9 @@ class Preprocessing:
             line += f", then (x - {mean}) / {std}"
         return line
 
-    def load(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
-        """Read, resize and min-max an image: a ``(1, H, W)`` float tensor in [0, 1]."""
+    def read_resized(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
+        """Read an image, resize it to the input size and min-max it: a ``(1, H, W)`` float
+        tensor in [0, 1] (before :meth:`normalize`)."""
         return self.resize_minmax(torch.from_numpy(read_image(source, name))[None])
 
     def resize_minmax(self, image: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ class Preprocessing:
 
     def __call__(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """An image as the model's input tensor ``(in_chans, H, W)`` (no augmentation)."""
-        return self.normalize(self.load(source, name))
+        return self.normalize(self.read_resized(source, name))
 
 
 def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
@@ -569,7 +570,7 @@ class FileImages(Dataset):
         index = self.indices[item]
         sample = self.samples[index]
         try:
-            image = self.preprocessing.load(sample.path, name=str(sample.path))
+            image = self.preprocessing.read_resized(sample.path, name=str(sample.path))
         except ImageReadError as err:
             log.warning("skipping unreadable image: %s", err)
             return None

@@ -31,13 +31,13 @@ from train.config import UsageError
 from train.data import FileImages, make_loader, to_model_input
 from train.distributed import resolve_device
 
-__all__ = ["evaluate_samples", "main", "predict"]
+__all__ = ["collect_logits", "evaluate_samples", "main"]
 
 log = logging.getLogger("train.evaluate")
 
 
 @torch.no_grad()
-def predict(
+def collect_logits(
     model: torch.nn.Module,
     loader: DataLoader,
     preprocessing: Preprocessing,
@@ -93,7 +93,7 @@ def evaluate_samples(
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``."""
     dataset = FileImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices = predict(
+    logits, labels, indices = collect_logits(
         model, loader, config.preprocessing, device, amp_dtype, progress, desc=f"{split} split"
     )
     if len(labels) == 0:

@@ -55,7 +55,7 @@ from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
 from train.distill import Teacher, distillation_loss
 from train.distributed import Dist, setup
-from train.evaluate import evaluate_samples, predict, summary
+from train.evaluate import collect_logits, evaluate_samples, summary
 from train.state import STATE_NAME, get_rng_state, load_state, save_state, set_rng_state
 
 __all__ = ["TrainingDivergedError", "main", "train"]
@@ -175,7 +175,7 @@ def _fixed_input_size(name: str) -> bool:
         return False
 
 
-def build_model(
+def create_training_model(
     config: TrainConfig, num_classes: int, fresh: bool = True
 ) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
     """The classifier, the architecture kwargs stored in the checkpoint, its preprocessing.
@@ -401,7 +401,9 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
             "resume with the same data, or start a new run in another --out"
         )
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model, model_kwargs, preprocessing = build_model(config, num_classes, fresh=state is None)
+    model, model_kwargs, preprocessing = create_training_model(
+        config, num_classes, fresh=state is None
+    )
     train_set, val_set, unreadable = _datasets(config, data, preprocessing, dist)
     if unreadable and not config.skip_unreadable:
         shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
@@ -633,7 +635,7 @@ def _kept(run: Run) -> str:
 
 def validate(run: Run, epoch: int) -> dict[str, Any]:
     """Loss and metrics on the whole validation split (every rank's share, gathered)."""
-    logits, labels, indices = predict(
+    logits, labels, indices = collect_logits(
         run.model, run.val_loader, run.preprocessing, run.dist.device, run.amp_dtype, False
     )
     parts = run.dist.gather((logits, labels, indices))
@@ -704,7 +706,7 @@ def _finish(run: Run) -> dict[str, Any]:
         run.workers,
         device,
     )
-    logits, labels, _ = predict(
+    logits, labels, _ = collect_logits(
         model, val_loader, checkpoint.preprocessing, device, None, config.progress, "val split"
     )
     temperature = fit_temperature(logits, labels)

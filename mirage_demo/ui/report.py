@@ -33,7 +33,7 @@ REPORT_FIGURES = {
 
 def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
     """The Model tab's table: what is loaded, where its weights come from, how it was
-    trained. (The Hub's model card is :func:`mirage_demo.checkpoint.model_card`.)"""
+    trained. (The Hub's model card is :func:`mirage_demo.checkpoint.hub_model_card`.)"""
     if config is None:
         return f"### {name}\nThis model was built in Python, not loaded from a checkpoint."
     source = config.source_weights or {}
