@@ -192,7 +192,7 @@ class Predictor:
 
     def predict_batch(
         self,
-        images: Iterable[ImageSource],
+        images: Iterable[ImageSource | ImageReadError],
         batch_size: int = 8,
         *,
         names: Sequence[str | None] | None = None,

@@ -91,13 +91,14 @@ def test_gradient_cams_point_at_the_lesion(cnn, method):
     assert found.min() > 0.05 and found.mean() > 0.1, found.round(3)
 
 
-@pytest.mark.parametrize("model", ["cnn", "vit"])
+@pytest.mark.parametrize("model", ["cnn", pytest.param("vit", marks=pytest.mark.slow)])
 def test_eigencam_points_at_the_lesion(model, request):
     predictor = request.getfixturevalue(model)
     found = margins(predictor, "eigencam")
     assert (found > 0).mean() >= 0.75 and found.mean() > 0.1, found.round(3)
 
 
+@pytest.mark.slow  # trains an 8x8-grid ViT (~10 s on an idle core)
 @pytest.mark.parametrize("method", ["attention", "rollout"])
 def test_attention_maps_point_at_the_lesion(vit, method):
     assert accuracy(vit) >= 0.9
