@@ -55,6 +55,13 @@ def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
         lines.append(
             f"| Training data | {data}" + (f" ({split_sizes})" if split_sizes else "") + " |"
         )
+    if config.split is not None:
+        split = config.split
+        excluded = f"; left out: {', '.join(split.exclude)}" if split.exclude else ""
+        lines.append(
+            f"| Data split | patient-disjoint, seed {split.seed}; missing splits carved as val "
+            f"{split.val_fraction:.0%}, test {split.test_fraction:.0%}{excluded} |"
+        )
     for key, label in (
         ("mode", "Fine-tuning"),
         ("epochs", "Epochs"),
