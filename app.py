@@ -4,6 +4,8 @@
 a model picker); on a Hugging Face Space set ``MIRAGE_DEMO_CHECKPOINTS`` instead.
 """
 
+import spaces  # noqa: F401  (first: on a ZeroGPU Space it patches torch before CUDA is touched)
+
 from mirage_demo.ui import main
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from mirage_demo.ui.registry import ModelRegistry
 __all__ = ["MAX_BATCH_FILES", "MAX_ZIP_BYTES", "build_batch_tab", "classify_batch"]
 
 MAX_BATCH_FILES = 500
+#: ZeroGPU time ``/batch`` reserves (seconds): base + per image, at most the cap.
+BATCH_GPU_SECONDS = (30, 0.25, 120)
 MAX_ZIP_BYTES = 500 * 2**20
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
@@ -126,6 +128,19 @@ def classify_batch(
     return rows, csv_path, summary
 
 
+def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
+    """ZeroGPU seconds to reserve for ``/batch``: a base plus a little per image, capped."""
+    base, per_image, cap = BATCH_GPU_SECONDS
+    images = 0
+    for upload in uploads or []:
+        try:
+            with zipfile.ZipFile(upload_path(upload)) as archive:
+                images += len(archive.namelist())
+        except (zipfile.BadZipFile, OSError):
+            images += 1
+    return int(min(cap, base + per_image * images))
+
+
 def build_batch_tab(ctx: AppContext) -> None:
     """Classify many scans or zips: a table, a CSV download, a progress bar."""
     registry = ctx.registry
@@ -149,7 +164,7 @@ def build_batch_tab(ctx: AppContext) -> None:
         )
         batch_csv = gr.File(label="Download as CSV")
 
-    @ctx.model_call
+    @ctx.model_call(duration=batch_gpu_seconds)
     def on_batch(files, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         rows, csv_path, summary = classify_batch(registry, files, name, progress)
         header = batch_header(registry.config(name).class_names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import gradio as gr
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, ModelRegistry
+from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
     "DISCLAIMER",
@@ -40,6 +42,8 @@ METHOD_LABELS = {
     "rollout": "Attention rollout",
 }
 PREDICTED = "the predicted class"
+#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
+SCAN_GPU_SECONDS = 30
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,19 +60,28 @@ class AppContext:
     ``gr.Tab``, lays out its components and wires its events. It reads models through
     ``registry`` (``registry.config``/``report`` never load a model; ``registry.get`` does,
     and only in event handlers), listens to the model picker with :meth:`on_model`, and
-    wraps every handler that runs a model in :meth:`model_call`.
+    wraps every handler that runs a model in :meth:`model_call` (its arguments must be
+    picklable: on ZeroGPU they cross into the GPU worker process).
     """
 
     registry: ModelRegistry
     demo: gr.Blocks
     model: gr.Dropdown  # the model picker, above the tabs
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
-    #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
+    #: A further decorator for every event handler that runs a model (applied over the
+    #: ZeroGPU wrapping :meth:`model_call` always does).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
 
-    def model_call(self, fn: F) -> F:
-        """``fn`` wrapped with :attr:`wrap_model_call`."""
-        return self.wrap_model_call(fn)  # type: ignore[return-value]
+    def model_call(
+        self, fn: F | None = None, *, duration: int | Callable[..., int] = SCAN_GPU_SECONDS
+    ) -> Any:
+        """``fn`` run through ZeroGPU (``spaces.GPU`` reserving ``duration`` seconds, or a
+        function of the call's arguments; CPU fallback; nothing elsewhere: see
+        :func:`~mirage_demo.zerogpu.gpu_task`), then wrapped with :attr:`wrap_model_call`.
+        ``@ctx.model_call`` or ``@ctx.model_call(duration=...)``."""
+        if fn is None:
+            return functools.partial(self.model_call, duration=duration)
+        return self.wrap_model_call(gpu_task(duration)(fn))
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
