@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import mirage_demo
 from mirage_demo.augment import BatchAugmentation
-from mirage_demo.cache import CachedImages, build_cache
+from mirage_demo.cache import CachedImages, build_cache, tqdm_disable
 from mirage_demo.checkpoint import (
     WEIGHTS_NAME,
     CheckpointConfig,
@@ -684,7 +684,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
     seen = 0
-    hide = (not dist.is_main) or (None if config.progress is None else not config.progress)
+    hide = (not dist.is_main) or tqdm_disable(config.progress)
     bar = tqdm(
         total=len(run.sampler) * dist.world_size,
         desc=f"epoch {epoch + 1}/{config.epochs}",
