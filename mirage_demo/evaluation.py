@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on labelled scans: the report of ``python -m train.evaluate`` and the app.
 
 One code path computes the report wherever it is asked for: :func:`evaluate_samples` decodes the
-files with the checkpoint's preprocessing (:class:`FileImages`), predicts in batches
-(:func:`predict`), calibrates with the checkpoint's temperature and writes
+files with the checkpoint's preprocessing (:class:`~mirage_demo.data.FileImages`), predicts in
+batches (:func:`collect_logits`), calibrates with the checkpoint's temperature and writes
 :func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data split), the trainer's final
 report and the app's ``/evaluate`` (uploaded scans) all call it, so their numbers are the same
 for the same images.
@@ -16,7 +16,6 @@ archive claims.
 
 from __future__ import annotations
 
-import logging
 import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -29,12 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mirage_demo.augment import BatchAugmentation
+from mirage_demo.cache import tqdm_disable
 from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.data import (
     _KERMANY_NAME,
     IMAGE_SUFFIXES,
     DataError,
-    ImageReadError,
+    FileImages,
     Preprocessing,
     Sample,
     collate_skip_unreadable,
@@ -42,18 +42,16 @@ from mirage_demo.data import (
 from mirage_demo.metrics import softmax, write_report
 
 __all__ = [
-    "FileImages",
     "LabelledUpload",
+    "collect_logits",
     "evaluate_samples",
     "evaluate_upload",
     "labelled_upload",
     "make_loader",
-    "predict",
     "summary",
     "to_model_input",
 ]
 
-log = logging.getLogger(__name__)
 
 MAX_UPLOAD_FILES = 1000
 MAX_UPLOAD_BYTES = 500 * 2**20
@@ -62,37 +60,6 @@ _CHUNK = 1 << 20
 
 # --------------------------------------------------------------------------------------------
 # Loading images for the model
-
-
-class FileImages(Dataset):
-    """``(image in [0, 1] (1, H, W), label, index)`` decoded from the file every time.
-
-    Used without the cache and for the report (the app's exact preprocessing). An unreadable
-    file gives ``None`` (logged with its name), dropped by the collate function.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        preprocessing: Preprocessing,
-        indices: Sequence[int] | None = None,
-    ) -> None:
-        self.samples = list(samples)
-        self.preprocessing = preprocessing
-        self.indices = list(range(len(self.samples)) if indices is None else indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int] | None:
-        index = self.indices[item]
-        sample = self.samples[index]
-        try:
-            image = self.preprocessing.load(sample.path, name=str(sample.path))
-        except ImageReadError as err:
-            log.warning("skipping unreadable image: %s", err)
-            return None
-        return image, sample.label, index
 
 
 def make_loader(
@@ -136,7 +103,7 @@ def to_model_input(
 
 
 @torch.no_grad()
-def predict(
+def collect_logits(
     model: torch.nn.Module,
     loader: DataLoader,
     preprocessing: Preprocessing,
@@ -156,8 +123,7 @@ def predict(
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
-    disable = None if progress is None else not progress
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=disable)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress))
     total = len(loader)
     for done, batch in enumerate(bar, start=1):
         if on_batch is not None:
@@ -202,7 +168,7 @@ def evaluate_samples(
     (file names in ``predictions.csv`` relative to ``data_root``)."""
     dataset = FileImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices = predict(
+    logits, labels, indices = collect_logits(
         model,
         loader,
         config.preprocessing,

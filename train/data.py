@@ -1,5 +1,7 @@
-"""Data for the loop: the epoch sampler. Datasets of file images, loaders and model inputs live in
-:mod:`mirage_demo.evaluation` (the app evaluates with them too) and are re-exported here."""
+"""Data for the loop: the epoch sampler. Loaders and model inputs are
+:mod:`mirage_demo.evaluation`'s (the app evaluates with them too), the datasets of file and
+cached images :class:`mirage_demo.data.FileImages` and :class:`mirage_demo.cache.CachedImages`;
+re-exported here."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from mirage_demo.data import Sample, balanced_sampler
-from mirage_demo.evaluation import FileImages, make_loader, to_model_input
+from mirage_demo.data import FileImages, Sample, balanced_sampler
+from mirage_demo.evaluation import make_loader, to_model_input
 
 __all__ = ["EpochSampler", "FileImages", "make_loader", "to_model_input"]
 

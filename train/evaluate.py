@@ -19,12 +19,13 @@ from typing import Any
 
 from mirage_demo.checkpoint import CheckpointError, load_checkpoint
 from mirage_demo.data import DataError, load_dataset
-from mirage_demo.evaluation import evaluate_samples, predict, summary
+from mirage_demo.evaluation import collect_logits, evaluate_samples, summary
 from train.config import UsageError
 from train.distributed import resolve_device
 
-# evaluate_samples, predict and summary live in mirage_demo.evaluation (the app shares them)
-__all__ = ["evaluate_samples", "main", "predict", "summary"]
+# collect_logits, evaluate_samples and summary live in mirage_demo.evaluation (the app shares
+# them); re-exported here
+__all__ = ["collect_logits", "evaluate_samples", "main", "summary"]
 
 log = logging.getLogger("train.evaluate")
 
