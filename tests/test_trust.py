@@ -66,7 +66,7 @@ def test_a_map_on_the_lesion_is_more_faithful_than_random_maps(vit):
         on_lesion = torch.nn.functional.interpolate(
             torch.from_numpy(on_lesion.astype(np.float32))[None, None], size=(height, width)
         )[0, 0].numpy()
-        image = vit.preprocessing.load(scan)
+        image = vit.preprocessing.read_resized(scan)
         random_maps = list(smooth_random_maps(4, (height, width), seed=seed))
         drops = deletion_scores(vit, image, [on_lesion, *random_maps], lesion)
         # faithfulness as compare_methods scores it: the drop beyond a random part's
