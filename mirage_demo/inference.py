@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
-from mirage_demo.data import ImageReadError, ImageSource, Preprocessing, read_image
+from mirage_demo.data import ImageReadError, ImageSource, Preprocessing, open_image, read_image
 from mirage_demo.explain import (
     CLASS_AGNOSTIC_METHODS,
     METHODS,
@@ -328,14 +328,9 @@ class Predictor:
         """Decode once: the model input (via the checkpoint's preprocessing), the picture shown
         under overlays and the quality check."""
         began = time.perf_counter()
-        if isinstance(image, (str, os.PathLike)):
-            label = name or str(image)
-            try:
-                opened = Image.open(image)
-            except Exception:
-                read_image(image, label)  # raises ImageReadError saying why
-                raise
-            with opened:
+        if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+            label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+            with open_image(image, label) as opened:  # bounded size, upright
                 loaded = self._load(opened, label)
             loaded.seconds = time.perf_counter() - began
             return loaded
@@ -344,6 +339,8 @@ class Predictor:
                 f"expected a path, PIL image or numpy array, not {type(image).__name__}"
             )
         label = name or "image"
+        if isinstance(image, Image.Image):
+            image = open_image(image, label)
         gray = read_image(image, label)  # (H, W) float32 in the image's own range
         scale = full_scale_of(image, gray)
         quality = assess(gray, rgb_of(image, scale), scale)

@@ -141,3 +141,124 @@ def test_valid_config_still_loads_with_allowed_kwargs(tiny_ckpt):
     assert config.model_kwargs == {"img_size": 64, "depth": 1}
     with torch.no_grad():
         assert model(torch.rand(1, 1, 64, 64)).shape == (1, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Images that declare huge sizes decode reduced, or are refused before decoding
+
+
+def _png_header_only(width: int, height: int, color_type: int = 6, depth: int = 8) -> bytes:
+    """A syntactically valid PNG declaring ``width x height`` with almost no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A ~300-byte JPEG whose frame header declares ``width x height`` (truncated data)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """An 8000x8000 grayscale PNG (64 megapixels, the limit) of a few hundred KB."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    image = Image.new("L", (8000, 8000), 0)
+    image.paste(255, (0, 0, 4000, 8000))  # left half bright: orientation stays checkable
+    image.save(path, compress_level=1)
+    return path
+
+
+def test_huge_png_is_decoded_reduced(huge_png):
+    from mirage_demo.data import MAX_WORK_PIXELS, read_image
+
+    assert huge_png.stat().st_size < 1_000_000
+    gray = read_image(huge_png)
+    assert gray.size <= MAX_WORK_PIXELS and gray.shape == (2000, 2000)
+    assert gray[:, :900].min() == 255 and gray[:, 1100:].max() == 0
+
+
+def test_huge_jpeg_is_decoded_at_a_fraction_of_its_size(tmp_path):
+    from PIL import Image
+
+    from mirage_demo.data import MAX_WORK_PIXELS, open_image
+
+    path = tmp_path / "big.jpeg"
+    Image.new("L", (7999, 7999), 100).save(path, quality=10)
+    image = open_image(path)
+    assert image.width * image.height <= MAX_WORK_PIXELS and image.size == (2000, 2000)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (_png_header_only(8000, 8000), r"8000x8000 RGBA pixels decode to 244 MB \(limit 192 MB\)"),
+        (_png_header_only(9000, 9000, color_type=0), "too large"),
+    ],
+    ids=["RGBA PNG over the decode budget", "81 MP"],
+)
+def test_images_declaring_huge_sizes_fail_in_one_line(tmp_path, data, message):
+    from mirage_demo.data import ImageReadError, read_image
+
+    path = tmp_path / "hostile.img"
+    path.write_bytes(data)
+    assert len(data) < 1000
+    with pytest.raises(ImageReadError, match=message) as info:
+        read_image(path)
+    assert "\n" not in str(info.value) and str(info.value).startswith("hostile.img: ")
+
+
+def test_tiny_jpeg_declaring_huge_size_decodes_reduced(tmp_path):
+    from mirage_demo.data import MAX_WORK_PIXELS, read_image
+
+    path = tmp_path / "bomb.jpeg"
+    path.write_bytes(_jpeg_declaring(7999, 7999))
+    assert path.stat().st_size < 400
+    assert read_image(path).size <= MAX_WORK_PIXELS  # libjpeg pads the missing data
+
+
+def _exif_rotated_jpeg(path: Path, orientation: int) -> None:
+    """A 40x20 (width x height) JPEG, bright on its left half, with an EXIF orientation."""
+    from PIL import Image
+
+    image = Image.new("L", (40, 20), 0)
+    image.paste(255, (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_everywhere(tmp_path, tiny_ckpt):
+    from mirage_demo.data import read_image
+    from mirage_demo.inference import Predictor
+
+    path = tmp_path / "phone.jpeg"
+    _exif_rotated_jpeg(path, 6)  # "rotate 90 degrees clockwise to view"
+    gray = read_image(path)  # training, evaluation (Preprocessing.load) and the CLI
+    assert gray.shape == (40, 20)
+    assert gray[:15].mean() > 200 and gray[25:].mean() < 50  # the bright half is now on top
+    predictor = Predictor.from_pretrained(tiny_ckpt)  # the app
+    assert predictor.predict(path).image_size == (40, 20)
+    assert predictor.explain(path).heatmap.shape == (40, 20)
+    from PIL import Image
+
+    with Image.open(path) as opened:  # an opened PIL image, too, and only once
+        assert read_image(opened).shape == (40, 20)
