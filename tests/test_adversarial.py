@@ -262,3 +262,180 @@ def test_exif_orientation_is_applied_everywhere(tmp_path, tiny_ckpt):
 
     with Image.open(path) as opened:  # an opened PIL image, too, and only once
         assert read_image(opened).shape == (40, 20)
+
+
+# --------------------------------------------------------------------------------------------
+# Zip archives: streamed, capped, every entry listed, never fatal for the good ones
+
+
+def _png_bytes(size=(48, 32), value=90) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", size, value).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _animated(fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("L", (32, 24), v) for v in (200, 10, 10)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return buffer.getvalue()
+
+
+def _zip(path: Path, members: dict[str, bytes], method=None) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", method or zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def _patch_entry(path: Path, name: str, **fields: int) -> None:
+    """Rewrite fields of ``name``'s local header and central-directory record in place:
+    ``flags``, ``method``, ``size`` (the declared uncompressed size)."""
+    data = bytearray(path.read_bytes())
+    encoded = name.encode()
+    offsets = {"flags": (6, 8), "method": (8, 10), "size": (22, 26)}  # local header
+    central = {"flags": (8, 10), "method": (10, 12), "size": (24, 28)}
+    for signature, layout, name_at in ((b"PK\x03\x04", offsets, 30), (b"PK\x01\x02", central, 46)):
+        start = 0
+        while (at := data.find(signature, start)) >= 0:
+            start = at + 4
+            if data[at + name_at : at + name_at + len(encoded)] != encoded:
+                continue
+            for key, value in fields.items():
+                low, high = layout[key]
+                data[at + low : at + high] = value.to_bytes(high - low, "little")
+    path.write_bytes(bytes(data))
+
+
+def _load_all(path: Path, label: str = "scans.zip", budget=None):
+    """{name: bytes or error text} of every item of an uploaded zip."""
+    from contextlib import ExitStack
+
+    from mirage_demo.data import ImageReadError
+    from mirage_demo.uploads import RequestBudget, expand_uploads
+
+    budget = budget or RequestBudget()
+    out = {}
+    with ExitStack() as stack:
+        for item in expand_uploads([(label, str(path))], stack):
+            try:
+                source = item.load(budget)
+                out[item.name] = source.read() if hasattr(source, "read") else source
+            except ImageReadError as err:
+                out[item.name] = str(err)
+    return out
+
+
+def test_zip_declaring_small_sizes_is_read_with_a_real_cap(tmp_path):
+    import tracemalloc
+
+    bomb = b"\x00" * (48 * 2**20)  # 48 MB of zeros: ~50 KB deflated
+    path = _zip(tmp_path / "bomb.zip", {"good.png": _png_bytes(), "bomb.png": bomb})
+    del bomb
+    _patch_entry(path, "bomb.png", size=1024)  # the headers claim 1 KB
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        result = _load_all(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["scans.zip/good.png"] == _png_bytes()
+    assert result["scans.zip/bomb.png"].startswith("scans.zip/bomb.png: corrupt in the zip (")
+    assert peak < 8 * 2**20  # inflated in 1 MB steps, and only up to the declared size
+
+
+def test_zip_entries_are_counted_before_any_is_read(tmp_path):
+    from mirage_demo.uploads import MAX_ZIP_ENTRIES
+
+    many = {f"f{i}.png": b"" for i in range(MAX_ZIP_ENTRIES + 1)}
+    path = _zip(tmp_path / "many.zip", many, method=0)
+    result = _load_all(path, "many.zip")
+    assert result == {"many.zip": "many.zip: the archive holds 2,001 entries (limit 2,000)"}
+
+
+def test_bad_entries_are_listed_and_the_good_ones_classified(tmp_path):
+    import zipfile
+
+    members = {
+        "a/good.png": _png_bytes(),
+        "corrupt.png": _png_bytes((64, 64), 7) * 3,
+        "secret.png": _png_bytes(),
+        "odd.png": _png_bytes(),
+        "inner.zip": b"PK\x05\x06" + b"\x00" * 18,
+        "notes.txt": b"hello",
+        "anim.gif": _animated("GIF"),
+        "anim.webp": _animated("WEBP"),
+        "__MACOSX/._good.png": b"junk",
+        "empty-folder/": b"",
+    }
+    path = _zip(tmp_path / "mixed.zip", members)
+    _patch_entry(path, "secret.png", flags=1)  # encrypted
+    _patch_entry(path, "odd.png", method=99)  # an unknown compression method
+    data = bytearray(path.read_bytes())  # corrupt corrupt.png's deflate stream
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("corrupt.png")
+    start = info.header_offset + 30 + len(b"corrupt.png") + 10
+    data[start : start + 40] = b"\xff" * 40
+    path.write_bytes(bytes(data))
+
+    result = _load_all(path, "mixed.zip")
+    assert set(result) == {f"mixed.zip/{n}" for n in members if not n.startswith(("__", "empty"))}
+    assert result["mixed.zip/a/good.png"] == _png_bytes()
+    assert "corrupt in the zip" in result["mixed.zip/corrupt.png"]
+    assert result["mixed.zip/secret.png"].endswith("skipped: encrypted (password-protected) entry")
+    assert "compression method 99 is not supported" in result["mixed.zip/odd.png"]
+    assert result["mixed.zip/inner.zip"].endswith("skipped: a zip inside a zip is not opened")
+    assert result["mixed.zip/notes.txt"].endswith("skipped: not an image file")
+
+    import io
+
+    from mirage_demo.data import read_image
+
+    for name in ("anim.gif", "anim.webp"):  # animated images: the first frame
+        gray = read_image(io.BytesIO(result[f"mixed.zip/{name}"]))
+        assert gray.shape == (24, 32) and gray.mean() > 150
+
+
+def test_a_bad_zip_beside_good_files_is_one_listed_item(tmp_path):
+    from contextlib import ExitStack
+
+    from mirage_demo.data import ImageReadError
+    from mirage_demo.uploads import RequestBudget, expand_uploads
+
+    good = tmp_path / "good.png"
+    good.write_bytes(_png_bytes())
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"this is not a zip at all")
+    with ExitStack() as stack:
+        items = expand_uploads([("fake.zip", str(fake)), ("good.png", str(good))], stack)
+        assert [item.name for item in items] == ["fake.zip", "good.png"]
+        with pytest.raises(ImageReadError, match=r"^fake.zip: not a readable zip archive"):
+            items[0].load(RequestBudget())
+        assert items[1].load(RequestBudget()) == str(good)
+
+
+def test_one_request_has_a_byte_and_a_pixel_budget(tmp_path):
+    from mirage_demo.uploads import MAX_REQUEST_PIXELS, RequestBudget
+
+    header = _png_header_only(8000, 8000, color_type=0)  # 64 megapixels declared, tiny file
+    path = _zip(tmp_path / "big.zip", {f"{i:02d}.png": header for i in range(16)})
+    result = _load_all(path, "big.zip")
+    fits = MAX_REQUEST_PIXELS // 64_000_000
+    refused = [n for n, v in result.items() if isinstance(v, str) and "megapixels in all" in v]
+    assert len(refused) == 16 - fits and sorted(refused) == sorted(result)[fits:]
+
+    small = _zip(tmp_path / "small.zip", {"a.png": _png_bytes(), "b.png": _png_bytes()})
+    result = _load_all(small, "small.zip", RequestBudget(bytes_left=len(_png_bytes()) + 10))
+    assert result["small.zip/a.png"] == _png_bytes()
+    assert "limit" in result["small.zip/b.png"] and "MB unpacked" in result["small.zip/b.png"]
