@@ -512,9 +512,7 @@ def test_full_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
     import train.train
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(
-        train.train.shutil, "disk_usage", lambda path: usage._replace(free=10_000)
-    )
+    monkeypatch.setattr(train.train.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     code, err = _main(capsys, _train_args(tmp_path, tmp_path / "early"))
     assert code == 2 and "not enough disk space in" in err and "MB free" in err
     monkeypatch.undo()
