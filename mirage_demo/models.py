@@ -47,6 +47,7 @@ __all__ = [
     "is_mirage",
     "load_mirage_state_dict",
     "optimizer_param_groups",
+    "set_training_mode",
 ]
 
 MIRAGE_LICENSE = "cc-by-nc-nd-4.0"
@@ -399,6 +400,20 @@ def configure_finetuning(model: nn.Module, mode: FinetuneMode = "full", last_k: 
         param.requires_grad_(name in trainable)
         count += param.numel() if name in trainable else 0
     return count
+
+
+def set_training_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, with every fully frozen part in eval mode.
+
+    Frozen layers then run as at inference: batch-norm statistics stay those the weights were
+    trained with and stochastic depth is off, as a linear probe or classifier re-training expects.
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
 
 
 def _layer_ids(model: nn.Module) -> dict[str, int]:

@@ -14,6 +14,7 @@ from mirage_demo.models import (
     load_mirage_state_dict,
     optimizer_param_groups,
     pretrained_source,
+    set_training_mode,
 )
 from tests import mirage_reference as ref
 
@@ -251,3 +252,17 @@ def test_converter_writes_loadable_safetensors(tmp_path, base_release):
     )
     expected = base_release["model"]["encoder.7.norm2.weight"]
     assert torch.equal(model.blocks[7].norm2.weight, expected)
+
+
+def test_frozen_parts_train_in_eval_mode():
+    model = timm.create_model("resnet18", num_classes=4, in_chans=1)
+    configure_finetuning(model, "linear")
+    set_training_mode(model)
+    assert model.training and model.fc.training
+    assert not model.bn1.training and not model.layer4[1].bn2.training
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(2, 1, 64, 64)).sum().backward()
+    assert torch.equal(model.bn1.running_mean, before)  # frozen statistics stay put
+    configure_finetuning(model, "full")
+    set_training_mode(model)
+    assert all(m.training for m in model.modules())

@@ -55,6 +55,7 @@ from mirage_demo.models import (
     create_classifier,
     optimizer_param_groups,
     pretrained_source,
+    set_training_mode,
 )
 from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
@@ -607,7 +608,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
     run.sampler.set_epoch(epoch)
     seed = np.random.SeedSequence([config.seed, epoch, dist.rank]).generate_state(1)[0]
     generator = torch.Generator().manual_seed(int(seed))  # augmentation parameters
-    run.ddp_model.train()
+    set_training_mode(run.ddp_model)
     started = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
