@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mirage_demo
-from mirage_demo.data import Preprocessing
+from mirage_demo.data import DataError, Preprocessing, SplitSpec
 from mirage_demo.fileio import atomic_write, atomic_write_text
 from mirage_demo.models import create_classifier
 
@@ -92,6 +92,9 @@ class CheckpointConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     source_weights: dict[str, Any] = field(default_factory=dict)
+    #: how the training data was split (``None``: not recorded); evaluation rebuilds it
+    split: SplitSpec | None = None
+    #: free-form provenance (resolved options, image counts, best epoch...): read by people
     training: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
@@ -104,6 +107,7 @@ class CheckpointConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_dict()
+        data["split"] = None if self.split is None else self.split.to_dict()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
@@ -111,6 +115,14 @@ class CheckpointConfig:
         """A config from untrusted data: every field checked by :func:`validate_config`."""
         fields = validate_config(data)
         fields["preprocessing"] = Preprocessing.from_dict(fields.get("preprocessing", {}))
+        try:
+            if data.get("split") is not None:
+                fields["split"] = SplitSpec.from_dict(data["split"])
+            else:  # written before the split had its own record
+                fields["split"] = legacy_split(data.get("training"))
+        except (DataError, TypeError, ValueError, AttributeError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise CheckpointError(f"{CONFIG_NAME} has an unusable split record: {reason}") from err
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
@@ -258,6 +270,27 @@ def validate_config(data: Any) -> dict[str, Any]:
                 raise _bad(key, "a text of at most 10,000 characters", data[key])
             out[key] = data[key]
     return out
+
+
+#: ``training`` keys that held the split before ``CheckpointConfig.split`` existed.
+_LEGACY_SPLIT_KEYS = {
+    "val_fraction": "val_fraction",
+    "test_fraction": "test_fraction",
+    "split_seed": "seed",
+    "exclude": "exclude",
+}
+
+
+def legacy_split(training: Any) -> SplitSpec | None:
+    """The split recorded in an older checkpoint's ``training`` settings, if it has one."""
+    if not isinstance(training, dict):
+        return None
+    found = {new: training[old] for old, new in _LEGACY_SPLIT_KEYS.items() if old in training}
+    if not found:
+        return None
+    if found.get("exclude") is None:
+        found.pop("exclude", None)
+    return SplitSpec(**found)
 
 
 def save_checkpoint(

@@ -9,12 +9,13 @@ model's input size -> per-image min-max to [0, 1] -> (training only) augmentatio
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
@@ -33,6 +34,7 @@ __all__ = [
     "OCTDataset",
     "Preprocessing",
     "Sample",
+    "SplitSpec",
     "balanced_sampler",
     "class_counts",
     "class_weights",
@@ -53,7 +55,8 @@ SPLIT_NAMES = ("train", "val", "test")
 MAX_PIXELS = 64_000_000  # a B-scan is ~0.5 MP; refuse decompression bombs early
 MAX_WORK_PIXELS = 2048 * 2048  # larger images are decoded reduced to at most this
 MAX_DECODE_BYTES = 192 * 2**20  # decoded pixels a file may need before it is reduced
-ImageSource = Union[str, Path, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
+#: What every reader accepts: a path, the file's bytes, a PIL image or an array.
+ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
 
 
 class DataError(ValueError):
@@ -61,14 +64,28 @@ class DataError(ValueError):
 
 
 class ImageReadError(ValueError):
-    """An image that cannot be decoded; the message names it and says why."""
+    """An image that cannot be decoded: ``name`` says which, ``reason`` why.
+
+    The message is ``"<name>: <reason>"``; callers that show or store the two apart read the
+    attributes, never the text.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes
+        return type(self), (self.name, self.reason)
 
 
 # --------------------------------------------------------------------------------------------
 # Reading images
 
 
-def open_image(source: str | Path | BinaryIO | Image.Image, name: str | None = None) -> Image.Image:
+def open_image(
+    source: str | Path | bytes | BinaryIO | Image.Image, name: str | None = None
+) -> Image.Image:
     """Decode an image at a bounded cost: the loaded first frame, EXIF orientation applied,
     at most :data:`MAX_WORK_PIXELS` (larger images are decoded reduced).
 
@@ -82,6 +99,8 @@ def open_image(source: str | Path | BinaryIO | Image.Image, name: str | None = N
     try:
         if isinstance(source, Image.Image):
             image = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            image = opened = Image.open(io.BytesIO(source))
         else:
             image = opened = Image.open(source)
         result = _bounded(image, label)
@@ -93,15 +112,15 @@ def open_image(source: str | Path | BinaryIO | Image.Image, name: str | None = N
             opened.close()
         raise
     except FileNotFoundError as err:
-        raise ImageReadError(f"{label}: file not found") from err
+        raise ImageReadError(label, "file not found") from err
     except Image.DecompressionBombError as err:
-        raise ImageReadError(f"{label}: image is too large ({err})") from err
+        raise ImageReadError(label, f"image is too large ({err})") from err
     except UnidentifiedImageError as err:
-        raise ImageReadError(f"{label}: not a readable image (unknown format)") from err
+        raise ImageReadError(label, "not a readable image (unknown format)") from err
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
         if opened is not None:
             opened.close()
-        raise ImageReadError(f"{label}: corrupt or truncated image ({err})") from err
+        raise ImageReadError(label, f"corrupt or truncated image ({err})") from err
 
 
 def _bounded(image: Image.Image, label: str) -> Image.Image:
@@ -109,8 +128,8 @@ def _bounded(image: Image.Image, label: str) -> Image.Image:
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageReadError(
-            f"{label}: {width}x{height} pixels is too large "
-            f"(limit {MAX_PIXELS // 1_000_000} megapixels)"
+            label,
+            f"{width}x{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)",
         )
     if getattr(image, "tell", lambda: 0)() != 0:
         image.seek(0)  # animated: the first frame
@@ -120,8 +139,9 @@ def _bounded(image: Image.Image, label: str) -> Image.Image:
     decoded = image.width * image.height * _bytes_per_pixel(image.mode)
     if decoded > MAX_DECODE_BYTES:
         raise ImageReadError(
-            f"{label}: {width}x{height} {image.mode} pixels decode to "
-            f"{decoded / 2**20:.0f} MB (limit {MAX_DECODE_BYTES // 2**20} MB)"
+            label,
+            f"{width}x{height} {image.mode} pixels decode to {decoded / 2**20:.0f} MB "
+            f"(limit {MAX_DECODE_BYTES // 2**20} MB)",
         )
     orientation = _orientation(image)
     image.load()
@@ -205,7 +225,7 @@ def _pil_to_gray(image: Image.Image, label: str) -> np.ndarray:
         image = image.convert("L")
     array = np.asarray(image, dtype=np.float32)
     if array.ndim != 2:
-        raise ImageReadError(f"{label}: unsupported image mode {image.mode}")
+        raise ImageReadError(label, f"unsupported image mode {image.mode}")
     return array
 
 
@@ -218,9 +238,9 @@ def _array_to_gray(array: np.ndarray, label: str) -> np.ndarray:
             rgb = array[..., :3].astype(np.float32)
             array = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     if array.ndim != 2 or min(array.shape) < 1:
-        raise ImageReadError(f"{label}: expected a 2-D image, got an array of shape {array.shape}")
+        raise ImageReadError(label, f"expected a 2-D image, got an array of shape {array.shape}")
     if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all():
-        raise ImageReadError(f"{label}: array must hold finite numbers")
+        raise ImageReadError(label, "array must hold finite numbers")
     return array.astype(np.float32, copy=False)
 
 
@@ -495,32 +515,88 @@ def patient_split(
     return out
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """How :func:`load_dataset` completes a dataset's splits: the typed record a checkpoint
+    stores (``config.json: "split"``) so that evaluation rebuilds exactly the training split.
+
+    ``val_fraction`` of ``train`` becomes ``val`` when there is no ``val/`` folder; a flat
+    dataset also loses ``test_fraction`` to ``test``; both patient-disjoint with ``seed``.
+    ``exclude`` (image files or folders) leaves those images and their patients out. Fractions
+    are checked where they are used (a dataset with a ``val/`` folder never uses
+    ``val_fraction``).
+    """
+
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DataError(f"split {name} must be a number, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DataError(f"split seed must be an integer, not {self.seed!r}")
+        exclude = (self.exclude,) if isinstance(self.exclude, (str, Path)) else self.exclude
+        if not all(isinstance(e, (str, Path)) for e in exclude):
+            raise DataError(f"split exclude must be a list of paths, not {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(str(e) for e in exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitSpec:
+        """From stored JSON (untrusted: types are checked, unknown keys refused)."""
+        if not isinstance(data, dict):
+            raise DataError(f"a split record must be an object, not {data!r}")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataError(f"unknown split settings: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
 def load_dataset(
     root: str | Path,
-    val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
-    seed: int = 0,
-    exclude: Sequence[str | Path] = (),
+    split: SplitSpec | None = None,
+    *,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    seed: int | None = None,
+    exclude: Sequence[str | Path] | None = None,
 ) -> DatasetSplits:
-    """Discover a dataset and complete its splits.
+    """Discover a dataset and complete its splits as ``split`` says (default
+    :class:`SplitSpec`); the keywords override single fields of it.
 
     A missing ``val`` split is carved from ``train`` (``val_fraction`` of it), and a flat
     dataset is split into train/val/test, patient-disjoint and stratified by class.
     ``exclude`` (image files or folders of them) takes those images, and every image of their
     patients, out of every split, e.g. scans kept aside as app examples.
     """
+    overrides = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "exclude": None if exclude is None else tuple(str(e) for e in exclude),
+    }
+    spec = replace(split or SplitSpec(), **{k: v for k, v in overrides.items() if v is not None})
     data = discover_dataset(root)
-    if exclude:
-        _exclude(data, exclude)
+    if spec.exclude:
+        _exclude(data, spec.exclude)
     if "all" in data.splits:
-        fractions = {"test": test_fraction, "val": val_fraction}
-        parts = patient_split(data.splits.pop("all"), fractions, seed)
+        fractions = {"test": spec.test_fraction, "val": spec.val_fraction}
+        parts = patient_split(data.splits.pop("all"), fractions, spec.seed)
         data.splits = {"train": parts["rest"], "val": parts["val"], "test": parts["test"]}
-        data.notes.append(f"flat layout: split {val_fraction:.0%} val, {test_fraction:.0%} test")
+        data.notes.append(
+            f"flat layout: split {spec.val_fraction:.0%} val, {spec.test_fraction:.0%} test"
+        )
     elif "val" not in data.splits:
-        parts = patient_split(data.splits["train"], {"val": val_fraction}, seed)
+        parts = patient_split(data.splits["train"], {"val": spec.val_fraction}, spec.seed)
         data.splits["train"], data.splits["val"] = parts["rest"], parts["val"]
-        data.notes.append(f"no val/ folder: carved {val_fraction:.0%} of train as val")
+        data.notes.append(f"no val/ folder: carved {spec.val_fraction:.0%} of train as val")
     shared = _shared_patients(data.splits)
     if shared:
         data.notes.append(f"{len(shared)} patients appear in more than one split")

@@ -2,8 +2,8 @@
 
 Methods (:data:`METHODS`):
 
-- ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``: pytorch-grad-cam's weighting of a
-  target layer's activations by the gradient of the explained class's logit;
+- ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``: a target layer's activations
+  weighted by the gradient of the explained class's logit (pytorch-grad-cam's formulas);
 - ``eigencam``: the first principal component of the activations (no gradient, class-agnostic);
 - ``attention`` (ViTs): the global token's attention to the patches in the last block, mean over
   heads (class-agnostic);
@@ -18,8 +18,8 @@ that forward and makes the layer's output a leaf that requires grad: the trunk r
 recording anything, the tail (one block and the head, for a ViT) records a small graph, and the
 logits come out of the same forward. The gradient is then taken with respect to that leaf only
 (``torch.autograd.grad``), so no parameter gradient is ever computed. The CAM arithmetic itself
-is pytorch-grad-cam's (``get_cam_image``, ``scale_cam_image``, ``aggregate_multi_layers``),
-applied to those activations and gradients; the tests check the maps equal the library's own.
+is a few lines per method here (:data:`CAM_METHODS`), the formulas of pytorch-grad-cam 1.5;
+the tests check the maps equal the library's own (which is a test dependency only).
 
 **Hooks and threads.** Hooks live inside a ``with`` block and are removed on exit, exceptions
 included. They act only for the thread that registered them, and autograd's mode is
@@ -41,11 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
-from pytorch_grad_cam.base_cam import BaseCAM
-from pytorch_grad_cam.utils.image import scale_cam_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "ATTENTION_METHODS",
@@ -60,13 +57,80 @@ __all__ = [
     "render_overlay",
 ]
 
-CAM_METHODS: dict[str, type[BaseCAM]] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "eigencam": EigenCAM,
+# --------------------------------------------------------------------------------------------
+# CAM arithmetic: activations A and gradients G, both (B, C, h, w) -> maps (B, h, w).
+# The formulas of pytorch-grad-cam 1.5 (the tests check the maps equal the library's).
+
+
+def _weighted(weights: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    return (weights[:, :, None, None] * activations).sum(axis=1)
+
+
+def gradcam_map(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM (Selvaraju et al. 2017): channels weighted by their mean gradient."""
+    return _weighted(gradients.mean(axis=(2, 3)), activations)
+
+
+def gradcam_plus_plus_map(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19): positive gradients weighted by
+    ``alpha = G^2 / (2 G^2 + sum(A) G^3)``, summed over the positions."""
+    squared = gradients**2
+    alpha = squared / (
+        2 * squared + activations.sum(axis=(2, 3), keepdims=True) * squared * gradients + 1e-6
+    )
+    alpha = np.where(gradients != 0, alpha, 0)
+    return _weighted((np.maximum(gradients, 0) * alpha).sum(axis=(2, 3)), activations)
+
+
+def hirescam_map(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """HiResCAM (Draelos & Carin 2020): gradient times activation, summed over channels."""
+    return (gradients * activations).sum(axis=1)
+
+
+def layercam_map(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """LayerCAM (Jiang et al. 2021): positive gradient times activation, summed."""
+    return (np.maximum(gradients, 0) * activations).sum(axis=1)
+
+
+def eigencam_map(activations: np.ndarray, gradients: np.ndarray | None = None) -> np.ndarray:
+    """EigenCAM (Muhammad & Yeasin 2020): the activations projected on their first principal
+    component (no gradient)."""
+    maps = []
+    for sample in np.nan_to_num(activations, nan=0.0):
+        positions = sample.reshape(sample.shape[0], -1).T
+        positions = positions - positions.mean(axis=0)
+        _, _, vt = np.linalg.svd(positions, full_matrices=True)
+        maps.append((positions @ vt[0]).reshape(sample.shape[1:]))
+    return np.float32(maps)
+
+
+CamFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
+CAM_METHODS: dict[str, CamFunction] = {
+    "gradcam": gradcam_map,
+    "gradcam++": gradcam_plus_plus_map,
+    "hirescam": hirescam_map,
+    "layercam": layercam_map,
+    "eigencam": eigencam_map,
 }
+
+
+def normalise_maps(maps: np.ndarray, size_wh: tuple[int, int] | None = None) -> np.ndarray:
+    """Each map min-maxed to [0, 1] (``/ (max + 1e-7)``), then bilinearly resized to
+    ``size_wh`` (width, height) if given: float32 ``(B, H, W)``."""
+    maps = np.asarray(maps, dtype=np.float32)
+    maps = maps - maps.min(axis=(1, 2), keepdims=True)
+    maps = maps / (1e-7 + maps.max(axis=(1, 2), keepdims=True))
+    if size_wh is not None and maps.shape[1:] != (size_wh[1], size_wh[0]):
+        resized = F.interpolate(
+            torch.from_numpy(np.ascontiguousarray(maps))[:, None],
+            size=(size_wh[1], size_wh[0]),
+            mode="bilinear",
+            align_corners=False,
+        )
+        maps = resized[:, 0].numpy()
+    return np.float32(maps)
+
+
 ATTENTION_METHODS = ("attention", "rollout")
 METHODS = (*CAM_METHODS, *ATTENTION_METHODS)
 GRADIENT_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam"})
@@ -208,9 +272,6 @@ class Explainer:
         if reshape_transform is None and self.vit:
             reshape_transform = ViTReshapeTransform.from_model(model)
         self.reshape_transform = reshape_transform
-        # pytorch-grad-cam objects used for their weighting math only: no target layers, so
-        # they register no hooks.
-        self._cams = {name: cls(model, target_layers=[]) for name, cls in CAM_METHODS.items()}
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -293,7 +354,7 @@ class Explainer:
         height, width = size or trace.input_size
         if trace.method in ATTENTION_METHODS:
             maps = self._attention_maps(trace)[rows]
-            return scale_cam_image(scale_cam_image(maps, (width, height)))
+            return normalise_maps(normalise_maps(maps, (width, height)))
         return self._cam(trace, targets, rows, (width, height))
 
     def __call__(
@@ -317,7 +378,6 @@ class Explainer:
     def _cam(
         self, trace: Trace, targets: list[int], rows: list[int], size_wh: tuple[int, int]
     ) -> np.ndarray:
-        cam_method = self._cams[trace.method]
         if trace.activation is None:
             raise RuntimeError("this trace holds no activations")
         activations = self._to_map(trace.activation[rows])
@@ -329,14 +389,9 @@ class Explainer:
                 score = trace.output[rows, targets].sum()
                 (gradient,) = torch.autograd.grad(score, trace.activation, retain_graph=True)
             gradients = self._to_map(gradient[rows])
-        # pytorch-grad-cam's BaseCAM.compute_cam_per_layer + aggregate_multi_layers, one layer
-        cam_targets = [ClassifierOutputTarget(t) for t in targets]
-        cam = cam_method.get_cam_image(
-            None, self.target_layer, cam_targets, activations, gradients, False
-        )
-        cam = np.maximum(cam, 0)
-        scaled = scale_cam_image(cam, size_wh)
-        return cam_method.aggregate_multi_layers([scaled[:, None, :]])
+        cam = np.maximum(CAM_METHODS[trace.method](activations, gradients), 0)
+        # as pytorch-grad-cam: normalise and resize, then normalise again (one layer's mean)
+        return normalise_maps(normalise_maps(cam, size_wh))
 
     def _attention_maps(self, trace: Trace) -> np.ndarray:
         prefix = self.model.num_prefix_tokens

@@ -1,7 +1,7 @@
 """Classify OCT B-scans and explain the predictions: the API behind the app and the CLI.
 
 >>> p = Predictor.from_pretrained("path/to/checkpoint")     # or a Hub repo id
->>> r = p.predict("scan.jpeg")                              # path | PIL.Image | np.ndarray
+>>> r = p.predict("scan.jpeg")                              # path | bytes | PIL | ndarray
 >>> r.label, r.probabilities, r.warnings
 >>> e = p.explain("scan.jpeg", method="gradcam")            # e.heatmap, e.overlay, e.prediction
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -180,7 +180,7 @@ class Predictor:
     # Prediction
 
     def predict(self, image: ImageSource, *, name: str | None = None) -> Prediction:
-        """Classify one image (a path, PIL image or array)."""
+        """Classify one image (a path, the file's bytes, a PIL image or an array)."""
         return self.predict_batch([image], batch_size=1, names=[name] if name else None)[0]
 
     def predict_batch(
@@ -188,13 +188,17 @@ class Predictor:
         images: Iterable[ImageSource],
         batch_size: int = 8,
         *,
-        names: Sequence[str] | None = None,
+        names: Sequence[str | None] | None = None,
         on_error: Literal["raise", "return"] = "raise",
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[Prediction | ImageReadError]:
-        """Classify images in batches of ``batch_size``, in order.
+        """Classify images (paths, file bytes, PIL images or arrays) in batches, in order.
 
         An unreadable image raises :class:`~mirage_demo.data.ImageReadError`, or with
-        ``on_error="return"`` takes its place in the result list and the others go on.
+        ``on_error="return"`` its error (``.name``, ``.reason``) takes its place in the result
+        list and the others go on; an :class:`ImageReadError` given as an input is passed
+        through the same way (e.g. a member that could not be taken out of an archive).
+        ``progress(done, total)`` is called before each batch and once at the end.
         """
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
@@ -205,9 +209,13 @@ class Predictor:
         results: list[Prediction | ImageReadError | None] = [None] * len(images)
         step = max(1, int(batch_size))
         for start in range(0, len(images), step):
+            if progress is not None:
+                progress(start, len(images))
             chunk: list[tuple[int, _Loaded]] = []
             for index in range(start, min(start + step, len(images))):
                 try:
+                    if isinstance(images[index], ImageReadError):
+                        raise images[index]
                     chunk.append((index, self._load(images[index], names[index])))
                 except ImageReadError as err:
                     if on_error == "raise":
@@ -220,6 +228,8 @@ class Predictor:
             seconds = (time.perf_counter() - began) / len(chunk)
             for (index, loaded), row in zip(chunk, logits, strict=True):
                 results[index] = self._prediction(row, loaded, {"model_s": seconds})
+        if progress is not None:
+            progress(len(images), len(images))
         return results
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -328,7 +338,7 @@ class Predictor:
         """Decode once: the model input (via the checkpoint's preprocessing), the picture shown
         under overlays and the quality check."""
         began = time.perf_counter()
-        if isinstance(image, (str, os.PathLike)) or hasattr(image, "read"):
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)) or hasattr(image, "read"):
             label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
             with open_image(image, label) as opened:  # bounded size, upright
                 loaded = self._load(opened, label)
@@ -336,7 +346,7 @@ class Predictor:
             return loaded
         if not isinstance(image, (Image.Image, np.ndarray)):
             raise TypeError(
-                f"expected a path, PIL image or numpy array, not {type(image).__name__}"
+                f"expected a path, bytes, PIL image or numpy array, not {type(image).__name__}"
             )
         label = name or "image"
         if isinstance(image, Image.Image):

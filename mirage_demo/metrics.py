@@ -11,7 +11,9 @@ The report written into a checkpoint directory is a fixed contract:
     every metric is ``{"value": float | null, "ci95": [lo | null, hi | null]}``, ``null`` where
     it is undefined (e.g. the AUROC of a class absent from the split). The JSON holds no NaN.
 ``predictions.csv``
-    ``file,true,predicted,prob_<CLASS>...`` (probabilities after temperature scaling).
+    ``file,true,predicted,prob_<CLASS>...`` (probabilities after temperature scaling), written
+    by :func:`write_predictions_csv`, the one writer of predictions files (the CLI's and the
+    app's add ``warnings`` and ``error`` columns and have no ``true``).
 ``confusion_matrix.png``, ``roc_curves.png``, ``reliability.png``
     Counts and row-normalised confusion matrices, one-vs-rest ROC curves, reliability diagram.
 
@@ -52,6 +54,7 @@ __all__ = [
     "plot_reliability",
     "plot_roc_curves",
     "softmax",
+    "write_predictions_csv",
     "write_report",
 ]
 
@@ -510,13 +513,8 @@ def write_report(
         directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     )
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "true", "predicted", *(f"prob_{c}" for c in class_names)])
-    for name, label, row in zip(files, y_true, probs, strict=True):
-        predicted = class_names[int(row.argmax())]
-        writer.writerow([name, class_names[int(label)], predicted, *(f"{p:.6f}" for p in row)])
-    atomic_write_text(directory / "predictions.csv", buffer.getvalue())
+    true = [class_names[int(label)] for label in y_true]
+    write_predictions_csv(directory / "predictions.csv", class_names, files, probs, true=true)
 
     where = f"{split} split, {len(probs)} images"
     plot_confusion_matrix(
@@ -535,6 +533,50 @@ def write_report(
         title=f"Reliability, T={temperature:.2f}",
     )
     return metrics
+
+
+def write_predictions_csv(
+    path: str | Path,
+    class_names: Sequence[str],
+    files: Sequence[str],
+    probs: Sequence[Sequence[float] | None] | np.ndarray,
+    *,
+    true: Sequence[str] | None = None,
+    warnings: Sequence[Sequence[str]] | None = None,
+    errors: Sequence[str | None] | None = None,
+) -> Path:
+    """Write a predictions file (atomically): one row per image, in order.
+
+    Columns: ``file``, ``true`` (only when ``true`` is given), ``predicted``,
+    ``prob_<CLASS>`` for each class (6 decimals), then ``warnings`` (joined with ``"; "``) and
+    ``error`` when those are given. A row whose ``probs`` is ``None`` (an image that could not
+    be read) leaves ``predicted`` and the probabilities empty.
+    """
+    columns = {"probabilities": probs, "true": true, "warnings": warnings, "errors": errors}
+    for what, column in columns.items():
+        if column is not None and len(column) != len(files):
+            raise ValueError(f"{len(column)} {what} for {len(files)} files")
+    header = ["file", *(["true"] if true is not None else []), "predicted"]
+    header += [f"prob_{c}" for c in class_names]
+    header += ["warnings"] if warnings is not None else []
+    header += ["error"] if errors is not None else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for i, name in enumerate(files):
+        row = [name, *([true[i]] if true is not None else [])]
+        if probs[i] is None:
+            row += ["", *([""] * len(class_names))]
+        else:
+            values = np.asarray(probs[i], dtype=np.float64)
+            row += [class_names[int(values.argmax())], *(f"{p:.6f}" for p in values)]
+        if warnings is not None:
+            row.append("; ".join(warnings[i]))
+        if errors is not None:
+            row.append(errors[i] or "")
+        writer.writerow(row)
+    atomic_write_text(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def load_report(directory: str | Path) -> dict[str, Any] | None:

@@ -8,15 +8,15 @@
 One line per image: ``file  LABEL  probability  warnings``, or with ``--json`` one JSON object
 ``{"file", "label", "probabilities", "warnings"}``. An unreadable file gives a line with an
 ``"error"`` and the run goes on. Each folder (searched recursively) also gets a CSV
-``<folder>-predictions.csv`` in ``--out`` (default: the current directory). ``--explain``
-writes an overlay PNG per image into ``--out``. Exit status: 0 when every image was classified,
+``<folder>-predictions.csv`` in ``--out`` (default: the current directory), in the one
+predictions format (:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes
+an overlay PNG per image into ``--out``. Exit status: 0 when every image was classified,
 1 when any failed, 2 when the checkpoint or the arguments are unusable.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -27,6 +27,7 @@ from mirage_demo.checkpoint import CheckpointError
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import METHODS
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
+from mirage_demo.metrics import write_predictions_csv
 
 __all__ = ["main"]
 
@@ -115,22 +116,20 @@ def _write_csvs(rows: dict[Path, list[dict]], class_names: list[str], out_dir: P
     for folder, records in rows.items():
         name = folder.resolve().name or "root"
         path = _unique(out_dir / f"{name}-predictions.csv", taken)
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            header = ["file", "label", *(f"p_{c}" for c in class_names), "warnings", "error"]
-            writer.writerow(header)
-            for r in records:
-                probs = r.get("probabilities") or {}
-                writer.writerow(
-                    [
-                        r["file"],
-                        r.get("label", ""),
-                        *(f"{probs[c]:.6f}" if c in probs else "" for c in class_names),
-                        "; ".join(r.get("warnings", [])),
-                        r.get("error", ""),
-                    ]
-                )
+        write_predictions_csv(
+            path,
+            class_names,
+            [r["file"] for r in records],
+            [_probabilities(r, class_names) for r in records],
+            warnings=[r.get("warnings", []) for r in records],
+            errors=[r.get("error") for r in records],
+        )
         print(f"wrote {path}", file=sys.stderr)
+
+
+def _probabilities(record: dict, class_names: list[str]) -> list[float] | None:
+    probabilities = record.get("probabilities")
+    return None if probabilities is None else [probabilities[c] for c in class_names]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

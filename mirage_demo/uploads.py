@@ -95,11 +95,11 @@ class UploadItem:
         """The image source (a path or an in-memory file) within ``budget``, or
         :class:`ImageReadError` naming this item and the reason."""
         if self.error is not None or self.reader is None:
-            raise ImageReadError(f"{self.name}: {self.error or 'nothing to read'}")
+            raise ImageReadError(self.name, self.error or "nothing to read")
         source = self.reader(budget)
         refused = budget.take_pixels(source)
         if refused:
-            raise ImageReadError(f"{self.name}: {refused}")
+            raise ImageReadError(self.name, refused)
         return source
 
 
@@ -121,23 +121,24 @@ class ZipUpload:
         entries, directory_size = _declared_entries(path, label)
         if entries > MAX_ZIP_ENTRIES:
             raise ImageReadError(
-                f"{label}: the archive holds {entries:,} entries (limit {MAX_ZIP_ENTRIES:,})"
+                label, f"the archive holds {entries:,} entries (limit {MAX_ZIP_ENTRIES:,})"
             )
         if directory_size > MAX_CENTRAL_DIRECTORY:
             raise ImageReadError(
-                f"{label}: the archive's table of contents is {directory_size:,} bytes "
-                f"(limit {MAX_CENTRAL_DIRECTORY:,})"
+                label,
+                f"the archive's table of contents is {directory_size:,} bytes "
+                f"(limit {MAX_CENTRAL_DIRECTORY:,})",
             )
         try:
             archive = zipfile.ZipFile(path)
         except (*_ZIP_ERRORS, NotImplementedError) as err:
-            raise ImageReadError(f"{label}: not a readable zip archive ({err})") from err
+            raise ImageReadError(label, f"not a readable zip archive ({err})") from err
         upload = cls(str(path), label, _archive=archive)
         infos = archive.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:  # the end record understated them
             archive.close()
             raise ImageReadError(
-                f"{label}: the archive holds {len(infos):,} entries (limit {MAX_ZIP_ENTRIES:,})"
+                label, f"the archive holds {len(infos):,} entries (limit {MAX_ZIP_ENTRIES:,})"
             )
         upload.items = [upload._item(info) for info in infos if not _is_junk(info)]
         return upload
@@ -170,11 +171,11 @@ class ZipUpload:
     def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> BinaryIO:
         """One member, streamed: at most its declared size, at most MAX_MEMBER_BYTES."""
         if self._archive is None:
-            raise ImageReadError(f"{name}: the archive is closed")
+            raise ImageReadError(name, "the archive is closed")
         if not budget.take_bytes(info.file_size):
             limit = MAX_REQUEST_BYTES // 2**20
             raise ImageReadError(
-                f"{name}: skipped: this batch reached its limit of {limit} MB unpacked"
+                name, f"skipped: this batch reached its limit of {limit} MB unpacked"
             )
         chunks, total = [], 0
         try:
@@ -183,11 +184,11 @@ class ZipUpload:
                     chunks.append(chunk)  # each read inflates at most _CHUNK bytes
                     total += len(chunk)
         except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as err:
-            raise ImageReadError(f"{name}: corrupt in the zip ({_reason(err)})") from err
+            raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
         except Exception as err:  # zlib.error and other decompressor errors
-            raise ImageReadError(f"{name}: corrupt in the zip ({_reason(err)})") from err
+            raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
         if total > MAX_MEMBER_BYTES:
-            raise ImageReadError(f"{name}: {_too_big()}")
+            raise ImageReadError(name, _too_big())
         return io.BytesIO(b"".join(chunks))
 
 
@@ -200,7 +201,7 @@ def expand_uploads(uploads: Sequence[tuple[str, str]], stack: ExitStack) -> list
             try:
                 upload = ZipUpload.open(path, name)
             except ImageReadError as err:
-                items.append(UploadItem(name, error=str(err).split(": ", 1)[-1]))
+                items.append(UploadItem(name, error=err.reason))
                 continue
             stack.callback(upload.close)
             items += upload.items
@@ -217,7 +218,7 @@ def _declared_entries(path: str | Path, label: str) -> tuple[int, int]:
         tail = stream.read()
         at = tail.rfind(b"PK\x05\x06")
         if at < 0 or len(tail) < at + 22:
-            raise ImageReadError(f"{label}: not a readable zip archive (no end record)")
+            raise ImageReadError(label, "not a readable zip archive (no end record)")
         entries = int.from_bytes(tail[at + 10 : at + 12], "little")
         directory = int.from_bytes(tail[at + 12 : at + 16], "little")
         locator = tail[at - 20 : at] if at >= 20 else b""

@@ -32,14 +32,22 @@ CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 CNV_SCAN = EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg"
 
 
-def tiny_checkpoint(directory: Path, seed: int = 0, report: bool = True) -> Path:
-    """A 4-class tiny MIRAGE-architecture checkpoint, with an evaluation report."""
+def tiny_checkpoint(
+    directory: Path,
+    seed: int = 0,
+    report: bool = True,
+    classes: list[str] = CLASSES,
+    split: str = "test",
+) -> Path:
+    """A tiny MIRAGE-architecture checkpoint (4 classes by default), with an evaluation
+    report on ``split``."""
     torch.manual_seed(seed)
     kwargs = {"img_size": 128, "depth": 2}
-    model = timm.create_model("mirage_tiny_patch32_512", num_classes=4, **kwargs).eval()
+    k = len(classes)
+    model = timm.create_model("mirage_tiny_patch32_512", num_classes=k, **kwargs).eval()
     config = CheckpointConfig(
         "mirage_tiny_patch32_512",
-        CLASSES,
+        classes,
         Preprocessing.from_model(model),
         model_kwargs=kwargs,
         training={"data": "synthetic test data", "epochs": 1},
@@ -49,12 +57,12 @@ def tiny_checkpoint(directory: Path, seed: int = 0, report: bool = True) -> Path
         from mirage_demo.metrics import write_report
 
         rng = np.random.default_rng(seed)
-        y_true = np.repeat(np.arange(4), 5)
-        probs = rng.dirichlet(np.ones(4), size=20)
-        probs[np.arange(20), y_true] += 1.0
+        y_true = np.repeat(np.arange(k), 5)
+        probs = rng.dirichlet(np.ones(k), size=5 * k)
+        probs[np.arange(5 * k), y_true] += 1.0
         probs /= probs.sum(1, keepdims=True)
-        files = [f"img{i}.png" for i in range(20)]
-        write_report(directory, y_true, probs, CLASSES, files, n_bootstrap=50)
+        files = [f"img{i}.png" for i in range(5 * k)]
+        write_report(directory, y_true, probs, classes, files, split=split, n_bootstrap=50)
     return directory
 
 
@@ -171,7 +179,7 @@ def test_batch_endpoint_with_zip_and_a_bad_file(client, tmp_path):
     assert all(row[1] in CLASSES for row in rows[:2])
     with open(csv_file, newline="") as stream:
         written = list(csv.reader(stream))
-    assert written[0][:2] == ["file", "prediction"] and len(written) == 4
+    assert written[0][:2] == ["file", "predicted"] and len(written) == 4
     assert "2 classified" in summary and "1 unreadable" in summary
 
 
@@ -334,3 +342,75 @@ def test_trust_note_says_what_is_loaded_and_how_far_to_trust_it(served):
     assert "CNV 100% of 5" in note and "not a diagnosis" in note
     bare = trust_note("tiny (no report)", registry.get("tiny (no report)").config, None)
     assert "no test report" in bare
+
+
+def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, monkeypatch):
+    """Texts and counts come from the checkpoint (3 classes, a report on val), each
+    checkpoint is resolved once, and no model loads until a request needs it."""
+    import gradio as gr
+
+    import mirage_demo.ui.registry as registry_module
+
+    classes = ["CALM", "SPOTS", "WAVES"]
+    source = tiny_checkpoint(tmp_path / "three", classes=classes, split="val")
+    resolved = []
+    resolve = registry_module.resolve_checkpoint_dir
+    monkeypatch.setattr(
+        registry_module,
+        "resolve_checkpoint_dir",
+        lambda s: resolved.append(s) or resolve(s),
+    )
+    registry = ModelRegistry([ModelChoice("three", str(source))])
+    loads = []
+    monkeypatch.setattr(
+        registry_module.Predictor, "from_pretrained", lambda *a, **k: loads.append(a)
+    )
+    demo = build_app(registry)
+    assert loads == []  # the layout needs no model
+    blocks = list(demo.blocks.values())
+    (label,) = [b for b in blocks if isinstance(b, gr.Label)]
+    assert label.num_top_classes == 3
+    texts = " ".join(str(b.value) for b in blocks if isinstance(b, gr.Markdown))
+    assert "as CALM, SPOTS or WAVES" in texts
+    assert "On its 15 val scans: balanced accuracy" in texts and "test scans" not in texts
+    assert "Results on the val split (15 images)" in texts
+    (table,) = [b for b in blocks if isinstance(b, gr.Dataframe)]
+    assert table.headers == [
+        "file",
+        "prediction",
+        "p(CALM)",
+        "p(SPOTS)",
+        "p(WAVES)",
+        "warnings / errors",
+    ]
+    registry.directory(), registry.report(), registry.config()
+    assert resolved == [str(source)]  # resolved once, however often it is asked
+
+
+def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
+    """A tab is a function of the app context; every model-running handler is wrapped."""
+    import gradio as gr
+
+    from mirage_demo.ui import TABS
+
+    wrapped = []
+
+    def wrap(fn):
+        wrapped.append(fn.__name__)
+        return fn
+
+    def compare_tab(ctx):
+        with gr.Tab("Compare", id="compare"):
+            button = gr.Button("Compare")
+            names = gr.JSON()
+        button.click(
+            ctx.model_call(lambda: ctx.registry.names), outputs=[names], api_name="compare"
+        )
+
+    registry = ModelRegistry(
+        [ModelChoice("tiny", str(tiny_checkpoint(tmp_path / "t", report=False)))]
+    )
+    demo = build_app(registry, tabs=[*TABS, compare_tab], wrap_model_call=wrap)
+    api_names = {fn.api_name for fn in demo.fns.values()}
+    assert {"predict", "explain", "batch", "compare"} <= api_names
+    assert sorted(wrapped) == ["<lambda>", "on_batch", "on_explain", "on_predict"]

@@ -137,3 +137,70 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     x = torch.rand(2, 1, 128, 128)
     with torch.no_grad():
         assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
+def test_split_record_round_trips_and_wins_over_training_provenance(tmp_path):
+    from mirage_demo.checkpoint import read_config
+    from mirage_demo.data import SplitSpec
+
+    model, config = tiny_checkpoint(tmp_path / "ckpt")
+    config.split = SplitSpec(val_fraction=0.2, test_fraction=0.1, seed=3, exclude=("examples",))
+    config.training = {"split_seed": 0, "val_fraction": 0.5}  # provenance, never read back
+    save_checkpoint(tmp_path / "ckpt", model, config)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["split"] == {
+        "val_fraction": 0.2,
+        "test_fraction": 0.1,
+        "seed": 3,
+        "exclude": ["examples"],
+    }
+    assert read_config(tmp_path / "ckpt").split == config.split
+
+
+def test_legacy_split_settings_in_training_migrate_to_the_split_record(tmp_path):
+    from mirage_demo.checkpoint import read_config
+    from mirage_demo.data import SplitSpec
+
+    tiny_checkpoint(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    legacy = json.loads(path.read_text())
+    legacy.pop("split")
+    legacy["training"] = {"val_fraction": 0.2, "split_seed": 7, "exclude": None, "epochs": 3}
+    path.write_text(json.dumps(legacy))
+    assert read_config(tmp_path / "ckpt").split == SplitSpec(val_fraction=0.2, seed=7)
+    legacy["training"] = {"epochs": 3}  # nothing recorded: no split
+    path.write_text(json.dumps(legacy))
+    assert read_config(tmp_path / "ckpt").split is None
+    # the bundled models (today's format) keep evaluating on the split they were trained on
+    for bundled in ("demo-model", "demo-vit"):
+        directory = os.path.join(os.path.dirname(__file__), "..", "assets", bundled)
+        if os.path.isfile(os.path.join(directory, "config.json")):
+            config = read_config(directory)
+            training = config.training
+            assert config.split == SplitSpec(
+                val_fraction=training["val_fraction"],
+                test_fraction=training["test_fraction"],
+                seed=training["split_seed"],
+                exclude=tuple(training["exclude"]),
+            )
+
+
+@pytest.mark.parametrize(
+    "split, message",
+    [
+        ({"seed": "zero"}, "seed must be an integer"),
+        ({"val_fraction": 0.1, "shuffle": True}, "unknown split settings: shuffle"),
+        ({"exclude": [1, 2]}, "exclude must be a list of paths"),
+        ([0.1, 0.1], "must be an object"),
+    ],
+)
+def test_malformed_split_record_is_a_clear_error(tmp_path, split, message):
+    from mirage_demo.checkpoint import read_config
+
+    tiny_checkpoint(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(path.read_text())
+    data["split"] = split
+    path.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=f"unusable split record: .*{message}"):
+        read_config(tmp_path / "ckpt")

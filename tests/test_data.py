@@ -76,6 +76,11 @@ def test_flat_layout_is_split_patient_disjoint_and_stratified(tmp_path):
     assert again.splits == data.splits
     other = load_dataset(tmp_path / "flat", val_fraction=0.2, test_fraction=0.2, seed=2)
     assert other.splits["val"] != data.splits["val"]
+    from mirage_demo.data import SplitSpec
+
+    record = SplitSpec(val_fraction=0.2, test_fraction=0.2, seed=1)
+    assert load_dataset(tmp_path / "flat", record).splits == data.splits  # the typed record
+    assert load_dataset(tmp_path / "flat", record, seed=2).splits == other.splits  # overridden
 
 
 def test_missing_val_is_carved_from_train(tmp_path):
@@ -256,3 +261,18 @@ def test_exclude_removes_copies_and_their_patients(tmp_path):
     assert any("excluded 6 images" in note for note in data.notes)
     with pytest.raises(DataError, match="no such file or folder"):
         load_dataset(tmp_path / "data", exclude=[tmp_path / "missing"])
+
+
+def test_image_read_error_carries_name_and_reason(tmp_path):
+    import pickle
+
+    (tmp_path / "scan.png").write_bytes(b"plain text")
+    with pytest.raises(ImageReadError) as raised:
+        read_image(tmp_path / "scan.png")
+    err = raised.value
+    assert (err.name, err.reason) == ("scan.png", "not a readable image (unknown format)")
+    copy = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker processes intact
+    assert (copy.name, copy.reason, str(copy)) == (err.name, err.reason, str(err))
+    Image.fromarray(np.full((4, 6), 7, np.uint8)).save(tmp_path / "good.png")
+    data = (tmp_path / "good.png").read_bytes()
+    assert read_image(data).shape == (4, 6)  # a file's bytes read like the file

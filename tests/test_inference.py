@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import mirage_demo.inference as inference
@@ -113,6 +114,33 @@ def test_predict_batch_equals_one_at_a_time_and_reports_bad_files(predictor, tmp
     assert mixed[3].probabilities == pytest.approx(single[1].probabilities, abs=1e-5)
     with pytest.raises(ImageReadError, match="broken.png"):
         predictor.predict(tmp_path / "broken.png")
+
+
+def test_predict_batch_takes_bytes_and_reports_errors_as_data(predictor, tmp_path):
+    image = Image.fromarray(lesion_scan(1, 310)[0])
+    image.save(tmp_path / "scan.png")
+    data = (tmp_path / "scan.png").read_bytes()
+    given = ImageReadError("archive.zip/x.png", "corrupt in zip (bad CRC)")
+    seen = []
+    results = predictor.predict_batch(
+        [tmp_path / "scan.png", data, image, b"not an image", given],
+        batch_size=2,
+        names=[None, "upload.png", None, "junk.png", "x"],
+        on_error="return",
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    reference = results[0].probabilities
+    for result in results[1:3]:  # the same scan as bytes and as a PIL image
+        assert result.probabilities == pytest.approx(reference, abs=1e-6)
+    assert results[1].source == "upload.png"
+    junk, passed = results[3], results[4]
+    assert (junk.name, junk.reason) == ("junk.png", "not a readable image (unknown format)")
+    assert str(junk) == "junk.png: not a readable image (unknown format)"
+    assert passed is given
+    assert seen == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    with pytest.raises(ImageReadError) as raised:
+        predictor.predict(b"\x89PNG\r\n\x1a\n broken", name="broken.png")
+    assert raised.value.name == "broken.png" and "not a readable image" in raised.value.reason
 
 
 def test_tta_averages_the_logits_of_the_image_and_its_mirror(checkpoint):
@@ -233,6 +261,15 @@ def test_overlay_blends_colormap_and_image(predictor):
 # Equivalence with pytorch-grad-cam and with timm's own attention
 
 
+LIBRARY_CAMS = {  # the reference each of our CAM methods must equal
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+}
+
+
 def _models():
     torch.manual_seed(1)
     vit = timm.create_model("mirage_tiny_patch32_512", num_classes=3, img_size=128, depth=2)
@@ -246,7 +283,8 @@ def test_fast_cams_equal_pytorch_grad_cam(kind):
     explainer = Explainer(model)
     x = torch.rand(2, 1, 128, 128)
     targets = [2, 0]
-    for name, cam_class in CAM_METHODS.items():
+    for name in CAM_METHODS:
+        cam_class = LIBRARY_CAMS[name]
         logits, ours = explainer(x, name, targets=targets)
         with cam_class(
             model, [explainer.target_layer], reshape_transform=explainer.reshape_transform

@@ -197,3 +197,32 @@ def test_bad_shapes_are_refused():
         compute_metrics([0, 1], np.ones((2, 2)) / 2, CLASSES)
     with pytest.raises(ValueError, match="labels must be"):
         compute_metrics([0, 3], np.ones((2, 3)) / 3, CLASSES)
+
+
+def test_one_predictions_file_for_report_cli_and_app(tmp_path):
+    from mirage_demo.metrics import write_predictions_csv
+
+    classes = ["CNV", "DME"]
+    probs = [[0.25, 0.75], None]
+    path = write_predictions_csv(
+        tmp_path / "p.csv",
+        classes,
+        ["a.png", "b.png"],
+        probs,
+        warnings=[["colour image"], []],
+        errors=[None, "b.png: corrupt"],
+    )
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["file", "predicted", "prob_CNV", "prob_DME", "warnings", "error"]
+    assert rows[0] == {
+        "file": "a.png",
+        "predicted": "DME",
+        "prob_CNV": "0.250000",
+        "prob_DME": "0.750000",
+        "warnings": "colour image",
+        "error": "",
+    }
+    assert rows[1]["predicted"] == "" and rows[1]["prob_CNV"] == "" and rows[1]["error"]
+    with pytest.raises(ValueError, match="1 probabilities for 2 files"):
+        write_predictions_csv(tmp_path / "q.csv", classes, ["a", "b"], [[0.5, 0.5]])

@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import mirage_demo  # noqa: F401
+import mirage_demo
 from mirage_demo.models import (
     _InertGlobal,
     checkpoint_filter_fn,
@@ -266,3 +266,15 @@ def test_frozen_parts_train_in_eval_mode():
     configure_finetuning(model, "full")
     set_training_mode(model)
     assert all(m.training for m in model.modules())
+
+
+def test_the_package_exports_what_the_readme_teaches():
+    from mirage_demo.checkpoint import load_checkpoint
+    from mirage_demo.inference import Predictor
+
+    assert set(mirage_demo.__all__) - {"__version__"} == set(mirage_demo._EXPORTS)
+    assert mirage_demo.Predictor is Predictor and mirage_demo.load_checkpoint is load_checkpoint
+    for name in mirage_demo.__all__:
+        assert getattr(mirage_demo, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'predictor'"):
+        mirage_demo.predictor  # noqa: B018

@@ -85,7 +85,7 @@ def test_folder_gives_a_csv_too(checkpoint, scans, tmp_path, capsys):
     with (out / "scans-predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["file"] for r in rows] == [line["file"] for line in lines]
-    assert set(rows[0]) == {"file", "label", "p_NORMAL", "p_LESION", "warnings", "error"}
+    assert set(rows[0]) == {"file", "predicted", "prob_NORMAL", "prob_LESION", "warnings", "error"}
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["file"].endswith("corrupt.jpeg")
     assert "scans-predictions.csv" in err

@@ -157,6 +157,35 @@ def test_evaluate_reproduces_the_test_metrics(trained, tmp_path, capsys):
         assert (tmp_path / name).is_file()
 
 
+def test_evaluate_rebuilds_the_split_recorded_in_the_checkpoint(trained, tmp_path, capsys):
+    """A flat copy of the data is carved as the checkpoint's typed split record says; the
+    free-form ``training`` settings (a decoy seed here) are never read back."""
+    import shutil
+
+    from mirage_demo.data import SplitSpec, load_dataset
+
+    data, out = trained
+    flat = tmp_path / "flat"
+    for image in sorted(data.glob("*/*/*.png")):
+        (flat / image.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, flat / image.parent.name / image.name)
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    shutil.copy(out / "model.safetensors", checkpoint)
+    config = json.loads((out / "config.json").read_text())
+    config["split"] = {"val_fraction": 0.2, "test_fraction": 0.3, "seed": 5, "exclude": []}
+    config["training"]["split_seed"] = 0
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    args = ["--checkpoint", checkpoint, "--data", flat, "--out", tmp_path / "report"]
+    assert evaluate.main([str(a) for a in [*args, "--bootstrap", "10"]]) == 0
+    with open(tmp_path / "report" / "predictions.csv", newline="") as handle:
+        files = [row["file"] for row in csv.DictReader(handle)]
+    recorded = load_dataset(flat, SplitSpec(0.2, 0.3, 5)).splits["test"]
+    assert sorted(files) == sorted(s.path.relative_to(flat).as_posix() for s in recorded)
+    default = load_dataset(flat).splits["test"]
+    assert sorted(files) != sorted(s.path.relative_to(flat).as_posix() for s in default)
+
+
 def test_evaluate_refuses_other_classes(trained, tmp_path, capsys):
     _, out = trained
     other = tmp_path / "other"

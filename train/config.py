@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from mirage_demo.data import SplitSpec
+
 __all__ = ["RESUMABLE_CHANGES", "TrainConfig", "UsageError", "build_parser", "parse_config"]
 
 
@@ -77,6 +79,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def split(self) -> SplitSpec:
+        """The data split these options ask for (stored in the checkpoint as is)."""
+        exclude = tuple(self.exclude)
+        return SplitSpec(self.val_fraction, self.test_fraction, self.split_seed, exclude)
 
     @property
     def base_lr(self) -> float:

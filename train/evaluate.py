@@ -4,7 +4,7 @@
 
 The report (``metrics.json``, ``predictions.csv``, figures; see :mod:`mirage_demo.metrics`)
 goes into ``--out``, by default the checkpoint directory itself. The split is rebuilt exactly
-as in training (the split settings are read from the checkpoint's ``config.json``), images go
+as in training (from the checkpoint's typed split record, ``config.split``), images go
 through the app's preprocessing, and probabilities are calibrated with the checkpoint's
 temperature, so evaluating a run's own checkpoint reproduces its ``metrics.json``.
 """
@@ -179,14 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     model, config = load_checkpoint(args.checkpoint, device=device)
-    split_cfg = config.training
-    data = load_dataset(
-        args.data,
-        val_fraction=float(split_cfg.get("val_fraction", 0.15)),
-        test_fraction=float(split_cfg.get("test_fraction", 0.15)),
-        seed=int(split_cfg.get("split_seed", 0)),
-        exclude=args.exclude if args.exclude is not None else split_cfg.get("exclude") or [],
-    )
+    if config.split is None:
+        log.warning("the checkpoint records no data split: using the default split settings")
+    data = load_dataset(args.data, config.split, exclude=args.exclude)
     if data.class_names != config.class_names:
         raise UsageError(
             f"{args.data} has classes [{', '.join(data.class_names)}] but the checkpoint was "

@@ -201,9 +201,7 @@ def _check_space(out: Path, cache_root: Path | None, model: nn.Module, cache_byt
 def _load_data(config: TrainConfig) -> DatasetSplits:
     if not config.data:
         raise UsageError("--data DIR is required: a folder of train|val|test/<CLASS>/ images")
-    data = load_dataset(
-        config.data, config.val_fraction, config.test_fraction, config.split_seed, config.exclude
-    )
+    data = load_dataset(config.data, config.split)
     if not data.splits.get("val"):
         raise UsageError(f"{config.data}: the validation split is empty")
     return data
@@ -555,6 +553,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
         preprocessing=preprocessing,
         model_kwargs=model_kwargs,
         source_weights=_source_weights(config),
+        split=config.split,
         training={**options, **derived},
         description=config.description or _description(config, class_names),
     )

@@ -1,0 +1,145 @@
+"""The app: a header with the model picker and trust note, then one tab per builder.
+
+``build_app(registry)`` lays out :data:`TABS` around an :class:`~mirage_demo.ui.context.AppContext`;
+a new tab is a function ``build(ctx) -> None`` added to that tuple (or passed as ``tabs=``).
+Building reads checkpoint configs and reports only; models load on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gradio as gr
+
+from mirage_demo.checkpoint import CheckpointError
+from mirage_demo.ui.batch import build_batch_tab
+from mirage_demo.ui.classify import build_classify_tab
+from mirage_demo.ui.context import AppContext, example_scans
+from mirage_demo.ui.learn import build_learn_tab
+from mirage_demo.ui.registry import ENV_CHECKPOINTS, ModelRegistry, available_models
+from mirage_demo.ui.report import build_model_tab, trust_note
+
+__all__ = ["LAUNCH_OPTIONS", "TABS", "TITLE", "build_app", "default_concurrency", "main"]
+
+TITLE = "MIRAGE OCT demo"
+TabBuilder = Callable[[AppContext], None]
+#: The tabs, in order.
+TABS: tuple[TabBuilder, ...] = (
+    build_classify_tab,
+    build_model_tab,
+    build_batch_tab,
+    build_learn_tab,
+)
+CSS = """
+.disclaimer {border-left: 4px solid #d97706; padding: 6px 12px; background: #fffbeb;}
+.disclaimer p {margin: 0; color: #78350f;}
+footer {visibility: hidden}
+"""
+FOOTER = (
+    "Models fine-tuned from MIRAGE inherit its CC BY-NC-ND 4.0 license (Morano et al. "
+    "2025, arXiv:2506.08900). Example scans: Kermany et al., Cell 2018, CC BY 4.0. "
+    "Code: Apache-2.0."
+)
+
+
+def subtitle(class_names: Sequence[str]) -> str:
+    """What the app does, in the loaded model's classes."""
+    names = list(class_names)
+    listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+    return f"Classify a retinal OCT B-scan as {listed}, and see where the model looked."
+
+
+def build_app(
+    registry: ModelRegistry,
+    tabs: Sequence[TabBuilder] = TABS,
+    wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+) -> gr.Blocks:
+    """The app around a :class:`ModelRegistry`: header, model picker, then ``tabs``.
+
+    ``wrap_model_call`` decorates every handler that runs a model (e.g. ``spaces.GPU``).
+    """
+    config = registry.config(registry.default)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(
+                registry.names,
+                value=registry.default,
+                label="Model",
+                scale=1,
+                visible=len(registry.names) > 1,
+            )
+            trust = gr.Markdown(
+                trust_note(registry.default, config, registry.report(registry.default)),
+                elem_classes="disclaimer",
+            )
+        ctx = AppContext(registry, demo, model, example_scans())
+        if wrap_model_call is not None:
+            ctx.wrap_model_call = wrap_model_call
+        with gr.Tabs():
+            for build_tab in tabs:
+                build_tab(ctx)
+        gr.Markdown(FOOTER)
+
+        def on_model(name):
+            chosen = registry.config(name)
+            note = trust_note(name, chosen, registry.report(name))
+            return f"# {TITLE}\n{subtitle(chosen.class_names)}", note
+
+        model.change(on_model, inputs=[model], outputs=[header, trust], api_visibility="private")
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python app.py [--checkpoint DIR_OR_HUB_ID ...] [--port N] [--share]``."""
+    parser = argparse.ArgumentParser(description="Serve the MIRAGE OCT demo app.")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="DIR_OR_HUB_ID",
+        help="checkpoint directory or Hugging Face repo id to serve (repeat for a picker; "
+        f"default: the bundled models; also ${ENV_CHECKPOINTS})",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument(
+        "--concurrency", type=int, default=default_concurrency(), help="parallel requests"
+    )
+    parser.add_argument(
+        "--share", action="store_true", help="also serve on a public gradio.live link"
+    )
+    args = parser.parse_args(argv)
+    try:
+        registry = ModelRegistry(available_models(args.checkpoint), device=args.device)
+        demo = build_app(registry)
+        registry.get(registry.default)  # a broken default model stops here, not on first use
+    except (CheckpointError, gr.Error) as err:
+        parser.exit(1, f"error: {err}\n")
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=256)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **LAUNCH_OPTIONS)
+
+
+def default_concurrency() -> int:
+    """Requests served at once: one per two cores (each uses torch's intra-op threads)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def theme() -> gr.themes.Base:
+    """A clean theme with system fonts (no web-font downloads)."""
+    fonts = ["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"]
+    mono = ["ui-monospace", "SFMono-Regular", "Menlo", "monospace"]
+    return gr.themes.Soft(primary_hue="indigo", neutral_hue="slate", font=fonts, font_mono=mono)
+
+
+#: ``demo.launch(**LAUNCH_OPTIONS)``: look and limits (Gradio 6 takes theme and css here).
+LAUNCH_OPTIONS: dict[str, Any] = {
+    "theme": theme(),
+    "css": CSS,
+    "footer_links": ["api"],
+    "max_file_size": "100mb",
+}

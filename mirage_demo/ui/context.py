@@ -1,0 +1,131 @@
+"""What every tab builder receives (:class:`AppContext`), and the texts and helpers they share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import gradio as gr
+
+from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
+from mirage_demo.inference import Prediction
+from mirage_demo.ui.registry import ASSETS, ModelRegistry
+
+__all__ = [
+    "DISCLAIMER",
+    "EXAMPLES_DIR",
+    "METHOD_LABELS",
+    "PREDICTED",
+    "AppContext",
+    "display_name",
+    "example_scans",
+    "unreadable",
+    "upload_path",
+]
+
+EXAMPLES_DIR = ASSETS / "examples"
+DISCLAIMER = (
+    "**Teaching tool, not a diagnosis.** Predictions and heat maps illustrate how a model "
+    "behaves; they must never guide the care of a patient."
+)
+METHOD_LABELS = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "hirescam": "HiResCAM",
+    "layercam": "LayerCAM",
+    "eigencam": "EigenCAM (class-agnostic)",
+    "attention": "Attention of the global token (last block)",
+    "rollout": "Attention rollout",
+}
+PREDICTED = "the predicted class"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _unwrapped(fn: F) -> F:
+    return fn
+
+
+@dataclass
+class AppContext:
+    """The app's shared state, handed to every tab builder.
+
+    A tab builder is ``build(ctx) -> None``: inside ``with gr.Tabs()`` it opens its own
+    ``gr.Tab``, lays out its components and wires its events. It reads models through
+    ``registry`` (``registry.config``/``report`` never load a model; ``registry.get`` does,
+    and only in event handlers), listens to the model picker with :meth:`on_model`, and
+    wraps every handler that runs a model in :meth:`model_call`.
+    """
+
+    registry: ModelRegistry
+    demo: gr.Blocks
+    model: gr.Dropdown  # the model picker, above the tabs
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
+    #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
+    wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
+
+    def model_call(self, fn: F) -> F:
+        """``fn`` wrapped with :attr:`wrap_model_call`."""
+        return self.wrap_model_call(fn)  # type: ignore[return-value]
+
+    def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
+        """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
+        update ``outputs``; returns the picker's change event (to chain ``.then``)."""
+        self.demo.load(fn, inputs=[self.model], outputs=list(outputs), api_visibility="private")
+        return self.model.change(
+            fn, inputs=[self.model], outputs=list(outputs), api_visibility="private"
+        )
+
+
+def example_scans(folder: Path = EXAMPLES_DIR) -> list[tuple[str, str]]:
+    """(path, class) of the bundled example scans, sorted by class."""
+    if not folder.is_dir():
+        return []
+    return [
+        (str(path), path.parent.name)
+        for path in sorted(folder.glob("*/*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+
+
+def upload_path(upload: Any) -> str:
+    """The local path of an uploaded file (a Gradio file payload, a path, or a temp file)."""
+    if upload is None:
+        raise gr.Error("Upload an OCT B-scan first (PNG, JPEG, TIFF or BMP).")
+    if isinstance(upload, dict):
+        upload = upload.get("path") or upload.get("name")
+    path = getattr(upload, "path", None) or getattr(upload, "name", None) or upload
+    return str(path)
+
+
+def display_name(upload: Any, path: str) -> str:
+    """The name the user knows an upload by (its original file name)."""
+    if isinstance(upload, dict) and upload.get("orig_name"):
+        return str(upload["orig_name"])
+    return Path(path).name
+
+
+def unreadable(err: ImageReadError) -> gr.Error:
+    """The message shown for an image that cannot be read."""
+    return gr.Error(
+        f"Could not read {err.name}: {err.reason}. Please upload an OCT B-scan as PNG, JPEG, "
+        "TIFF or BMP (at most 64 megapixels).",
+        title="Unreadable image",
+    )
+
+
+def timing_line(prediction: Prediction, what: str, device: str) -> str:
+    """``"<what>: 0.12 s on CPU (0.15 s with image decoding)."``"""
+    seconds = prediction.timing.get("total_s", 0.0)
+    model = prediction.timing.get("model_s", 0.0) + prediction.timing.get("explain_s", 0.0)
+    return f"{what}: {model:.2f} s on {device.upper()} ({seconds:.2f} s with image decoding)."
+
+
+def warnings_markdown(prediction: Prediction) -> str:
+    """The quality check's warnings, or nothing."""
+    if not prediction.warnings:
+        return ""
+    items = "\n".join(f"- {w}" for w in prediction.warnings)
+    return f"**Warning: this may not be an OCT B-scan**; the result is meaningless.\n{items}\n\n"

@@ -1,0 +1,135 @@
+"""The checkpoints the app serves: which ones, and each loaded once, on first use."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mirage_demo.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    read_config,
+    resolve_checkpoint_dir,
+)
+from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
+from mirage_demo.metrics import load_report
+
+__all__ = ["ASSETS", "ENV_CHECKPOINTS", "ModelChoice", "ModelRegistry", "available_models"]
+
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+BUNDLED_MODELS = (DEFAULT_CHECKPOINT, ASSETS / "demo-vit")
+ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A checkpoint the app can serve: its name in the picker and where it comes from."""
+
+    name: str
+    source: str
+
+
+def available_models(extra: Sequence[str] = ()) -> list[ModelChoice]:
+    """Checkpoints given on the command line or in ``$MIRAGE_DEMO_CHECKPOINTS`` (comma
+    separated), then the bundled ones; the first is the default."""
+    sources = [*extra, *os.environ.get(ENV_CHECKPOINTS, "").replace(",", " ").split()]
+    sources += [str(path) for path in BUNDLED_MODELS if (path / "config.json").is_file()]
+    choices, seen = [], set()
+    for source in sources:
+        key = str(Path(source).resolve()) if Path(source).exists() else source
+        if key in seen:
+            continue
+        seen.add(key)
+        path = Path(source)
+        if path.is_dir() and path.resolve().is_relative_to(ASSETS):
+            name = f"{path.name} (bundled)"
+        else:
+            name = path.name if path.is_dir() else source
+        choices.append(ModelChoice(name, source))
+    return choices
+
+
+class ModelRegistry:
+    """The served checkpoints by picker name (thread-safe).
+
+    Each checkpoint is resolved (a Hub repo id downloaded) once, its ``config.json`` read once
+    and its model loaded once, on first use; :meth:`config` and :meth:`report` never load the
+    model, so the app's layout is built from them alone.
+    """
+
+    def __init__(self, choices: Sequence[ModelChoice], device: str = "cpu") -> None:
+        if not choices:
+            raise CheckpointError(
+                "no checkpoint to serve: the bundled demo model is missing and none was given "
+                f"(python app.py --checkpoint DIR_OR_HUB_ID, or set {ENV_CHECKPOINTS})"
+            )
+        self.choices = {choice.name: choice for choice in choices}
+        self.device = device
+        self._directories: dict[str, Path] = {}
+        self._configs: dict[str, CheckpointConfig] = {}
+        self._loaded: dict[str, Predictor] = {}
+        self._lock = threading.RLock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.choices)
+
+    @property
+    def default(self) -> str:
+        return self.names[0]
+
+    def _name(self, name: str | None) -> str:
+        name = name or self.default
+        if name not in self.choices:
+            raise gr.Error(f"Unknown model {name!r}. Available: {', '.join(self.names)}.")
+        return name
+
+    def directory(self, name: str | None = None) -> Path:
+        """The local directory of a model's checkpoint (resolved once; report files live
+        there)."""
+        name = self._name(name)
+        with self._lock:
+            if name not in self._directories:
+                try:
+                    self._directories[name] = resolve_checkpoint_dir(self.choices[name].source)
+                except CheckpointError as err:
+                    raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+            return self._directories[name]
+
+    def config(self, name: str | None = None) -> CheckpointConfig:
+        """A model's checkpoint config (read once), without loading its weights."""
+        name = self._name(name)
+        with self._lock:
+            if name not in self._configs:
+                if name in self._loaded and self._loaded[name].config is not None:
+                    self._configs[name] = self._loaded[name].config
+                else:
+                    try:
+                        self._configs[name] = read_config(self.directory(name))
+                    except CheckpointError as err:
+                        raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+            return self._configs[name]
+
+    def get(self, name: str | None = None) -> Predictor:
+        """The predictor for a picker name (the default if empty), loaded on first use."""
+        name = self._name(name)
+        with self._lock:
+            if name not in self._loaded:
+                directory = self.directory(name)
+                try:
+                    predictor = Predictor.from_pretrained(directory, device=self.device)
+                except CheckpointError as err:
+                    raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+                self._loaded[name] = predictor
+                self._configs.setdefault(name, predictor.config)
+            return self._loaded[name]
+
+    def report(self, name: str | None = None) -> dict[str, Any] | None:
+        """A model's ``metrics.json``, or ``None`` if it has no report."""
+        return load_report(self.directory(name))

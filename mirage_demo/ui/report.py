@@ -1,0 +1,210 @@
+"""The Model tab and the trust note above the tabs: what is loaded and how far to trust it.
+
+Everything here reads the checkpoint's ``config.json`` and report files only: no model is
+loaded to describe one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from mirage_demo.checkpoint import CheckpointConfig
+from mirage_demo.ui.context import DISCLAIMER, AppContext
+from mirage_demo.ui.registry import ModelRegistry
+
+__all__ = [
+    "REPORT_FIGURES",
+    "build_model_tab",
+    "metrics_markdown",
+    "model_facts_markdown",
+    "model_report",
+    "trust_note",
+]
+
+REPORT_FIGURES = {
+    "confusion_matrix.png": "Confusion matrix: counts and row-normalised (rows: true class)",
+    "roc_curves.png": "ROC curves, each class against the rest",
+    "reliability.png": "Reliability diagram (calibration)",
+}
+
+
+def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
+    """The Model tab's table: what is loaded, where its weights come from, how it was
+    trained. (The Hub's model card is :func:`mirage_demo.checkpoint.model_card`.)"""
+    if config is None:
+        return f"### {name}\nThis model was built in Python, not loaded from a checkpoint."
+    source = config.source_weights or {}
+    training = config.training or {}
+    lines = [f"### {name}", "", "| What | |", "|---|---|"]
+    lines.append(f"| Architecture | `{config.architecture}` |")
+    lines.append(f"| Classes | {', '.join(config.class_names)} |")
+    weights = source.get("name") or "none: trained from scratch"
+    license_id = source.get("license")
+    lines.append(
+        f"| Starting weights | {weights}"
+        + (f" (license {license_id})" if license_id else "")
+        + " |"
+    )
+    data = training.get("data_name") or Path(str(training.get("data") or "")).name
+    images = training.get("images") or {}
+    split_sizes = ", ".join(f"{sum(c.values()):,} {s}" for s, c in images.items() if c)
+    if data or split_sizes:
+        lines.append(
+            f"| Training data | {data}" + (f" ({split_sizes})" if split_sizes else "") + " |"
+        )
+    for key, label in (
+        ("mode", "Fine-tuning"),
+        ("epochs", "Epochs"),
+        ("best_epoch", "Selected epoch"),
+    ):
+        if training.get(key) is not None:
+            lines.append(f"| {label} | {training[key]} |")
+    lines.append(f"| Input | {config.preprocessing.describe()} |")
+    lines.append(f"| Temperature (calibration) | {config.temperature:.3g} |")
+    lines.append(f"| Created | {config.created[:10]} (mirage_demo {config.library_version}) |")
+    if config.description:
+        lines += ["", config.description]
+    return "\n".join(lines)
+
+
+def _ci(entry: dict[str, Any] | None, percent: bool = True) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    scale = 100 if percent else 1
+    fmt = "{:.1f}" if percent else "{:.3f}"
+    value = fmt.format(entry["value"] * scale)
+    low, high = entry.get("ci95") or (None, None)
+    if low is None or high is None:
+        return value
+    return f"{value} ({fmt.format(low * scale)}–{fmt.format(high * scale)})"
+
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """The report's figures as tables, with 95% bootstrap confidence intervals."""
+    overall = metrics.get("overall", {})
+    per_class = metrics.get("per_class", {})
+    counts = metrics.get("images_per_class", {})
+    split = metrics.get("split", "test")
+    lines = [
+        f"### Results on the {split} split ({metrics.get('num_images', '?')} images)",
+        "Values in %, with 95% bootstrap confidence intervals. Classes with few images have "
+        "wide intervals: read them as such.",
+        "",
+        "| Accuracy | Balanced accuracy | Macro F1 | Macro AUROC | MCC | Cohen's κ | ECE |",
+        "|---|---|---|---|---|---|---|",
+        "| "
+        + " | ".join(
+            [
+                _ci(overall.get("accuracy")),
+                _ci(overall.get("balanced_accuracy")),
+                _ci(overall.get("macro_f1")),
+                _ci(overall.get("macro_auroc")),
+                _ci(overall.get("mcc"), percent=False),
+                _ci(overall.get("cohen_kappa"), percent=False),
+                _ci(overall.get("ece")),
+            ]
+        )
+        + " |",
+        "",
+        "| Class | Images | Sensitivity | Specificity | Precision | F1 | AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cls, values in per_class.items():
+        lines.append(
+            f"| {cls} | {values.get('support', counts.get(cls, '?'))} | "
+            + " | ".join(
+                _ci(values.get(k))
+                for k in ("sensitivity", "specificity", "precision", "f1", "auroc")
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def model_report(
+    registry: ModelRegistry, model_name: str | None = None
+) -> tuple[str, str, dict[str, str]]:
+    """The Model tab: facts table, metrics tables and the report's figures by file name."""
+    name = model_name or registry.default
+    card = model_facts_markdown(registry.config(name), name)
+    directory = registry.directory(name)
+    metrics = registry.report(name)
+    if metrics is None:
+        message = (
+            "### No evaluation report\nThis checkpoint has no `metrics.json`: evaluate it with "
+            f"`python -m train.evaluate --checkpoint {registry.choices[name].source} --data "
+            "DATA_DIR` to see its test figures, confusion matrix and ROC curves here."
+        )
+        return card, message, {}
+    figures = {fig: str(directory / fig) for fig in REPORT_FIGURES if (directory / fig).is_file()}
+    return card, metrics_markdown(metrics), figures
+
+
+def trust_note(
+    name: str, config: CheckpointConfig | None, metrics: dict[str, Any] | None = None
+) -> str:
+    """Which model is loaded, and how far to trust it (its report's figures, if it has any)."""
+    if config is None:
+        return f"**Model: {name}.** {DISCLAIMER}"
+    source = (config.source_weights or {}).get("name")
+    origin = f"fine-tuned from {source}" if source else "trained from scratch: **not MIRAGE**"
+    line = f"**Model: {name}** ({config.architecture}, {origin})."
+    if metrics:
+        overall = metrics.get("overall", {}).get("balanced_accuracy") or {}
+        value, (low, high) = overall.get("value"), overall.get("ci95") or (None, None)
+        if value is not None:
+            interval = f" (95% CI {low:.0%}–{high:.0%})" if low is not None else ""
+            split = metrics.get("split", "test")
+            line += (
+                f" On its {metrics.get('num_images', '?')} {split} scans: balanced accuracy "
+                f"{value:.0%}{interval}; sensitivity "
+            )
+            parts = []
+            for cls, values in metrics.get("per_class", {}).items():
+                sens = (values.get("sensitivity") or {}).get("value")
+                shown = "–" if sens is None else f"{sens:.0%}"
+                parts.append(f"{cls} {shown} of {values.get('support', '?')}")
+            line += ", ".join(parts) + "."
+    else:
+        line += " It has no test report: how well it works is unknown."
+    return f"{line} {DISCLAIMER}"
+
+
+def _report_image(name: str, figures: dict[str, str]) -> gr.Image:
+    return gr.Image(
+        figures.get(name),
+        label=REPORT_FIGURES[name],
+        show_label=False,  # the figure carries its own title; the label stays for screen readers
+        elem_id="report-" + name.removesuffix(".png").replace("_", "-"),
+        visible=name in figures,
+        interactive=False,
+        buttons=["download", "fullscreen"],
+    )
+
+
+def build_model_tab(ctx: AppContext) -> None:
+    """The loaded model's facts, report tables and figures; follows the model picker."""
+    registry = ctx.registry
+    with gr.Tab("Model", id="model"):
+        card, metrics_md, figures = model_report(registry, registry.default)
+        card_view = gr.Markdown(card)
+        metrics_view = gr.Markdown(metrics_md)
+        matrix_name, *curve_names = REPORT_FIGURES
+        figure_views = [_report_image(matrix_name, figures)]
+        with gr.Row():
+            figure_views += [_report_image(name, figures) for name in curve_names]
+
+    def on_model(name):
+        card_md, report_md, figs = model_report(registry, name)
+        updates = [gr.update(value=figs.get(f), visible=f in figs) for f in REPORT_FIGURES]
+        return card_md, report_md, *updates
+
+    ctx.model.change(
+        on_model,
+        inputs=[ctx.model],
+        outputs=[card_view, metrics_view, *figure_views],
+        api_visibility="private",
+    )
