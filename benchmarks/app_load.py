@@ -132,7 +132,9 @@ def run_phase(name: str, url: str, pid: int | None, clients: int, duration: floa
     began = time.monotonic()
     deadline = began + duration
     with ThreadPoolExecutor(clients) as pool:
-        for future in [pool.submit(run_client, url, 7 * c, deadline, calls) for c in range(clients)]:
+        for future in [
+            pool.submit(run_client, url, 7 * c, deadline, calls) for c in range(clients)
+        ]:
             future.result()
     wall = time.monotonic() - began
     return Phase(name, calls, wall, rss_start, rss_mb(pid))
@@ -180,7 +182,9 @@ def main() -> None:
     else:
         settings = [("unbatched", ["--max-batch", "1"])]
         if args.batch > 1:
-            settings.append((f"/predict batched (max {args.batch})", ["--max-batch", str(args.batch)]))
+            settings.append(
+                (f"/predict batched (max {args.batch})", ["--max-batch", str(args.batch)])
+            )
         for name, flags in settings:
             port = free_port()
             process = start_app(port, [*args.app_args.split(), *flags])

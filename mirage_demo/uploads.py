@@ -10,7 +10,7 @@ A :class:`RequestBudget` caps what one request may unpack and decode in all.
 >>> with ExitStack() as stack:
 ...     items = expand_uploads([("scans.zip", "/tmp/x.zip")], stack)
 ...     for item in items:
-...         source = item.load(budget)  # a path or an in-memory file; or ImageReadError
+...         source = item.load(budget)  # a path or the file's bytes; or ImageReadError
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 from PIL import Image
 
@@ -63,18 +62,16 @@ class RequestBudget:
         self.bytes_left -= count
         return True
 
-    def take_pixels(self, source: str | BinaryIO) -> str | None:
+    def take_pixels(self, source: str | bytes) -> str | None:
         """Reserve an image's declared pixels (read from its header); the reason if refused.
 
         A header that cannot be read reserves nothing: the decoder reports why later."""
         try:
-            with Image.open(source) as image:
+            opened = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(opened) as image:
                 pixels = image.width * image.height
         except Exception:  # unreadable: the decoder says why, once
             pixels = 0
-        finally:
-            if hasattr(source, "seek"):
-                source.seek(0)
         if pixels > self.pixels_left and pixels <= MAX_PIXELS:
             total = MAX_REQUEST_PIXELS // 1_000_000
             return f"skipped: this batch reached its limit of {total} megapixels in all"
@@ -88,11 +85,11 @@ class UploadItem:
     to read it. ``error`` is set when it cannot be read at all."""
 
     name: str
-    reader: Callable[[RequestBudget], str | BinaryIO] | None = None
+    reader: Callable[[RequestBudget], str | bytes] | None = None
     error: str | None = None
 
-    def load(self, budget: RequestBudget) -> str | BinaryIO:
-        """The image source (a path or an in-memory file) within ``budget``, or
+    def load(self, budget: RequestBudget) -> str | bytes:
+        """The image source (a path or the file's bytes) within ``budget``, or
         :class:`ImageReadError` naming this item and the reason."""
         if self.error is not None or self.reader is None:
             raise ImageReadError(self.name, self.error or "nothing to read")
@@ -140,7 +137,7 @@ class ZipUpload:
             raise ImageReadError(
                 label, f"the archive holds {len(infos):,} entries (limit {MAX_ZIP_ENTRIES:,})"
             )
-        upload.items = [upload._item(info) for info in infos if not _is_junk(info)]
+        upload.items = [upload._item(info) for info in infos if _is_listed(info)]
         return upload
 
     def close(self) -> None:
@@ -153,8 +150,6 @@ class ZipUpload:
         suffix = PurePosixPath(info.filename).suffix.lower()
         if suffix == ".zip":
             return UploadItem(name, error="skipped: a zip inside a zip is not opened")
-        if suffix not in IMAGE_SUFFIXES:
-            return UploadItem(name, error="skipped: not an image file")
         if info.flag_bits & 0x1:
             return UploadItem(name, error="skipped: encrypted (password-protected) entry")
         if info.compress_type not in _SUPPORTED_METHODS:
@@ -168,7 +163,7 @@ class ZipUpload:
             return UploadItem(name, error=_too_big())
         return UploadItem(name, reader=lambda budget: self._read(info, name, budget))
 
-    def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> BinaryIO:
+    def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> bytes:
         """One member, streamed: at most its declared size, at most MAX_MEMBER_BYTES."""
         if self._archive is None:
             raise ImageReadError(name, "the archive is closed")
@@ -189,7 +184,7 @@ class ZipUpload:
             raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
         if total > MAX_MEMBER_BYTES:
             raise ImageReadError(name, _too_big())
-        return io.BytesIO(b"".join(chunks))
+        return b"".join(chunks)
 
 
 def expand_uploads(uploads: Sequence[tuple[str, str]], stack: ExitStack) -> list[UploadItem]:
@@ -231,10 +226,15 @@ def _declared_entries(path: str | Path, label: str) -> tuple[int, int]:
     return entries, directory
 
 
-def _is_junk(info: zipfile.ZipInfo) -> bool:
-    """Folders and operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``)."""
-    parts = PurePosixPath(info.filename).parts
-    return info.is_dir() or not parts or parts[0] == "__MACOSX" or parts[-1].startswith(".")
+def _is_listed(info: zipfile.ZipInfo) -> bool:
+    """Images and nested zips get a row; folders, other files (notes, spreadsheets) and
+    operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``) do not."""
+    path = PurePosixPath(info.filename)
+    if info.is_dir() or not path.parts or path.parts[0] == "__MACOSX":
+        return False
+    if path.name.startswith("."):
+        return False
+    return path.suffix.lower() in (*IMAGE_SUFFIXES, ".zip")
 
 
 def _too_big() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ __all__ = [
     "DISCLAIMER",
     "EXAMPLES_DIR",
     "METHOD_LABELS",
+    "MODEL_CONCURRENCY_ID",
     "PREDICTED",
     "AppContext",
     "display_name",
@@ -40,6 +42,7 @@ METHOD_LABELS = {
     "rollout": "Attention rollout",
 }
 PREDICTED = "the predicted class"
+MODEL_CONCURRENCY_ID = "model"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +68,13 @@ class AppContext:
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
     #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
+    #: Gradio batching of ``/predict``: up to this many waiting requests in one call (1: off).
+    max_batch: int = 1
+    #: Options of every event that runs a model: one concurrency group, so at most
+    #: ``--concurrency`` model calls run at once, whichever tab they come from.
+    model_events: dict[str, Any] = field(
+        default_factory=lambda: {"concurrency_id": MODEL_CONCURRENCY_ID}
+    )
 
     def model_call(self, fn: F) -> F:
         """``fn`` wrapped with :attr:`wrap_model_call`."""
@@ -110,8 +120,8 @@ def display_name(upload: Any, path: str) -> str:
 def unreadable(err: ImageReadError) -> gr.Error:
     """The message shown for an image that cannot be read."""
     return gr.Error(
-        f"Could not read {err.name}: {err.reason}. Please upload an OCT B-scan as PNG, JPEG, "
-        "TIFF or BMP (at most 64 megapixels).",
+        f"Could not read {html.escape(err.name)}: {html.escape(err.reason)}. Please upload an "
+        "OCT B-scan as PNG, JPEG, TIFF, BMP, GIF or WebP (at most 64 megapixels).",
         title="Unreadable image",
     )
 
