@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -522,3 +523,182 @@ def test_full_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
     assert code == 2 and "Traceback" not in err
     assert err.startswith("error: cannot write ") and "the disk is full" in err
     assert "run the same command again" in err
+
+
+# --------------------------------------------------------------------------------------------
+# The app: bounded per request, fair between clients, nothing runs as HTML or as a formula
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_ckpt):
+    """The app on the tiny checkpoint, queued as ``python app.py`` queues it (one model
+    call at a time, at most 2 waiting per session); yields (url, registry, demo)."""
+    from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, build_app, setup_queue
+    from tests.test_app import free_port
+
+    registry = ModelRegistry([ModelChoice("tiny", str(tiny_ckpt))])
+    demo = build_app(registry, max_batch=4)
+    setup_queue(demo, concurrency=1, per_session=2)
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}/", registry, demo
+    finally:
+        demo.close()
+
+
+def test_model_events_share_one_group_and_uploads_expire(app_server):
+    from mirage_demo.ui import LAUNCH_OPTIONS
+
+    _, _, demo = app_server
+    fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
+    assert {"predict", "explain", "batch"} <= set(fns)
+    assert {fns[name].concurrency_id for name in ("predict", "explain", "batch")} == {"model"}
+    assert demo.delete_cache is not None and demo.delete_cache[1] <= 3600
+    assert LAUNCH_OPTIONS["max_file_size"] == "50mb"
+    states = [b for b in demo.blocks.values() if type(b).__name__ == "State"]
+    assert states and all(s.time_to_live <= 600 for s in states)
+
+
+def test_explain_state_is_small_whatever_the_upload(app_server, huge_png):
+    from mirage_demo.ui import explain_scan
+
+    _, registry, _ = app_server
+    overlay, _, _, state = explain_scan(registry, str(huge_png), "tiny", "gradcam")
+    assert max(overlay.size) <= 1024
+    for key in ("scan", "heatmap"):
+        assert state[key].dtype == np.uint8 and max(state[key].shape) <= 1024
+    assert sum(state[k].nbytes for k in ("scan", "heatmap")) <= 2 * 2**20
+
+
+def test_one_session_cannot_fill_the_queue(app_server, monkeypatch):
+    import time
+
+    from gradio_client import Client, handle_file
+
+    url, registry, _ = app_server
+    predictor = registry.get("tiny")
+    real = predictor.predict_batch
+
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict_batch", slow)
+    scan = handle_file(str(EXAMPLE))
+    flooder = Client(url, verbose=False)
+    jobs = [flooder.submit(scan, api_name="/predict") for _ in range(8)]
+    other = Client(url, verbose=False).submit(scan, api_name="/predict")
+    outcomes = []
+    for job in jobs:
+        try:
+            job.result(timeout=60)
+            outcomes.append("ok")
+        except Exception as err:
+            outcomes.append(str(err))
+    refused = [o for o in outcomes if o != "ok"]
+    assert 1 <= outcomes.count("ok") <= 5 and refused
+    # refused at once with HTTP 503 (gradio_client words it "Queue is full"), though the
+    # queue (64) is far from full: the per-session limit
+    assert all("Queue is full" in o for o in refused), refused
+    label, _ = other.result(timeout=60)  # the other client is served meanwhile
+    assert len(label["confidences"]) == 4
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "CNV" / "CNV-451136-1.jpeg"
+
+
+def test_names_are_escaped_and_csv_cells_neutralised(app_server, tmp_path):
+    import csv
+
+    from gradio_client import Client, handle_file
+
+    url, _, _ = app_server
+    client = Client(url, verbose=False)
+    import gradio as gr
+
+    from mirage_demo.ui import explain_scan
+    from mirage_demo.ui.classify import predict_scans
+
+    # the payload a raw API call sends (gradio_client would strip the brackets itself)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    payload = {"path": str(bad), "orig_name": "<img src=x onerror=alert(1)>.png"}
+    with pytest.raises(gr.Error) as info:  # the error toast
+        explain_scan(app_server[1], payload, "tiny")
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in info.value.message
+    assert "<img" not in info.value.message
+    _, texts = predict_scans(app_server[1], [payload], ["tiny"])  # batched /predict: a text
+    assert "&lt;img src=x" in texts[0] and "<img" not in texts[0]
+
+    formula = tmp_path / "=1+2.png"
+    formula.write_bytes(EXAMPLE.read_bytes())
+    table, csv_file, _ = client.predict([handle_file(str(formula))], api_name="/batch")
+    with open(csv_file, newline="") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[1][0] == "'=1+2.png" and rows[1][1] in CLASSES
+    assert table["headers"] == [
+        "file",
+        "prediction",
+        *(f"p({c})" for c in CLASSES),
+        "warnings / errors",
+    ]
+
+
+def test_batch_lists_bad_entries_and_takes_animated_images(app_server, tmp_path):
+
+    from gradio_client import Client, handle_file
+
+    url, _, _ = app_server
+    gif, webp = tmp_path / "anim.gif", tmp_path / "anim.webp"
+    gif.write_bytes(_animated("GIF"))
+    webp.write_bytes(_animated("WEBP"))
+    archive = _zip(
+        tmp_path / "scans.zip",
+        {"a.gif": _animated("GIF"), "b.webp": _animated("WEBP"), "inner.zip": b"PK"},
+    )
+    corrupt = tmp_path / "corrupt.zip"
+    corrupt.write_bytes(archive.read_bytes()[:-30])  # no end record
+    secret = _zip(tmp_path / "secret.zip", {"s.png": _png_bytes()})
+    _patch_entry(secret, "s.png", flags=1)
+    client = Client(url, verbose=False)
+    table, _, summary = client.predict(
+        [handle_file(str(p)) for p in (gif, webp, archive, corrupt, secret)], api_name="/batch"
+    )
+    rows = {row[0]: row for row in table["data"]}
+    for name in ("anim.gif", "anim.webp", "scans.zip/a.gif", "scans.zip/b.webp"):
+        assert rows[name][1] in CLASSES, rows[name]
+    assert "zip inside a zip" in rows["scans.zip/inner.zip"][-1]
+    assert "not a readable zip archive" in rows["corrupt.zip"][-1]
+    assert "encrypted" in rows["secret.zip/s.png"][-1]
+    assert not [r for r in table["data"] if "object at 0x" in str(r) or "<_io" in str(r)]
+    assert "4 classified" in summary and "3 unreadable" in summary
+
+
+def test_a_model_that_cannot_load_is_not_retried(tiny_ckpt, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from mirage_demo.inference import Predictor
+    from mirage_demo.ui import ModelChoice, ModelRegistry
+
+    broken = _with_config(tiny_ckpt, tmp_path, _set("preprocessing.input_size", [0, 0]))
+    registry = ModelRegistry([ModelChoice("good", str(tiny_ckpt)), ModelChoice("bad", str(broken))])
+    calls = []
+    real = Predictor.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))
+    for _ in range(3):
+        with pytest.raises(gr.Error, match=r"input_size\[0\] must be an integer from 8"):
+            registry.get("bad")
+    assert len(calls) <= 1
+    assert registry.get("good").class_names == CLASSES
