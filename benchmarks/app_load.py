@@ -115,8 +115,7 @@ class Phase:
     name: str
     calls: Calls
     wall: float
-    rss_start: float | None
-    rss_end: float | None
+    rss: list[float]  # the app's resident memory (MiB): after warm-up, then every 5 s
 
     @property
     def rate(self) -> float:
@@ -127,25 +126,39 @@ def run_phase(name: str, url: str, pid: int | None, clients: int, duration: floa
     warm = Calls()
     for index in range(4):  # loads the model, first calls: not measured
         one_call(Client(url, verbose=False), index, warm)
-    rss_start = rss_mb(pid)
+    rss = [rss_mb(pid)] if pid is not None else []
     calls = Calls()
     began = time.monotonic()
     deadline = began + duration
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(5.0):
+            rss.append(rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if pid is not None:
+        sampler.start()
     with ThreadPoolExecutor(clients) as pool:
         for future in [
             pool.submit(run_client, url, 7 * c, deadline, calls) for c in range(clients)
         ]:
             future.result()
     wall = time.monotonic() - began
-    return Phase(name, calls, wall, rss_start, rss_mb(pid))
+    done.set()
+    if pid is not None:
+        sampler.join()
+        rss.append(rss_mb(pid))
+    return Phase(name, calls, wall, rss)
 
 
 def report(phase: Phase, clients: int) -> None:
     calls = phase.calls
+    rss = phase.rss
     memory = (
-        f"; app resident memory {phase.rss_start:.0f} MiB after warm-up, "
-        f"{phase.rss_end:.0f} MiB at the end"
-        if phase.rss_start is not None
+        f"; app resident memory (MiB): {rss[0]:.0f} after warm-up, {rss[len(rss) // 2]:.0f} "
+        f"half-way, {rss[-1]:.0f} at the end, {max(rss):.0f} at most"
+        if rss
         else ""
     )
     print(

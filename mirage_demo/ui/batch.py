@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
-import time
-import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -16,15 +11,13 @@ import gradio as gr
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.metrics import write_predictions_csv
-from mirage_demo.ui.context import AppContext, display_name, upload_path
+from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uploads import RequestBudget, expand_uploads
 
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
 MAX_BATCH_FILES = 500  # images (and listed entries) per request
-CSV_DIR = Path(tempfile.gettempdir()) / "mirage-demo-batch"
-CSV_MAX_AGE_S = 600
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
 
@@ -80,7 +73,7 @@ def classify_batch(
             rows.append([name, result.label, *probs, "; ".join(result.warnings)])
         else:
             rows.append([name, UNREADABLE, *[None] * len(classes), result.reason])
-    csv_path = _csv_file()
+    csv_path = output_file("oct-predictions", ".csv")
     write_predictions_csv(
         csv_path,
         classes,
@@ -99,18 +92,6 @@ def classify_batch(
     )
     summary += " — " + ", ".join(f"{c}: {n}" for c, n in counts.items())
     return rows, str(csv_path), summary
-
-
-def _csv_file() -> Path:
-    """A new CSV path in the app's own temporary folder, whose files older than
-    :data:`CSV_MAX_AGE_S` are deleted first (Gradio serves its own copy of each)."""
-    CSV_DIR.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in CSV_DIR.glob("oct-predictions-*.csv"):
-        with contextlib.suppress(OSError):
-            if now - old.stat().st_mtime > CSV_MAX_AGE_S:
-                old.unlink()
-    return CSV_DIR / f"oct-predictions-{uuid.uuid4().hex[:12]}.csv"
 
 
 def build_batch_tab(ctx: AppContext) -> None:

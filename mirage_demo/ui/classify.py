@@ -19,6 +19,7 @@ from mirage_demo.ui.context import (
     PREDICTED,
     AppContext,
     display_name,
+    image_file,
     timing_line,
     unreadable,
     upload_path,
@@ -204,7 +205,12 @@ def build_classify_tab(ctx: AppContext) -> None:
     def on_explain(upload, name, method_name, target_name, alpha):
         if upload is None:  # cleared
             return None, None, EMPTY_INFO, None
-        return explain_scan(registry, upload, name, method_name, target_name, alpha)
+        picture, *rest = explain_scan(registry, upload, name, method_name, target_name, alpha)
+        return image_file(picture), *rest
+
+    def on_reblend(saved, alpha):
+        picture = reblend(saved, alpha)
+        return image_file(picture) if isinstance(picture, Image.Image) else picture
 
     @ctx.model_call
     def on_predict(upload, name):
@@ -232,7 +238,9 @@ def build_classify_tab(ctx: AppContext) -> None:
         trigger_mode="always_last",
         **ctx.model_events,
     )
-    opacity.release(reblend, inputs=[state, opacity], outputs=[overlay], api_visibility="private")
+    opacity.release(
+        on_reblend, inputs=[state, opacity], outputs=[overlay], api_visibility="private"
+    )
     if ctx.max_batch > 1:  # Gradio hands over up to max_batch waiting requests at once
 
         @ctx.model_call

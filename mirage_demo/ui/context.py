@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
+import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+from PIL import Image
 
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
@@ -23,6 +28,7 @@ __all__ = [
     "AppContext",
     "display_name",
     "example_scans",
+    "output_file",
     "unreadable",
     "upload_path",
 ]
@@ -43,6 +49,8 @@ METHOD_LABELS = {
 }
 PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
+OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
+OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -139,3 +147,26 @@ def warnings_markdown(prediction: Prediction) -> str:
         return ""
     items = "\n".join(f"- {w}" for w in prediction.warnings)
     return f"**Warning: this may not be an OCT B-scan**; the result is meaningless.\n{items}\n\n"
+
+
+def output_file(prefix: str, suffix: str) -> Path:
+    """A new, unique path for a file the app returns (a CSV, an overlay image), in the app's
+    own temporary folder, whose files older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+
+    Gradio copies a returned file into its cache under a temporary name, then renames it:
+    never rewritten in place while another request downloads it (as it does with images
+    returned as PIL objects, which truncates concurrent downloads of identical images)."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in OUTPUT_DIR.iterdir():
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                old.unlink()
+    return OUTPUT_DIR / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def image_file(image: Image.Image, prefix: str = "overlay") -> str:
+    """``image`` saved (WebP, as Gradio would) to a new :func:`output_file`; its path."""
+    path = output_file(prefix, ".webp")
+    image.save(path, "WEBP", quality=90)
+    return str(path)
