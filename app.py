@@ -14,7 +14,7 @@ def few_malloc_arenas(arenas: int = 2) -> None:
 
     By default each of the server's many request threads may get a pool of its own, and
     memory they free stays resident: under 32 concurrent clients the app grew 970 -> 1194 MiB
-    in 2 minutes; with two pools it stayed at ~1030 MiB at the same throughput (see README).
+    in 2 minutes; with two pools it stayed at ~1040 MiB at the same throughput (see README).
     Set before torch and Gradio start their threads; a no-op off glibc or if already set.
     """
     if os.environ.get("MALLOC_ARENA_MAX"):
@@ -23,8 +23,11 @@ def few_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
 
 
-if __name__ == "__main__":
-    few_malloc_arenas()
-    from mirage_demo.ui import main
+few_malloc_arenas()  # before any thread starts
 
+import spaces  # noqa: E402, F401  (on a ZeroGPU Space it patches torch before CUDA is touched)
+
+from mirage_demo.ui import main  # noqa: E402
+
+if __name__ == "__main__":
     main()

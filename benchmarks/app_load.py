@@ -38,10 +38,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(port: int, extra: list[str]) -> subprocess.Popen:
+def start_app(port: int, extra: list[str], root: Path = ROOT) -> subprocess.Popen:
+    """``python app.py`` in ``root`` (this checkout, or a staged Space), once it listens."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), *extra]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    command = [sys.executable, "app.py", "--port", str(port), *extra]
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline:
         if process.poll() is not None:

@@ -318,9 +318,9 @@ def save_checkpoint(
     return directory
 
 
-def resolve_checkpoint_dir(source: str | Path) -> Path:
+def resolve_checkpoint_dir(source: str | Path, local_files_only: bool = False) -> Path:
     """A local checkpoint directory, or a Hub repo id (``owner/name[@revision]``) downloaded
-    into the Hugging Face cache (offline once cached)."""
+    into the Hugging Face cache (offline once cached; ``local_files_only``: never online)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -332,7 +332,9 @@ def resolve_checkpoint_dir(source: str | Path) -> Path:
 
     repo_id, _, revision = text.partition("@")
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None))
+        return Path(
+            snapshot_download(repo_id, revision=revision or None, local_files_only=local_files_only)
+        )
     except LocalEntryNotFoundError as err:
         raise CheckpointError(
             f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "

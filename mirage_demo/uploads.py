@@ -36,6 +36,7 @@ __all__ = [
     "UploadItem",
     "ZipUpload",
     "expand_uploads",
+    "zip_entry_count",
 ]
 
 MAX_ZIP_ENTRIES = 2000  # entries of one zip (images, folders, anything)
@@ -203,6 +204,16 @@ def expand_uploads(uploads: Sequence[tuple[str, str]], stack: ExitStack) -> list
         else:
             items.append(UploadItem(name, reader=lambda budget, path=path: path))
     return items
+
+
+def zip_entry_count(path: str | Path) -> int:
+    """The number of entries a zip declares in its end record (nothing else is read), at
+    most :data:`MAX_ZIP_ENTRIES` + 1; 1 for a file that is not a zip."""
+    try:
+        entries, _ = _declared_entries(path, "")
+    except (ImageReadError, OSError):
+        return 1
+    return min(entries, MAX_ZIP_ENTRIES + 1)
 
 
 def _declared_entries(path: str | Path, label: str) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from mirage_demo.ui.context import AppContext, example_scans
 from mirage_demo.ui.learn import build_learn_tab
 from mirage_demo.ui.registry import ENV_CHECKPOINTS, ModelRegistry, available_models
 from mirage_demo.ui.report import build_model_tab, trust_note
+from mirage_demo.zerogpu import ZERO_GPU, resolve_device
 
 __all__ = [
     "LAUNCH_OPTIONS",
@@ -119,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoint directory or Hugging Face repo id to serve (repeat for a picker; "
         f"default: the bundled models; also ${ENV_CHECKPOINTS})",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda when present, also on a ZeroGPU Space; else cpu), cpu or cuda",
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument(
@@ -137,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        registry = ModelRegistry(available_models(args.checkpoint), device=args.device)
+        registry = ModelRegistry(
+            available_models(args.checkpoint), device=resolve_device(args.device)
+        )
+        if ZERO_GPU:  # models are placed (on emulated CUDA) before ZeroGPU packs them at launch
+            registry.preload()
         demo = build_app(registry, max_batch=args.max_batch)
         registry.get(registry.default)  # a broken default model stops here, not on first use
     except (CheckpointError, gr.Error) as err:

@@ -13,11 +13,13 @@ from mirage_demo.inference import Prediction
 from mirage_demo.metrics import write_predictions_csv
 from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
-from mirage_demo.uploads import RequestBudget, expand_uploads
+from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
 
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
 MAX_BATCH_FILES = 500  # images (and listed entries) per request
+#: ZeroGPU time ``/batch`` reserves (seconds): base + per image, at most the cap.
+BATCH_GPU_SECONDS = (30, 0.25, 120)
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
 
@@ -94,6 +96,16 @@ def classify_batch(
     return rows, str(csv_path), summary
 
 
+def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
+    """ZeroGPU seconds to reserve for ``/batch``: a base plus a little per image, capped."""
+    base, per_image, cap = BATCH_GPU_SECONDS
+    images = 0
+    for upload in uploads or []:
+        path = upload_path(upload)
+        images += zip_entry_count(path) if str(path).lower().endswith(".zip") else 1
+    return int(min(cap, base + per_image * images))
+
+
 def build_batch_tab(ctx: AppContext) -> None:
     """Classify many scans or zips: a table, a CSV download, a progress bar."""
     registry = ctx.registry
@@ -117,7 +129,7 @@ def build_batch_tab(ctx: AppContext) -> None:
         )
         batch_csv = gr.File(label="Download as CSV")
 
-    @ctx.model_call
+    @ctx.model_call(duration=batch_gpu_seconds)
     def on_batch(files, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         rows, csv_path, summary = classify_batch(registry, files, name, progress)
         header = batch_header(registry.config(name).class_names)

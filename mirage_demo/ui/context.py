@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import tempfile
 import time
@@ -18,6 +19,7 @@ from PIL import Image
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, ModelRegistry
+from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
     "DISCLAIMER",
@@ -51,6 +53,8 @@ PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
+#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
+SCAN_GPU_SECONDS = 30
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,14 +71,16 @@ class AppContext:
     ``gr.Tab``, lays out its components and wires its events. It reads models through
     ``registry`` (``registry.config``/``report`` never load a model; ``registry.get`` does,
     and only in event handlers), listens to the model picker with :meth:`on_model`, and
-    wraps every handler that runs a model in :meth:`model_call`.
+    wraps every handler that runs a model in :meth:`model_call` (its arguments must be
+    picklable: on ZeroGPU they cross into the GPU worker process).
     """
 
     registry: ModelRegistry
     demo: gr.Blocks
     model: gr.Dropdown  # the model picker, above the tabs
     examples: list[tuple[str, str]] = field(default_factory=list)  # (path, class)
-    #: Decorator for every event handler that runs a model (e.g. ``spaces.GPU`` on ZeroGPU).
+    #: A further decorator for every event handler that runs a model (applied over the
+    #: ZeroGPU wrapping :meth:`model_call` always does).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
     #: Gradio batching of ``/predict``: up to this many waiting requests in one call (1: off).
     max_batch: int = 1
@@ -84,9 +90,16 @@ class AppContext:
         default_factory=lambda: {"concurrency_id": MODEL_CONCURRENCY_ID}
     )
 
-    def model_call(self, fn: F) -> F:
-        """``fn`` wrapped with :attr:`wrap_model_call`."""
-        return self.wrap_model_call(fn)  # type: ignore[return-value]
+    def model_call(
+        self, fn: F | None = None, *, duration: int | Callable[..., int] = SCAN_GPU_SECONDS
+    ) -> Any:
+        """``fn`` run through ZeroGPU (``spaces.GPU`` reserving ``duration`` seconds, or a
+        function of the call's arguments; CPU fallback; nothing elsewhere: see
+        :func:`~mirage_demo.zerogpu.gpu_task`), then wrapped with :attr:`wrap_model_call`.
+        ``@ctx.model_call`` or ``@ctx.model_call(duration=...)``."""
+        if fn is None:
+            return functools.partial(self.model_call, duration=duration)
+        return self.wrap_model_call(gpu_task(duration)(fn))
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to

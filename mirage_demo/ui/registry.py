@@ -20,6 +20,7 @@ from mirage_demo.checkpoint import (
 )
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
 from mirage_demo.metrics import load_report
+from mirage_demo.zerogpu import serving_device
 
 __all__ = ["ASSETS", "ENV_CHECKPOINTS", "ModelChoice", "ModelRegistry", "available_models"]
 
@@ -61,7 +62,8 @@ class ModelRegistry:
 
     Each checkpoint is resolved (a Hub repo id downloaded) once, its ``config.json`` read once
     and its model loaded once, on first use; :meth:`config` and :meth:`report` never load the
-    model, so the app's layout is built from them alone.
+    model, so the app's layout is built from them alone. Models run on ``device``, or on the
+    CPU inside a ZeroGPU fallback (a second copy, loaded then; see :mod:`mirage_demo.zerogpu`).
     """
 
     def __init__(self, choices: Sequence[ModelChoice], device: str = "cpu") -> None:
@@ -74,7 +76,7 @@ class ModelRegistry:
         self.device = device
         self._directories: dict[str, Path] = {}
         self._configs: dict[str, CheckpointConfig] = {}
-        self._loaded: dict[str, Predictor] = {}
+        self._loaded: dict[tuple[str, str], Predictor] = {}
         self._failed: dict[str, str] = {}  # name -> why it cannot load: never retried
         self._lock = threading.RLock()
 
@@ -118,8 +120,9 @@ class ModelRegistry:
         name = self._name(name)
         with self._lock:
             if name not in self._configs:
-                if name in self._loaded and self._loaded[name].config is not None:
-                    self._configs[name] = self._loaded[name].config
+                loaded = [p for (n, _), p in self._loaded.items() if n == name]
+                if loaded and loaded[0].config is not None:
+                    self._configs[name] = loaded[0].config
                 else:
                     try:
                         self._configs[name] = read_config(self.directory(name))
@@ -130,16 +133,22 @@ class ModelRegistry:
     def get(self, name: str | None = None) -> Predictor:
         """The predictor for a picker name (the default if empty), loaded on first use."""
         name = self._name(name)
+        key = (name, serving_device(self.device))
         with self._lock:
-            if name not in self._loaded:
+            if key not in self._loaded:
                 directory = self.directory(name)
                 try:
-                    predictor = Predictor.from_pretrained(directory, device=self.device)
+                    predictor = Predictor.from_pretrained(directory, device=key[1])
                 except Exception as err:  # any failure is final: say why once, keep serving
                     raise self._fail(name, err) from err
-                self._loaded[name] = predictor
+                self._loaded[key] = predictor
                 self._configs.setdefault(name, predictor.config)
-            return self._loaded[name]
+            return self._loaded[key]
+
+    def preload(self) -> None:
+        """Load every model now (on ZeroGPU models must be placed at start-up)."""
+        for name in self.names:
+            self.get(name)
 
     def report(self, name: str | None = None) -> dict[str, Any] | None:
         """A model's ``metrics.json``, or ``None`` if it has no report."""

@@ -1,0 +1,571 @@
+"""Hugging Face Spaces: the staged folder, its boot, ZeroGPU wrapping on CPU, the deploy calls.
+
+Upload is tested at the ``HfApi`` boundary, without a network: :class:`RecordingHfApi`, a
+subclass of the real ``huggingface_hub.HfApi``, records every call the deploy makes (each one
+bound against the real method's signature, so a wrong argument fails here), and answers like
+the Hub would; a network guard refuses any other connection. The staged folder is booted with
+``python app.py`` in a subprocess using this interpreter (Python 3.11 here; the Space runs 3.12):
+the staged ``requirements.txt`` is this repository's, already installed here, and every other
+package installed here (pytest, grad-cam, playwright, ...) is made unimportable in that process,
+as it would be on the Space.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import subprocess
+import sys
+import time
+import zipfile
+from importlib import metadata
+from pathlib import Path
+from typing import ClassVar
+
+import gradio as gr
+import httpx
+import pytest
+import spaces
+import yaml
+from gradio_client import Client, handle_file
+from huggingface_hub import HfApi, SpaceHardware
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.hf_api import RepoUrl
+from spaces.zero.gradio import error as zerogpu_error
+
+from mirage_demo import space, zerogpu
+from mirage_demo.inference import Predictor
+from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available_models, build_app
+from mirage_demo.ui import app as ui_app
+from mirage_demo.ui.batch import batch_gpu_seconds
+from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SCAN = Path("assets/examples/CNV/CNV-451136-1.jpeg")
+GRADIO_COLOURS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A local checkpoint as ``python -m train`` leaves it: with resume state and logs."""
+    directory = tiny_checkpoint(tmp_path_factory.mktemp("runs") / "my-model")
+    (directory / "train_state.pt").write_bytes(b"resume state: never published")
+    (directory / "history.csv").write_text("epoch,loss\n1,1.0\n")
+    (directory / "train_config.yaml").write_text("epochs: 1\n")
+    (directory / "tensorboard").mkdir()
+    (directory / "tensorboard" / "events.out.tfevents.1").write_bytes(b"\0")
+    return directory
+
+
+def read_front_matter(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def check_space_front_matter(meta: dict, app_dir: Path) -> None:
+    """The Spaces configuration reference, for a Gradio Space on ZeroGPU or CPU."""
+    assert isinstance(meta["title"], str) and meta["title"]
+    assert meta["sdk"] == "gradio"
+    assert str(meta["sdk_version"]) == gr.__version__  # the version the tests ran against
+    requirements = (app_dir / "requirements.txt").read_text()
+    assert f"gradio=={meta['sdk_version']}" in requirements
+    assert isinstance(meta["python_version"], str)  # a YAML float would turn 3.10 into 3.1
+    assert meta["python_version"] in ("3.10", "3.12")  # what ZeroGPU offers
+    assert (app_dir / meta["app_file"]).is_file()
+    assert meta["colorFrom"] in GRADIO_COLOURS and meta["colorTo"] in GRADIO_COLOURS
+    assert len(meta["short_description"]) <= 60
+    assert meta.get("suggested_hardware", "cpu-basic") in {h.value for h in SpaceHardware}
+
+
+def test_repository_readme_is_a_valid_space_config():
+    check_space_front_matter(read_front_matter(ROOT / "README.md"), ROOT)
+
+
+# --------------------------------------------------------------------------------------------
+# Staging (dry run)
+
+
+def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsys):
+    out = tmp_path / "out"
+    code = space.main(
+        ["deploy", "you/oct-demo", "--checkpoint", str(trained), "--dry-run", str(out)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "MIRAGE_DEMO_CHECKPOINTS=checkpoints/my-model" in printed
+
+    meta = read_front_matter(out / "README.md")
+    check_space_front_matter(meta, out)
+    assert "suggested_hardware" not in meta  # ZeroGPU is set through the API
+    assert "spaces" in (out / "requirements.txt").read_text()
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"app.py", "LICENSE", "mirage_demo/ui/app.py", "mirage_demo/zerogpu.py"} <= files
+    assert {f"assets/examples/{SCAN.parent.name}/{SCAN.name}"} <= files
+    # whatever assets/ holds now is staged: every bundled checkpoint's served files
+    for checkpoint in (ROOT / "assets").glob("*/config.json"):
+        name = checkpoint.parent.name
+        assert {f"assets/{name}/config.json", f"assets/{name}/model.safetensors"} <= files
+    assert {
+        "checkpoints/my-model/model.safetensors",
+        "checkpoints/my-model/config.json",
+        "checkpoints/my-model/metrics.json",
+        "checkpoints/my-model/confusion_matrix.png",
+    } <= files
+    training = [
+        f
+        for f in files
+        if f.split("/")[0] in ("train", "tests", "benchmarks", ".ci", ".git")
+        or Path(f).name in ("train_state.pt", "history.csv", "train_config.yaml")
+        or "tensorboard" in f
+        or "__pycache__" in f
+        or f.endswith(".pyc")
+    ]
+    assert training == []
+    # the card names the served model, with its report's figure
+    assert "`my-model` | mirage_tiny_patch32_512" in (out / "README.md").read_text()
+
+
+def test_hub_checkpoint_is_preloaded_and_served(tmp_path, trained, hub_cache):
+    hub_cache("someone/oct-model", {p.name: p for p in trained.iterdir() if p.is_file()})
+    served = space.check_checkpoints(["someone/oct-model"], offline=True)
+    staged = space.stage(tmp_path / "out", served, hardware="cpu-basic")
+    meta = read_front_matter(tmp_path / "out" / "README.md")
+    assert meta["preload_from_hub"] == ["someone/oct-model"]
+    assert meta["models"] == ["someone/oct-model"]
+    assert meta["suggested_hardware"] == "cpu-basic"
+    assert staged.variables == {"MIRAGE_DEMO_CHECKPOINTS": "someone/oct-model"}
+    assert not (tmp_path / "out" / "checkpoints").exists()  # nothing copied: built in instead
+
+
+def test_dry_run_lists_an_uncached_hub_checkpoint_unchecked(tmp_path, hub_cache):
+    served = space.check_checkpoints(["someone/not-cached"], offline=True)
+    staged = space.stage(tmp_path / "out", served)
+    assert served[0].config is None
+    assert "not checked" in staged.notes[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The staged folder boots on its own and classifies a real scan
+
+
+def outside_requirements(requirements: Path) -> set[str]:
+    """Top-level modules installed here whose distributions the staged requirements do not
+    pull in (test and lint tools, ...): a Space built from those requirements lacks them."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
+    todo = [Requirement(line).name for line in lines if line]
+    needed: set[str] = set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in needed:
+            continue
+        needed.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for requirement in map(Requirement, requires):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return {
+        module
+        for module, dists in metadata.packages_distributions().items()
+        if not any(canonicalize_name(d) in needed for d in dists) and module != "pip"
+    }
+
+
+def requirements_only(folder: Path, requirements: Path) -> Path:
+    """A ``sitecustomize`` (put on ``PYTHONPATH``) that makes importing anything outside the
+    staged requirements fail, as it would on the Space."""
+    blocked = sorted(outside_requirements(requirements))
+    assert "pytest" in blocked and "spaces" not in blocked and "gradio" not in blocked
+    folder.mkdir()
+    # None in sys.modules: `import x` fails, importlib.util.find_spec("x") says absent
+    (folder / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys({blocked!r}))\n"
+    )
+    return folder
+
+
+def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
+    out = tmp_path / "space"
+    staged = space.stage(out, space.check_checkpoints([str(trained)]))
+    port = free_port()
+    env = {
+        **os.environ,
+        **staged.variables,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        # the staged library, not this checkout's; only what its requirements install
+        "PYTHONPATH": str(requirements_only(tmp_path / "site", out / "requirements.txt")),
+    }
+    log = tmp_path / "app.log"
+    with log.open("w") as stream:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--port", str(port)],
+            cwd=out,
+            env=env,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = None
+        deadline = time.monotonic() + 240
+        while client is None:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the staged app did not start:\n" + log.read_text()
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:  # not listening yet
+                time.sleep(0.5)
+        scan = handle_file(str(out / SCAN))
+        label, info = client.predict(scan, api_name="/predict")
+        bundled, _ = client.predict(scan, "demo-model (bundled)", api_name="/predict")
+    finally:
+        process.terminate()
+        process.wait(30)
+    # the default model is the deployed checkpoint (the first in MIRAGE_DEMO_CHECKPOINTS) ...
+    expected = Predictor.from_pretrained(trained).predict(out / SCAN).probabilities
+    got = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(got) == set(CLASSES)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert "on CPU" in info
+    # ... and the bundled demo model, staged from assets/, answers as it does here
+    expected = Predictor.from_pretrained(ROOT / "assets" / "demo-model").predict(ROOT / SCAN)
+    got = {c["label"]: c["confidence"] for c in bundled["confidences"]}
+    assert bundled["label"] == expected.label
+    assert got == pytest.approx(expected.probabilities, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# ZeroGPU wrapping, exercised on the CPU
+
+
+def test_spaces_gpu_is_the_identity_off_zerogpu():
+    def work(x):
+        return x
+
+    assert not zerogpu.ZERO_GPU
+    assert spaces.GPU(duration=30)(work) is work  # the real package, as installed
+    assert zerogpu.gpu_task(duration=30)(work) is work
+    assert zerogpu.resolve_device("auto") == "cpu"  # no CUDA here
+    assert zerogpu.resolve_device("cuda") == "cuda"
+
+
+class StandInZeroGPU:
+    """What ``spaces.GPU`` does on ZeroGPU, minus the GPU: arguments and results are pickled
+    across (the real one runs the function in a forked worker), ``duration`` is evaluated with
+    the call's arguments; ``refuse`` raises the error ``spaces`` raises when quota runs out."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, duration):
+        def decorate(fn):
+            def on_gpu(*args, **kwargs):
+                seconds = duration(*args, **kwargs) if callable(duration) else duration
+                self.calls.append((fn.__name__, seconds))
+                if self.refuse:
+                    raise zerogpu_error(
+                        "ZeroGPU quota exceeded", "You have exceeded your free GPU quota"
+                    )
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+
+            return on_gpu
+
+        return decorate
+
+
+def test_refused_gpu_call_runs_on_the_cpu_and_says_so():
+    gpu = StandInZeroGPU(refuse=True)
+
+    @zerogpu.gpu_task(duration=30, gpu=gpu)
+    def where(device):
+        return zerogpu.serving_device(device)
+
+    with pytest.warns(UserWarning, match="used up"):
+        assert where("cuda") == "cpu"
+    assert gpu.calls == [("where", 30)]
+    assert where.__name__ == "where"
+
+    @zerogpu.gpu_task(duration=30, gpu=StandInZeroGPU())
+    def granted(device):
+        return zerogpu.serving_device(device)
+
+    assert granted("cuda") == "cuda"
+
+
+def test_errors_of_the_task_itself_are_not_retried_on_cpu():
+    runs = []
+
+    @zerogpu.gpu_task(duration=30, gpu=StandInZeroGPU())
+    def broken():
+        runs.append(1)
+        raise gr.Error("Could not read scan.png")
+
+    with pytest.raises(gr.Error, match="Could not read"):
+        broken()
+    assert runs == [1]
+    assert not zerogpu.is_zerogpu_refusal(gr.Error("x", title="ZeroGPU worker error"))
+
+
+def test_batch_reserves_gpu_time_by_size(tmp_path):
+    archive = tmp_path / "scans.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(40):
+            zf.writestr(f"scan{i}.png", b"x")
+    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 30
+    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 40  # 30 + 0.25 x 41
+    assert batch_gpu_seconds([str(archive)] * 20) == 120  # capped
+
+
+@pytest.mark.parametrize("zero_gpu", [True, False], ids=["zerogpu", "elsewhere"])
+def test_models_are_placed_at_start_up_on_zerogpu(tmp_path, monkeypatch, zero_gpu):
+    """On ZeroGPU every model is loaded (onto emulated CUDA) before the app is built; elsewhere
+    each loads on first use."""
+    loads: list[str] = []
+    real = Predictor.from_pretrained.__func__
+
+    def counting(cls, source, device="cpu", **kwargs):
+        loads.append(str(source))
+        return real(cls, source, device=device, **kwargs)
+
+    def stop_before_serving(registry):
+        raise SystemExit(len(loads))
+
+    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))
+    monkeypatch.setattr(ui_app, "build_app", stop_before_serving)
+    monkeypatch.setattr(ui_app, "ZERO_GPU", zero_gpu)
+    a, b = tiny_checkpoint(tmp_path / "a", report=False), tiny_checkpoint(tmp_path / "b", 1, False)
+    with pytest.raises(SystemExit) as stopped:
+        ui_app.main(["--checkpoint", str(a), "--checkpoint", str(b)])
+    every = len(available_models([str(a), str(b)]))  # with the bundled ones
+    assert every >= 2
+    assert stopped.value.code == (every if zero_gpu else 0)
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["gpu-granted", "quota-exhausted"])
+def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
+    """The app's model-running endpoints go through spaces.GPU with picklable arguments, and
+    still answer when ZeroGPU refuses (then on the CPU)."""
+    gpu = StandInZeroGPU(refuse=refuse)
+    monkeypatch.setattr(spaces, "GPU", gpu)
+    registry = ModelRegistry([ModelChoice("tiny", str(tiny_checkpoint(tmp_path / "m")))])
+    demo = build_app(registry)
+    demo.queue()
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        label, info = client.predict(handle_file(str(ROOT / SCAN)), api_name="/predict")
+        table, _, _ = client.predict([handle_file(str(ROOT / SCAN))], api_name="/batch")
+    finally:
+        demo.close()
+    assert label["label"] in CLASSES and "on CPU" in info
+    assert table["data"][0][0] == SCAN.name
+    assert [name for name, _ in gpu.calls] == ["on_predict", "on_batch"]
+    assert gpu.calls[1][1] == 30
+
+
+# --------------------------------------------------------------------------------------------
+# Deploying: the exact calls at the HfApi boundary
+
+
+def http_error(api: HfApi, status: int, reason: str) -> HfHubHTTPError:
+    response = httpx.Response(status, request=httpx.Request("POST", api.endpoint))
+    return HfHubHTTPError(f"{status} Client Error: {reason}", response=response)
+
+
+class RecordingHfApi(HfApi):
+    """The real HfApi with its network methods replaced by recorders answering like the Hub."""
+
+    paid = False  # a free account
+    existing: ClassVar[set[str]] = set()
+    variables: ClassVar[dict[str, dict]] = {}
+    log: ClassVar[list[tuple[str, dict]]] = []
+
+    def _record(self, name: str, *args, **kwargs) -> dict:
+        bound = inspect.signature(getattr(HfApi, name)).bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        self.log.append((name, arguments))
+        return arguments
+
+    def whoami(self, *args, **kwargs):
+        self._record("whoami", *args, **kwargs)
+        if self.token != "hf_valid":
+            raise http_error(self, 401, "Unauthorized")
+        return {"name": "you"}
+
+    def repo_exists(self, *args, **kwargs):
+        return self._record("repo_exists", *args, **kwargs)["repo_id"] in self.existing
+
+    def create_repo(self, *args, **kwargs):
+        arguments = self._record("create_repo", *args, **kwargs)
+        if arguments["space_hardware"] == "cpu-basic" and not self.paid:
+            raise http_error(self, 402, "Payment Required:\nGradio Spaces on CPU need a plan")
+        return RepoUrl(f"https://huggingface.co/spaces/{arguments['repo_id']}")
+
+    def upload_folder(self, *args, **kwargs):
+        arguments = self._record("upload_folder", *args, **kwargs)
+        folder = Path(arguments["folder_path"])
+        arguments["files"] = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+        arguments["front_matter"] = read_front_matter(folder / "README.md")
+
+    def request_space_hardware(self, *args, **kwargs):
+        self._record("request_space_hardware", *args, **kwargs)
+
+    def add_space_variable(self, *args, **kwargs):
+        self._record("add_space_variable", *args, **kwargs)
+
+    def get_space_variables(self, *args, **kwargs):
+        return self.variables.get(self._record("get_space_variables", *args, **kwargs)["repo_id"])
+
+    def delete_space_variable(self, *args, **kwargs):
+        self._record("delete_space_variable", *args, **kwargs)
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A recording Hub, a valid token in the environment, and no network at all."""
+    NetworkGuard(monkeypatch)
+    monkeypatch.setenv("HF_TOKEN", "hf_valid")
+    monkeypatch.setattr(RecordingHfApi, "log", [])
+    monkeypatch.setattr(RecordingHfApi, "existing", set())
+    monkeypatch.setattr(RecordingHfApi, "variables", {})
+    return RecordingHfApi
+
+
+def test_deploy_creates_a_zerogpu_space(hub, trained, capsys):
+    url = space.deploy("you/oct-demo", [str(trained)], api_factory=hub, log=lambda _: None)
+    assert url == "https://huggingface.co/spaces/you/oct-demo"
+    names = [name for name, _ in hub.log]
+    assert names == ["whoami", "repo_exists", "create_repo", "upload_folder"]
+    create, upload = hub.log[2][1], hub.log[3][1]
+    assert create == {
+        "repo_id": "you/oct-demo",
+        "repo_type": "space",
+        "space_sdk": "gradio",
+        "space_hardware": "zero-a10g",
+        "space_variables": [{"key": "MIRAGE_DEMO_CHECKPOINTS", "value": "checkpoints/my-model"}],
+        "private": False,
+    }
+    assert upload["repo_id"] == "you/oct-demo" and upload["repo_type"] == "space"
+    assert upload["delete_patterns"] == "*"  # the Space mirrors the staged folder
+    assert "checkpoints/my-model/model.safetensors" in upload["files"]
+    assert not any("train_state" in f or f.startswith("tests") for f in upload["files"])
+    assert upload["front_matter"]["python_version"] == "3.12"
+    assert not Path(upload["folder_path"]).exists()  # the staging folder is cleaned up
+
+
+def test_deploy_serves_a_hub_checkpoint(hub, trained, hub_cache):
+    """The Hub checkpoint is checked through the real download code (from the local cache:
+    HF_HUB_OFFLINE=1), preloaded at build time and named in the Space variable."""
+    hub_cache("someone/oct-model", {p.name: p for p in trained.iterdir() if p.is_file()})
+    hub.existing.add("you/oct-demo")
+    space.deploy("you/oct-demo", ["someone/oct-model"], api_factory=hub, log=lambda _: None)
+    calls = dict(hub.log)
+    assert calls["add_space_variable"] == {
+        "repo_id": "you/oct-demo",
+        "key": "MIRAGE_DEMO_CHECKPOINTS",
+        "value": "someone/oct-model",
+    }
+    assert calls["upload_folder"]["front_matter"]["preload_from_hub"] == ["someone/oct-model"]
+    assert not any(f.startswith("checkpoints/") for f in calls["upload_folder"]["files"])
+    assert "get_space_variables" not in calls  # the variable is set, nothing to remove
+
+
+def test_deploy_updates_an_existing_space(hub, monkeypatch):
+    hub.existing.add("you/oct-demo")
+    hub.variables["you/oct-demo"] = {"MIRAGE_DEMO_CHECKPOINTS": "old/model"}
+    monkeypatch.setattr(space, "deploy", _with_api(space.deploy, hub))
+    code = space.main(["deploy", "you/oct-demo", "--hardware", "cpu-basic"])
+    assert code == 0
+    calls = [(name, args) for name, args in hub.log if name != "whoami"]
+    assert [name for name, _ in calls] == [
+        "repo_exists",
+        "request_space_hardware",
+        "get_space_variables",
+        "delete_space_variable",
+        "upload_folder",
+    ]
+    assert calls[1][1] == {"repo_id": "you/oct-demo", "hardware": "cpu-basic"}
+    assert calls[3][1] == {"repo_id": "you/oct-demo", "key": "MIRAGE_DEMO_CHECKPOINTS"}
+
+
+def test_cpu_space_on_a_free_account_says_what_to_do(hub, capsys, monkeypatch):
+    monkeypatch.setattr(space, "deploy", _with_api(space.deploy, hub))
+    assert space.main(["deploy", "you/oct-demo", "--hardware", "cpu-basic"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "402" in err and "--hardware zero-a10g" in err
+    assert "upload_folder" not in [name for name, _ in hub.log]
+
+
+def corrupt_checkpoint(directory: Path, trained: Path) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_bytes((trained / "config.json").read_bytes())
+    (directory / "model.safetensors").write_bytes(b"not safetensors at all")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "no checkpoint directory"),
+        ("corrupt", "does not load"),
+        ("repo-id", "not a valid Space id"),
+        ("no-token", "no Hugging Face token"),
+        ("bad-token", "refused the token"),
+        ("hardware", "unknown hardware"),
+    ],
+)
+def test_bad_input_is_refused_before_any_upload(
+    case, message, hub, trained, tmp_path, monkeypatch, capsys
+):
+    repo, checkpoints = "you/oct-demo", [str(trained)]
+    argv_extra: list[str] = []
+    if case == "missing":  # runs/nope with runs/ here: a typo, not a Hub repo id
+        (tmp_path / "runs").mkdir()
+        monkeypatch.chdir(tmp_path)
+        checkpoints = ["runs/nope"]
+    elif case == "corrupt":
+        checkpoints = [str(corrupt_checkpoint(tmp_path / "bad", trained))]
+    elif case == "repo-id":
+        repo = "you/oct--demo"
+    elif case == "no-token":
+        monkeypatch.delenv("HF_TOKEN")
+    elif case == "bad-token":
+        monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    elif case == "hardware":
+        argv_extra = ["--hardware", "a-big-gpu"]
+    argv = ["deploy", repo, *argv_extra]
+    for checkpoint in checkpoints:
+        argv += ["--checkpoint", checkpoint]
+    monkeypatch.setattr(space, "deploy", _with_api(space.deploy, hub))
+    assert space.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert [name for name, _ in hub.log if name not in ("whoami",)] == []
+    # the dry run refuses the same input (the token is not needed to stage)
+    if case not in ("no-token", "bad-token"):
+        dry = ["deploy", repo, *argv_extra, "--dry-run", str(tmp_path / "dry")]
+        for checkpoint in checkpoints:
+            dry += ["--checkpoint", checkpoint]
+        assert space.main(dry) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "dry").exists()
+
+
+def _with_api(deploy, api):
+    def call(*args, **kwargs):
+        return deploy(*args, api_factory=api, **kwargs)
+
+    return call
