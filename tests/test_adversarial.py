@@ -533,22 +533,15 @@ def test_full_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
 def app_server(tiny_ckpt):
     """The app on the tiny checkpoint, queued as ``python app.py`` queues it (one model
     call at a time, at most 2 waiting per session); yields (url, registry, demo)."""
-    from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, build_app, setup_queue
-    from tests.test_app import free_port
+    from mirage_demo.ui import ModelChoice, ModelRegistry, build_app, setup_queue
+    from tests.test_app import serve
 
     registry = ModelRegistry([ModelChoice("tiny", str(tiny_ckpt))])
     demo = build_app(registry, max_batch=4)
     setup_queue(demo, concurrency=1, per_session=2)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        **LAUNCH_OPTIONS,
-    )
+    url = serve(demo)
     try:
-        yield f"http://127.0.0.1:{port}/", registry, demo
+        yield url, registry, demo
     finally:
         demo.close()
 

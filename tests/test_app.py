@@ -66,6 +66,19 @@ def tiny_checkpoint(
     return directory
 
 
+def serve(demo) -> str:
+    """Launch a queued app on a free local port, without blocking; its URL."""
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    return f"http://127.0.0.1:{port}/"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,15 +118,7 @@ def served(tmp_path_factory):
     )
     demo = build_app(registry)
     demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        **LAUNCH_OPTIONS,
-    )
-    url = f"http://127.0.0.1:{port}/"
+    url = serve(demo)
     try:
         yield url, guard, registry
     finally:
