@@ -49,21 +49,14 @@ from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
 from mirage_demo.data import Preprocessing
 from mirage_demo.explain import METHODS
 from mirage_demo.inference import Predictor
+from tests.synthetic_oct import oct_like
 
 CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 
 
 def synthetic_scan(height: int = 496, width: int = 768, seed: int = 0) -> np.ndarray:
-    """A grayscale uint8 OCT-like B-scan (speckled dark background, bright curved layers)."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(height)[:, None] / height
-    x = np.arange(width)[None, :] / width
-    surface = 0.4 + 0.05 * np.sin(2 * np.pi * x + rng.uniform(0, 6))
-    image = 0.08 + 0.05 * rng.random((height, width))
-    for offset, thickness, brightness in [(0, 0.02, 0.9), (0.06, 0.04, 0.5), (0.16, 0.02, 1)]:
-        image += brightness * np.exp(-(((y - surface - offset) / thickness) ** 2))
-    image *= rng.gamma(4.0, 0.25, size=image.shape)
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    """A grayscale uint8 OCT-like B-scan (the tests' :func:`tests.synthetic_oct.oct_like`)."""
+    return oct_like(height, width, band_center=0.4, seed=seed)
 
 
 def seconds(function: Callable[[], object]) -> float:
@@ -128,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     scan = args.image or work / "scan.jpeg"
     if args.image is None:
         Image.fromarray(synthetic_scan()).save(scan, quality=95)
-    x = preprocessing.normalize(preprocessing.load(scan))[None]
+    x = preprocessing.normalize(preprocessing.read_resized(scan))[None]
     layer = predictor.explainer.target_layer
     reshape = predictor.explainer.reshape_transform
 

@@ -96,19 +96,8 @@ def baseline_transform(size: int, augment: bool) -> Any:
     from torchvision import transforms as T
 
     steps = [T.Grayscale(1), T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR)]
-    if augment:
-        steps += [
-            T.RandomHorizontalFlip(),
-            T.RandomAffine(
-                10,
-                translate=(0.1, 0.1),
-                scale=(0.9, 1.1),
-                shear=5,
-                interpolation=T.InterpolationMode.BILINEAR,
-                fill=255,
-            ),
-            T.ColorJitter(brightness=0.2),
-        ]
+    if augment:  # MIRAGE's recipe, per image on 8-bit PIL images
+        steps += BatchAugmentation().torchvision(fill=255)
     return T.Compose([*steps, T.ToTensor()])
 
 

@@ -1,8 +1,10 @@
 """MIRAGE's fine-tuning augmentation for a whole batch at once, on the batch's device.
 
-The same recipe as :func:`mirage_demo.data.train_augmentation` (horizontal flip, affine with
-10 deg rotation, 0.1 translation, 0.9-1.1 scale and 5 deg shear, white fill, intensity
-x0.8-1.2), with the geometry of torchvision's ``affine`` (checked by the tests), but every image
+:class:`BatchAugmentation`'s defaults are MIRAGE's recipe, written once (horizontal flip,
+affine with 10 deg rotation, 0.1 translation, 0.9-1.1 scale and 5 deg shear, white fill,
+intensity x0.8-1.2); :meth:`BatchAugmentation.torchvision` gives the same recipe as per-image
+torchvision transforms. The batch version has the geometry of torchvision's ``affine`` (checked
+by the tests), but every image
 gets its own parameters and the whole batch is warped by one ``grid_sample``. On a GPU this
 costs next to nothing, so data loader workers only copy cached pixels; parameters are drawn
 from an explicit generator, so a run is reproducible and resumable.
@@ -14,7 +16,9 @@ border, ``fill`` acts as plain padding (torchvision weights the image by its cov
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,24 @@ class BatchAugmentation:
     shear: float = 5.0
     brightness: float = 0.2
     fill: float = 1.0
+
+    def torchvision(self, fill: float | None = None) -> list[Callable[[Any], Any]]:
+        """The same recipe as torchvision transforms of one image at a time (tensor or PIL;
+        ``fill`` overrides :attr:`fill`, e.g. 255 for 8-bit PIL images)."""
+        from torchvision.transforms import InterpolationMode, v2
+
+        return [
+            v2.RandomHorizontalFlip(p=self.flip),
+            v2.RandomAffine(
+                degrees=self.degrees,
+                translate=(self.translate, self.translate),
+                scale=self.scale,
+                shear=self.shear,
+                interpolation=InterpolationMode.BILINEAR,
+                fill=self.fill if fill is None else fill,
+            ),
+            v2.ColorJitter(brightness=self.brightness),
+        ]
 
     def sample(
         self, batch: int, height: int, width: int, generator: torch.Generator | None = None

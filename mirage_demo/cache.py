@@ -1,7 +1,7 @@
 """Preprocessed image cache: decode every image once, train on memory-mapped pixels.
 
-Each image goes through :meth:`Preprocessing.load` (read, bilinear resize, per-image min-max
-to [0, 1]) and is stored as uint8 in one memory-mapped ``images.npy``, so epochs after the
+Each image goes through :meth:`Preprocessing.read_resized` (read, bilinear resize, per-image
+min-max to [0, 1]) and is stored as uint8 in one memory-mapped ``images.npy``, so epochs after the
 first copy pixels instead of decoding JPEGs (quantisation error at most 0.5/255; augmentation
 then runs on the batch, see :mod:`mirage_demo.augment`). A cache entry is keyed by the files
 (path, size, modification time) and the preprocessing, so it is rebuilt when either changes,
@@ -138,7 +138,7 @@ class _Decode(Dataset):
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str | None]:
         path = self.samples[index].path
         try:
-            return index, quantize(self.preprocessing.load(path, name=str(path))), None
+            return index, quantize(self.preprocessing.read_resized(path, name=str(path))), None
         except ImageReadError as err:
             return index, None, str(err)
 
@@ -181,7 +181,7 @@ def build_cache(
         )
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(samples), desc=desc, unit="img", disable=_disable(progress)) as bar:
+        with tqdm(total=len(samples), desc=desc, unit="img", disable=tqdm_disable(progress)) as bar:
             for batch in loader:
                 for index, pixels, error in batch:
                     if error is None:
@@ -211,5 +211,7 @@ def build_cache(
     return ImageCache(target)
 
 
-def _disable(progress: bool | None) -> bool | None:
+def tqdm_disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``--progress/--no-progress`` option (``None``: tqdm decides,
+    i.e. a bar only on a terminal)."""
     return None if progress is None else not progress

@@ -37,8 +37,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "CheckpointConfig",
     "CheckpointError",
-    "build_model",
     "load_checkpoint",
+    "model_from_config",
     "push_to_hub",
     "resolve_checkpoint_dir",
     "save_checkpoint",
@@ -360,7 +360,9 @@ def read_config(directory: str | Path) -> CheckpointConfig:
     return CheckpointConfig.from_dict(data)
 
 
-def build_model(config: CheckpointConfig, device: str | torch.device | None = None) -> nn.Module:
+def model_from_config(
+    config: CheckpointConfig, device: str | torch.device | None = None
+) -> nn.Module:
     """The untrained model a checkpoint's weights belong to (``device="meta"``: no memory)."""
     if config.architecture not in timm.list_models():
         raise CheckpointError(f"unknown architecture {config.architecture!r} in {CONFIG_NAME}")
@@ -411,7 +413,7 @@ def load_checkpoint(
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model = build_model(config, device="meta")  # weights come from the file: allocate once
+    model = model_from_config(config, device="meta")  # weights come from the file: allocate once
     check_input_size(model, config)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
@@ -444,7 +446,7 @@ def push_to_hub(
     config = read_config(directory)
     card = directory / "README.md"
     if not card.exists():
-        card.write_text(model_card(config))
+        card.write_text(hub_model_card(config))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(
@@ -453,7 +455,7 @@ def push_to_hub(
     return str(getattr(info, "repo_url", f"https://huggingface.co/{repo_id}"))
 
 
-def model_card(config: CheckpointConfig) -> str:
+def hub_model_card(config: CheckpointConfig) -> str:
     """A short Hub model card for a checkpoint."""
     source = config.source_weights
     license_id = source.get("license", "apache-2.0")

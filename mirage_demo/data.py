@@ -30,8 +30,8 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "DataError",
     "DatasetSplits",
+    "FileImages",
     "ImageReadError",
-    "OCTDataset",
     "Preprocessing",
     "Sample",
     "SplitSpec",
@@ -300,8 +300,9 @@ class Preprocessing:
             line += f", then (x - {mean}) / {std}"
         return line
 
-    def load(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
-        """Read, resize and min-max an image: a ``(1, H, W)`` float tensor in [0, 1]."""
+    def read_resized(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
+        """Read an image, resize it to the input size and min-max it: a ``(1, H, W)`` float
+        tensor in [0, 1] (before :meth:`normalize`)."""
         return self.resize_minmax(torch.from_numpy(read_image(source, name))[None])
 
     def resize_minmax(self, image: torch.Tensor) -> torch.Tensor:
@@ -320,9 +321,17 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         return (image - mean) / std
 
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: model input -> ``(..., 1, H, W)`` [0, 1] image."""
+        if self.standardizes:
+            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            x = x * std + mean
+        return x[..., :1, :, :]
+
     def __call__(self, source: ImageSource, name: str | None = None) -> torch.Tensor:
         """An image as the model's input tensor ``(in_chans, H, W)`` (no augmentation)."""
-        return self.normalize(self.load(source, name))
+        return self.normalize(self.read_resized(source, name))
 
 
 def _per_channel(values: Sequence[float], chans: int) -> tuple[float, ...]:
@@ -339,25 +348,12 @@ def minmax(image: torch.Tensor) -> torch.Tensor:
 
 
 def train_augmentation(fill: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """MIRAGE's fine-tuning augmentation on a [0, 1] image.
+    """MIRAGE's fine-tuning augmentation on one [0, 1] image (the recipe of
+    :class:`~mirage_demo.augment.BatchAugmentation`; ``fill`` is the border value, white for
+    Kermany's white-padded scans)."""
+    from mirage_demo.augment import BatchAugmentation
 
-    Horizontal flip, affine (10 deg, translate 0.1, scale 0.9-1.1, shear 5; ``fill`` is the
-    border value, white for Kermany's white-padded scans) and intensity x0.8-1.2.
-    """
-    return v2.Compose(
-        [
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(
-                degrees=10,
-                translate=(0.1, 0.1),
-                scale=(0.9, 1.1),
-                shear=5,
-                interpolation=InterpolationMode.BILINEAR,
-                fill=fill,
-            ),
-            v2.ColorJitter(brightness=0.2),
-        ]
-    )
+    return v2.Compose(BatchAugmentation(fill=fill).torchvision())
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,45 +640,39 @@ def _shared_patients(splits: dict[str, list[Sample]]) -> set[str]:
 # Torch dataset, class balance
 
 
-class OCTDataset(Dataset):
-    """Images and labels as model inputs; unreadable files are reported and skipped.
+class FileImages(Dataset):
+    """``(image in [0, 1] (1, H, W), label, index)`` decoded from the file every time.
 
-    ``__getitem__`` returns ``(tensor, label)``, or ``None`` for a file that cannot be decoded
-    (logged with its name); :func:`collate_skip_unreadable` drops those from the batch.
+    The app's exact preprocessing up to normalisation (the trainer normalises and augments
+    whole batches on its device). An unreadable file gives ``None`` (logged with its name),
+    which :func:`collate_skip_unreadable` drops from the batch.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         preprocessing: Preprocessing,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        indices: Sequence[int] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.preprocessing = preprocessing
-        self.augment = augment
+        self.indices = list(range(len(self.samples)) if indices is None else indices)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.indices)
 
-    def load_base(self, index: int) -> torch.Tensor:
-        """The resized, min-maxed ``(1, H, W)`` image before augmentation."""
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int] | None:
+        index = self.indices[item]
         sample = self.samples[index]
-        return self.preprocessing.load(sample.path, name=str(sample.path))
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         try:
-            image = self.load_base(index)
+            image = self.preprocessing.read_resized(sample.path, name=str(sample.path))
         except ImageReadError as err:
             log.warning("skipping unreadable image: %s", err)
             return None
-        if self.augment is not None:
-            image = self.augment(image)
-        return self.preprocessing.normalize(image), self.samples[index].label
+        return image, sample.label, index
 
 
-def collate_skip_unreadable(
-    batch: list[tuple[torch.Tensor, int] | None],
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def collate_skip_unreadable(batch: list[tuple | None]) -> tuple | None:
     """``default_collate`` minus the ``None`` of unreadable files (``None`` if none is left)."""
     batch = [item for item in batch if item is not None]
     return default_collate(batch) if batch else None

@@ -6,7 +6,7 @@
 >>> e = p.explain("scan.jpeg", method="gradcam")            # e.heatmap, e.overlay, e.prediction
 
 Images go through the checkpoint's own preprocessing (``config.preprocessing``:
-:meth:`~mirage_demo.data.Preprocessing.load` then ``normalize``). Probabilities are
+:meth:`~mirage_demo.data.Preprocessing.read_resized` then ``normalize``). Probabilities are
 ``softmax(logits / temperature)`` with the checkpoint's calibrated temperature; with ``tta=True``
 the logits are the mean over the image and its horizontal flip. Every result carries the
 quality check of :mod:`mirage_demo.quality` in ``warnings``.
@@ -31,7 +31,14 @@ from PIL import Image
 from torch import nn
 
 from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
-from mirage_demo.data import ImageReadError, ImageSource, Preprocessing, open_image, read_image
+from mirage_demo.data import (
+    ImageReadError,
+    ImageSource,
+    Preprocessing,
+    minmax,
+    open_image,
+    read_image,
+)
 from mirage_demo.explain import (
     CLASS_AGNOSTIC_METHODS,
     METHODS,
@@ -185,7 +192,7 @@ class Predictor:
 
     def predict_batch(
         self,
-        images: Iterable[ImageSource],
+        images: Iterable[ImageSource | ImageReadError],
         batch_size: int = 8,
         *,
         names: Sequence[str | None] | None = None,
@@ -354,7 +361,6 @@ class Predictor:
         gray = read_image(image, label)  # (H, W) float32 in the image's own range
         scale = full_scale_of(image, gray)
         quality = assess(gray, rgb_of(image, scale), scale)
-        tensor = self.preprocessing.load(gray, label)
-        low, high = float(gray.min()), float(gray.max())
-        display = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+        tensor = self.preprocessing.read_resized(gray, label)
+        display = minmax(torch.from_numpy(gray)).numpy()
         return _Loaded(tensor, display, quality, label, time.perf_counter() - began)

@@ -253,7 +253,7 @@ def test_exif_orientation_is_applied_everywhere(tmp_path, tiny_ckpt):
 
     path = tmp_path / "phone.jpeg"
     _exif_rotated_jpeg(path, 6)  # "rotate 90 degrees clockwise to view"
-    gray = read_image(path)  # training, evaluation (Preprocessing.load) and the CLI
+    gray = read_image(path)  # training, evaluation (Preprocessing.read_resized) and the CLI
     assert gray.shape == (40, 20)
     assert gray[:15].mean() > 200 and gray[25:].mean() < 50  # the bright half is now on top
     predictor = Predictor.from_pretrained(tiny_ckpt)  # the app

@@ -290,6 +290,7 @@ CHROMIUM_FLAGS = [
 ]
 
 
+@pytest.mark.slow  # headless Chromium
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed (.ci/run installs it)")
 def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -379,6 +380,7 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
     assert "as CALM, SPOTS or WAVES" in texts
     assert "On its 15 val scans: balanced accuracy" in texts and "test scans" not in texts
     assert "Results on the val split (15 images)" in texts
+    assert "| Data split | patient-disjoint, seed 0" not in texts  # no split recorded
     (table,) = [b for b in blocks if isinstance(b, gr.Dataframe)]
     assert table.headers == [
         "file",

@@ -30,7 +30,7 @@ def test_cache_matches_preprocessing_and_skips_unreadable(tmp_path):
     assert "B-broken.png: not a readable image" in cache.unreadable[0]
     assert broken not in cache.readable and len(cache.readable) == len(samples) - 1
     for i in cache.readable:
-        expected = pre.load(samples[i].path)[0].numpy()
+        expected = pre.read_resized(samples[i].path)[0].numpy()
         cached = cache.images[i].astype(np.float32) / 255
         assert np.abs(cached - expected).max() <= 0.5 / 255 + 1e-6
     dataset = CachedImages(cache)

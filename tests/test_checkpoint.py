@@ -155,6 +155,14 @@ def test_split_record_round_trips_and_wins_over_training_provenance(tmp_path):
         "exclude": ["examples"],
     }
     assert read_config(tmp_path / "ckpt").split == config.split
+    from mirage_demo.ui.report import model_facts_markdown
+
+    facts = model_facts_markdown(config, "ckpt")
+    assert (
+        "| Data split | patient-disjoint, seed 3; missing splits carved as val 20%, test 10%"
+        in facts
+    )
+    assert "left out: examples |" in facts
 
 
 def test_legacy_split_settings_in_training_migrate_to_the_split_record(tmp_path):

@@ -9,8 +9,8 @@ from PIL import Image
 import mirage_demo  # noqa: F401
 from mirage_demo.data import (
     DataError,
+    FileImages,
     ImageReadError,
-    OCTDataset,
     Preprocessing,
     balanced_sampler,
     class_weights,
@@ -181,9 +181,9 @@ def test_dataset_skips_unreadable_files(tmp_path, caplog):
     bad = tmp_path / "train" / "DME" / "DME-2000-9.jpeg"
     bad.write_bytes(b"not a jpeg")
     data = discover_dataset(tmp_path)
-    dataset = OCTDataset(data.splits["train"], Preprocessing(input_size=(32, 32)))
+    dataset = FileImages(data.splits["train"], Preprocessing(input_size=(32, 32)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_skip_unreadable)
-    seen = sum(len(labels) for images, labels in loader)
+    seen = sum(len(labels) for images, labels, indices in loader)
     assert seen == len(dataset) - 1
     assert "DME-2000-9.jpeg" in caplog.text
     assert collate_skip_unreadable([None, None]) is None
@@ -276,3 +276,15 @@ def test_image_read_error_carries_name_and_reason(tmp_path):
     Image.fromarray(np.full((4, 6), 7, np.uint8)).save(tmp_path / "good.png")
     data = (tmp_path / "good.png").read_bytes()
     assert read_image(data).shape == (4, 6)  # a file's bytes read like the file
+
+
+def test_denormalize_inverts_normalize_and_the_recipe_is_written_once():
+    from mirage_demo.augment import BatchAugmentation
+
+    image = torch.rand(2, 1, 8, 8)
+    for pre in (Preprocessing(mean=(0.2,), std=(0.2,), in_chans=3), Preprocessing()):
+        torch.testing.assert_close(pre.denormalize(pre.normalize(image)), image)
+    recipe = BatchAugmentation()
+    _, affine, jitter = train_augmentation().transforms
+    assert affine.degrees == [-recipe.degrees, recipe.degrees]
+    assert affine.scale == recipe.scale and jitter.brightness == (0.8, 1.2)

@@ -68,7 +68,7 @@ def test_probabilities_are_softmax_of_logits_over_temperature(predictor, checkpo
     result = predictor.predict(image)
     assert predictor.temperature == pytest.approx(1.7)
     model, config = load_checkpoint(checkpoint)
-    x = config.preprocessing.normalize(config.preprocessing.load(image))[None]
+    x = config.preprocessing.normalize(config.preprocessing.read_resized(image))[None]
     with torch.no_grad():
         logits = model(x)[0]
     expected = torch.softmax(logits / 1.7, dim=-1).tolist()

@@ -104,6 +104,7 @@ def test_filter_rejects_wrong_size_and_incomplete(base_model):
         checkpoint_filter_fn(strange, base_model)
 
 
+@pytest.mark.slow  # MIRAGE-Base forward against the reference math
 def test_encoder_and_classifier_match_mirage_math(base_release):
     """timm's model with filtered weights computes MIRAGE's documented forward (float64)."""
     model = timm.create_model("mirage_base_patch32_512", num_classes=4).double().eval()
@@ -126,6 +127,7 @@ def test_encoder_and_classifier_match_mirage_math(base_release):
     assert tokens.shape == (2, 257, 768)
 
 
+@pytest.mark.slow  # MIRAGE-Base forward against the reference math
 def test_float32_encoder_matches_to_1e4(base_release):
     model = timm.create_model("mirage_base_patch32_512", num_classes=0).eval()
     model.load_state_dict(checkpoint_filter_fn(base_release, model))
@@ -136,6 +138,7 @@ def test_float32_encoder_matches_to_1e4(base_release):
     assert torch.allclose(raw[:, 1:].double(), expected[:, :-1], atol=1e-4)
 
 
+@pytest.mark.slow  # full-size MIRAGE-Base models
 def test_pretrained_from_local_release_pth_and_hub_safetensors(tmp_path, base_release):
     pth = tmp_path / "MIRAGE-Base.pth"
     torch.save(base_release, pth)
@@ -164,6 +167,7 @@ def test_release_pth_is_read_without_unpickling_other_objects(tmp_path, capsys):
     assert "pwned" not in capsys.readouterr().out
 
 
+@pytest.mark.slow  # full-size MIRAGE-Base models
 def test_pretrained_true_downloads_through_timm_from_hub_cache(tmp_path, hub_cache):
     weights = tmp_path / "model.safetensors"
     save_file(ref.hub_checkpoint(768, 12, seed=3), str(weights))

@@ -123,6 +123,7 @@ def test_unusable_checkpoint_or_arguments_exit_two(tmp_path, checkpoint, capsys)
     assert exit_info.value.code == 2
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_module_entry_point(checkpoint, scans):
     """``python -m mirage_demo.predict`` end to end, in a fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -207,6 +207,7 @@ def weights_of(out):
     return state["progress"]["epoch"], state["model"]
 
 
+@pytest.mark.slow  # a killed training process
 def test_resume_after_a_kill_ends_with_identical_weights(tmp_path, capsys, monkeypatch):
     data = make_bands(tmp_path / "data", counts=(8, 3, 3))
     extra = ["--mode", "last-k", "--last-k", "1", "--balance", "sqrt", "--patience", "0"]
@@ -459,6 +460,7 @@ def test_learning_rate_schedule():
     assert lr_factor(12, 4, 20, 0.0) == pytest.approx(0.5)  # half-way down the cosine
 
 
+@pytest.mark.slow  # two DDP processes
 def test_ddp_on_two_cpu_processes(tmp_path):
     data = make_bands(tmp_path / "data", counts=(8, 5, 3))
     out = tmp_path / "out"

@@ -101,9 +101,6 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 _DEFAULTS = TrainConfig()
-_BOOL_FIELDS = {
-    f.name for f in dataclasses.fields(TrainConfig) if f.type in ("bool", "bool | None")
-}
 
 
 def _help(text: str, key: str) -> str:

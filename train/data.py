@@ -1,4 +1,5 @@
-"""Data for the loop: datasets of file or cached images, the epoch sampler, model inputs."""
+"""Data for the loop: the epoch sampler, loaders, model inputs (the datasets of file and cached
+images are :class:`mirage_demo.data.FileImages` and :class:`mirage_demo.cache.CachedImages`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mirage_demo.augment import BatchAugmentation
 from mirage_demo.data import (
-    ImageReadError,
+    FileImages,
     Preprocessing,
     Sample,
     balanced_sampler,
@@ -21,37 +22,6 @@ from mirage_demo.data import (
 __all__ = ["EpochSampler", "FileImages", "make_loader", "to_model_input"]
 
 log = logging.getLogger(__name__)
-
-
-class FileImages(Dataset):
-    """``(image in [0, 1] (1, H, W), label, index)`` decoded from the file every time.
-
-    Used without the cache and for the final report (the app's exact preprocessing). An
-    unreadable file gives ``None`` (logged with its name), dropped by the collate function.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        preprocessing: Preprocessing,
-        indices: Sequence[int] | None = None,
-    ) -> None:
-        self.samples = list(samples)
-        self.preprocessing = preprocessing
-        self.indices = list(range(len(self.samples)) if indices is None else indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int] | None:
-        index = self.indices[item]
-        sample = self.samples[index]
-        try:
-            image = self.preprocessing.load(sample.path, name=str(sample.path))
-        except ImageReadError as err:
-            log.warning("skipping unreadable image: %s", err)
-            return None
-        return image, sample.label, index
 
 
 class EpochSampler(Sampler[int]):

@@ -38,9 +38,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.student.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.student.std, device=x.device).view(1, -1, 1, 1)
-        images = (x.float() * std + mean)[:, :1]
+        images = self.student.denormalize(x.float())
         size = list(self.preprocessing.input_size)
         if list(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True)

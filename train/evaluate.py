@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mirage_demo.cache import tqdm_disable
 from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
 from mirage_demo.data import DataError, Preprocessing, Sample, load_dataset
 from mirage_demo.metrics import softmax, write_report
@@ -30,13 +31,13 @@ from train.config import UsageError
 from train.data import FileImages, make_loader, to_model_input
 from train.distributed import resolve_device
 
-__all__ = ["evaluate_samples", "main", "predict"]
+__all__ = ["collect_logits", "evaluate_samples", "main"]
 
 log = logging.getLogger("train.evaluate")
 
 
 @torch.no_grad()
-def predict(
+def collect_logits(
     model: torch.nn.Module,
     loader: DataLoader,
     preprocessing: Preprocessing,
@@ -54,7 +55,7 @@ def predict(
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=_disable(progress))
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress))
     for batch in bar:
         if batch is None:  # every image of the batch was unreadable
             continue
@@ -71,10 +72,6 @@ def predict(
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(indices).numpy().astype(np.int64),
     )
-
-
-def _disable(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress
 
 
 def evaluate_samples(
@@ -96,7 +93,7 @@ def evaluate_samples(
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``."""
     dataset = FileImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices = predict(
+    logits, labels, indices = collect_logits(
         model, loader, config.preprocessing, device, amp_dtype, progress, desc=f"{split} split"
     )
     if len(labels) == 0:

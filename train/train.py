@@ -34,7 +34,13 @@ from tqdm.auto import tqdm
 
 import mirage_demo
 from mirage_demo.augment import BatchAugmentation
-from mirage_demo.cache import CachedImages, build_cache, cache_key, default_cache_dir
+from mirage_demo.cache import (
+    CachedImages,
+    build_cache,
+    cache_key,
+    default_cache_dir,
+    tqdm_disable,
+)
 from mirage_demo.checkpoint import (
     WEIGHTS_NAME,
     CheckpointConfig,
@@ -61,7 +67,7 @@ from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
 from train.distill import Teacher, distillation_loss
 from train.distributed import Dist, setup
-from train.evaluate import evaluate_samples, predict, summary
+from train.evaluate import collect_logits, evaluate_samples, summary
 from train.state import STATE_NAME, get_rng_state, load_state, save_state, set_rng_state
 
 __all__ = ["TrainingDivergedError", "main", "train"]
@@ -180,13 +186,27 @@ def _check_writable(folder: Path, option: str) -> None:
         ) from err
 
 
-def _check_space(out: Path, cache_root: Path | None, model: nn.Module, cache_bytes: int) -> None:
-    """Refuse to start when the disk cannot hold the checkpoint, the training state and the
-    image cache (an estimate: weights x4 for the state with AdamW's moments)."""
+def _check_space(
+    out: Path,
+    config: TrainConfig,
+    data: DatasetSplits,
+    preprocessing: Preprocessing,
+    model: nn.Module,
+) -> None:
+    """Refuse to start when the disk cannot hold the checkpoint, the training state (an
+    estimate: the weights x4, AdamW's moments included) and the image cache still to build."""
     weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     needs = {out: 5 * weights}
-    if cache_root is not None and cache_bytes:
-        needs[cache_root] = needs.get(cache_root, 0) + cache_bytes
+    cache_root = Path(config.cache_dir or default_cache_dir()) if config.cache else None
+    if cache_root is not None:
+        height, width = preprocessing.input_size
+        cache_bytes = sum(
+            len(samples) * height * width
+            for samples in data.splits.values()
+            if not (cache_root / cache_key(samples, preprocessing)).is_dir()
+        )
+        if cache_bytes:
+            needs[cache_root] = needs.get(cache_root, 0) + cache_bytes
     for folder, needed in needs.items():
         existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
         free = shutil.disk_usage(existing).free
@@ -227,7 +247,7 @@ def _fixed_input_size(name: str) -> bool:
         return False
 
 
-def build_model(
+def create_training_model(
     config: TrainConfig, num_classes: int, fresh: bool = True
 ) -> tuple[nn.Module, dict[str, Any], Preprocessing]:
     """The classifier, the architecture kwargs stored in the checkpoint, its preprocessing.
@@ -430,17 +450,76 @@ def _train(config: TrainConfig, state: dict | None, dist: Dist) -> dict[str, Any
 
 
 def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
-    """Check the input, build data, model, optimiser and schedule, restore a saved state."""
-    device, out = dist.device, Path(config.out)
+    """Everything the loop needs, step by step: threads and precision, data, model, loaders,
+    optimisation, the run's record, then (when resuming) the saved state, then the run files."""
+    _set_threads(config, dist)
+    amp_dtype = _resolve_amp(config.amp, dist.device)
+    data = _checked_data(config, state, dist)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model, model_kwargs, preprocessing = create_training_model(
+        config, len(data.class_names), fresh=state is None
+    )
+    if dist.is_main:
+        _check_space(Path(config.out), config, data, preprocessing, model)
+    train_set, val_set = _checked_datasets(config, data, preprocessing, dist)
+    train_samples = [data.splits["train"][i] for i in train_set.indices]
+    if state is not None:
+        _restore_weights(model, state, config)
+    trainable, ddp_model = _prepare_model(model, config, dist)
+    loaders = _loaders(config, train_set, val_set, train_samples, len(data.class_names), dist)
+    optimisation = _optimisation(config, model, train_samples, loaders, amp_dtype, dist)
+    teacher = _teacher(config, preprocessing, data.class_names, dist.device)
+    derived = _derived_facts(config, data, dist, amp_dtype, trainable, optimisation)
+    run = Run(
+        config=config,
+        dist=dist,
+        out=Path(config.out),
+        data=data,
+        preprocessing=preprocessing,
+        model=model,
+        ddp_model=ddp_model,
+        optimizer=optimisation.optimizer,
+        scheduler=optimisation.scheduler,
+        scaler=optimisation.scaler,
+        criterion=optimisation.criterion,
+        teacher=teacher,
+        augment=BatchAugmentation(fill=config.aug_fill) if config.augment else None,
+        amp_dtype=amp_dtype,
+        sampler=loaders.sampler,
+        train_loader=loaders.train,
+        val_loader=loaders.val,
+        workers=loaders.workers,
+        warmup_epochs=optimisation.warmup_epochs,
+        checkpoint_config=_checkpoint_config(config, data, preprocessing, model_kwargs, derived),
+    )
+    torch.manual_seed(config.seed + dist.rank)  # dropout and drop-path differ between ranks
+    np.random.seed(config.seed + dist.rank)
+    if state is not None:
+        _restore_state(run, state)
+    if dist.is_main:
+        _write_run_files(run, derived)
+    _say(
+        dist,
+        f"{config.model} ({config.mode}, {trainable:,} trainable parameters) on "
+        f"{dist.device} x{dist.world_size}, {derived['amp']}; {len(train_samples)} train / "
+        f"{sum(data.counts('val').values())} val images, {len(data.class_names)} classes; "
+        f"{config.epochs} epochs of {optimisation.steps_per_epoch} steps, "
+        f"batch {derived['effective_batch_size']}",
+    )
+    return run
+
+
+def _set_threads(config: TrainConfig, dist: Dist) -> None:
+    """``--threads``, or under DDP on CPU the cores shared between this machine's processes."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    elif dist.enabled and device.type == "cpu":
+    elif dist.enabled and dist.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
-    amp_dtype = _resolve_amp(config.amp, device)
 
-    # data: folders, splits, and every image decoded once into the cache
+
+def _checked_data(config: TrainConfig, state: dict | None, dist: Dist) -> DatasetSplits:
+    """The folders and splits, their notes said; a resumed run must see the same images."""
     data = _load_data(config)
-    class_names, num_classes = data.class_names, len(data.class_names)
     for note in data.notes:
         _say(dist, f"note: {note}")
     for split in data.splits:
@@ -452,17 +531,14 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
             f"the images in {config.data} differ from those of the run being resumed: "
             "resume with the same data, or start a new run in another --out"
         )
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model, model_kwargs, preprocessing = build_model(config, num_classes, fresh=state is None)
-    if dist.is_main:
-        cache_root = Path(config.cache_dir or default_cache_dir()) if config.cache else None
-        cache_bytes = 0
-        if cache_root is not None:
-            height, width = preprocessing.input_size
-            for samples in data.splits.values():
-                if not (cache_root / cache_key(samples, preprocessing)).is_dir():
-                    cache_bytes += len(samples) * height * width
-        _check_space(out, cache_root, model, cache_bytes)
+    return data
+
+
+def _checked_datasets(
+    config: TrainConfig, data: DatasetSplits, preprocessing: Preprocessing, dist: Dist
+) -> tuple[Any, Any]:
+    """Train and this rank's val datasets (every image decoded once into the cache);
+    unreadable images stop the run unless ``--skip-unreadable``."""
     train_set, val_set, unreadable = _datasets(config, data, preprocessing, dist)
     if unreadable and not config.skip_unreadable:
         shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
@@ -472,29 +548,50 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
         )
     for message in unreadable:
         _say(dist, f"warning: skipping unreadable image {message}")
-    train_samples = [data.splits["train"][i] for i in train_set.indices]
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise UsageError(
-                f"the weights in {out / STATE_NAME} do not fit {config.model} "
-                f"({' '.join(str(err).split())[:300]}): start a new run in another --out"
-            ) from err
+    return train_set, val_set
 
-    # model, optimiser, schedule (frozen parameters are left out of the optimiser)
+
+def _restore_weights(model: nn.Module, state: dict, config: TrainConfig) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UsageError(
+            f"the weights in {Path(config.out) / STATE_NAME} do not fit {config.model} "
+            f"({' '.join(str(err).split())[:300]}): start a new run in another --out"
+        ) from err
+
+
+def _prepare_model(model: nn.Module, config: TrainConfig, dist: Dist) -> tuple[int, nn.Module]:
+    """Freeze per ``--mode``, move to the device, wrap in DDP: ``(trainable parameters, the
+    module the training step calls)``."""
     trainable = configure_finetuning(model, config.mode, config.last_k)
     if config.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
-    model.to(device)
-    ddp_model = model
-    if dist.enabled:
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = DistributedDataParallel(model, device_ids=device_ids)
-    groups = optimizer_param_groups(model, config.weight_decay, config.layer_decay)
-    for group in groups:
-        group["lr"] = config.base_lr * group.get("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=config.base_lr, fused=device.type == "cuda")
+    model.to(dist.device)
+    if not dist.enabled:
+        return trainable, model
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return trainable, DistributedDataParallel(model, device_ids=device_ids)
+
+
+@dataclass
+class Loaders:
+    """The epoch sampler and the data loaders."""
+
+    sampler: EpochSampler
+    train: Any
+    val: Any
+    workers: int
+
+
+def _loaders(
+    config: TrainConfig,
+    train_set: Any,
+    val_set: Any,
+    train_samples: list,
+    num_classes: int,
+    dist: Dist,
+) -> Loaders:
     sampler = EpochSampler(
         train_samples,
         num_classes,
@@ -506,10 +603,43 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     workers = config.workers
     if workers is None:  # CUDA: copy pixels in the background; CPU: the cache is fast enough
         workers = min(6, (os.cpu_count() or 1) // dist.local_world_size)
-        workers = workers if device.type == "cuda" or not config.cache else 0
-    train_loader = make_loader(train_set, config.batch_size, workers, device, sampler)
-    val_loader = make_loader(val_set, EVAL_BATCH_SIZE, workers, device)
-    steps_per_epoch = math.ceil(len(train_loader) / config.accum_steps)
+        workers = workers if dist.device.type == "cuda" or not config.cache else 0
+    return Loaders(
+        sampler=sampler,
+        train=make_loader(train_set, config.batch_size, workers, dist.device, sampler),
+        val=make_loader(val_set, EVAL_BATCH_SIZE, workers, dist.device),
+        workers=workers,
+    )
+
+
+@dataclass
+class Optimisation:
+    """Optimiser, schedule, loss scaling and loss."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    warmup_epochs: float
+    steps_per_epoch: int
+
+
+def _optimisation(
+    config: TrainConfig,
+    model: nn.Module,
+    train_samples: list,
+    loaders: Loaders,
+    amp_dtype: torch.dtype | None,
+    dist: Dist,
+) -> Optimisation:
+    """AdamW over the trainable groups (layer decay, no decay on norms and biases), warm-up
+    then cosine, the (class-weighted, label-smoothed) loss."""
+    device = dist.device
+    groups = optimizer_param_groups(model, config.weight_decay, config.layer_decay)
+    for group in groups:
+        group["lr"] = config.base_lr * group.get("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=config.base_lr, fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(loaders.train) / config.accum_steps)
     warmup_epochs = config.warmup_epochs
     if warmup_epochs >= config.epochs:
         warmup_epochs = config.epochs / 10
@@ -524,81 +654,97 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, floor)
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    num_classes = loaders.sampler.num_classes
     weights = class_weights(train_samples, num_classes) if config.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(
-        weight=None if weights is None else weights.to(device),
-        label_smoothing=config.label_smoothing,
+    return Optimisation(
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        criterion=nn.CrossEntropyLoss(
+            weight=None if weights is None else weights.to(device),
+            label_smoothing=config.label_smoothing,
+        ),
+        warmup_epochs=warmup_epochs,
+        steps_per_epoch=steps_per_epoch,
     )
-    teacher = _teacher(config, preprocessing, data.class_names, device)
 
-    # what the run records: config.json's training facts and the resolved options
-    effective_batch = config.batch_size * config.accum_steps * dist.world_size
-    derived = {
+
+def _derived_facts(
+    config: TrainConfig,
+    data: DatasetSplits,
+    dist: Dist,
+    amp_dtype: torch.dtype | None,
+    trainable: int,
+    optimisation: Optimisation,
+) -> dict[str, Any]:
+    """What the run worked out from its options (recorded in config.json and the YAML)."""
+    return {
         "lr": config.base_lr,
-        "warmup_epochs": warmup_epochs,
+        "warmup_epochs": optimisation.warmup_epochs,
         "world_size": dist.world_size,
-        "effective_batch_size": effective_batch,
-        "steps_per_epoch": steps_per_epoch,
-        "device": str(device),
+        "effective_batch_size": config.batch_size * config.accum_steps * dist.world_size,
+        "steps_per_epoch": optimisation.steps_per_epoch,
+        "device": str(dist.device),
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
         "trainable_parameters": trainable,
         "images": {split: data.counts(split) for split in data.splits},
         "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
     }
+
+
+def _checkpoint_config(
+    config: TrainConfig,
+    data: DatasetSplits,
+    preprocessing: Preprocessing,
+    model_kwargs: dict[str, Any],
+    derived: dict[str, Any],
+) -> CheckpointConfig:
+    """The best model's config.json, minus the per-epoch facts: the split as a typed record,
+    the options and derived facts as provenance."""
     options = {k: v for k, v in config.to_dict().items() if k not in ("resume", "progress")}
-    checkpoint_config = CheckpointConfig(
+    return CheckpointConfig(
         architecture=config.model,
-        class_names=class_names,
+        class_names=data.class_names,
         preprocessing=preprocessing,
         model_kwargs=model_kwargs,
         source_weights=_source_weights(config),
         split=config.split,
         training={**options, **derived},
-        description=config.description or _description(config, class_names),
+        description=config.description or _description(config, data.class_names),
     )
-    run = Run(
-        config, dist, out, data, preprocessing, model, ddp_model, optimizer, scheduler, scaler,
-        criterion, teacher, BatchAugmentation(fill=config.aug_fill) if config.augment else None,
-        amp_dtype, sampler, train_loader, val_loader, workers, warmup_epochs, checkpoint_config,
-    )  # fmt: skip
 
-    torch.manual_seed(config.seed + dist.rank)  # dropout and drop-path differ between ranks
-    np.random.seed(config.seed + dist.rank)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        run.progress = Progress(**state["progress"])
-        if len(state["rng"]) == dist.world_size:
-            set_rng_state(state["rng"][dist.rank])
-        else:
-            _say(
-                dist,
-                "warning: resumed on a different number of processes: random streams "
-                "restart, so the result will differ from an uninterrupted run",
-            )
-        _say(dist, f"resuming {out} after epoch {run.progress.epoch} (step {run.progress.step})")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = yaml.safe_dump({**config.to_dict(), "resume": False}, sort_keys=False)
-        derived_yaml = yaml.safe_dump(derived, sort_keys=False)
-        comment = "".join(f"# {line}\n" for line in derived_yaml.splitlines())
-        text = f"# python -m train --config this-file (resolved options)\n{comment}{resolved}"
-        atomic_write(out / "train_config.yaml", lambda tmp: Path(tmp).write_text(text))
-        if config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
-            log_dir = str(out / "tensorboard")
-            run.writer = SummaryWriter(log_dir, purge_step=run.progress.epoch + 1)
-    _say(
-        dist,
-        f"{config.model} ({config.mode}, {trainable:,} trainable parameters) on "
-        f"{device} x{dist.world_size}, {derived['amp']}; {len(train_samples)} train / "
-        f"{sum(data.counts('val').values())} val images, {num_classes} classes; "
-        f"{config.epochs} epochs of {steps_per_epoch} steps, batch {effective_batch}",
-    )
-    return run
+def _restore_state(run: Run, state: dict) -> None:
+    """Optimiser, schedule, scaler, progress and random streams of the run being resumed."""
+    dist = run.dist
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.progress = Progress(**state["progress"])
+    if len(state["rng"]) == dist.world_size:
+        set_rng_state(state["rng"][dist.rank])
+    else:
+        _say(
+            dist,
+            "warning: resumed on a different number of processes: random streams "
+            "restart, so the result will differ from an uninterrupted run",
+        )
+    _say(dist, f"resuming {run.out} after epoch {run.progress.epoch} (step {run.progress.step})")
+
+
+def _write_run_files(run: Run, derived: dict[str, Any]) -> None:
+    """``train_config.yaml`` (the resolved options) and the TensorBoard writer (rank 0)."""
+    config, out = run.config, run.out
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = yaml.safe_dump({**config.to_dict(), "resume": False}, sort_keys=False)
+    derived_yaml = yaml.safe_dump(derived, sort_keys=False)
+    comment = "".join(f"# {line}\n" for line in derived_yaml.splitlines())
+    text = f"# python -m train --config this-file (resolved options)\n{comment}{resolved}"
+    atomic_write(out / "train_config.yaml", lambda tmp: Path(tmp).write_text(text))
+    if config.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.writer = SummaryWriter(str(out / "tensorboard"), purge_step=run.progress.epoch + 1)
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
@@ -612,7 +758,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), device=device)
     seen = 0
-    hide = (not dist.is_main) or (None if config.progress is None else not config.progress)
+    hide = (not dist.is_main) or tqdm_disable(config.progress)
     bar = tqdm(
         total=len(run.sampler) * dist.world_size,
         desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -694,7 +840,7 @@ def _kept(run: Run) -> str:
 
 def validate(run: Run, epoch: int) -> dict[str, Any]:
     """Loss and metrics on the whole validation split (every rank's share, gathered)."""
-    logits, labels, indices = predict(
+    logits, labels, indices = collect_logits(
         run.model, run.val_loader, run.preprocessing, run.dist.device, run.amp_dtype, False
     )
     parts = run.dist.gather((logits, labels, indices))
@@ -765,7 +911,7 @@ def _finish(run: Run) -> dict[str, Any]:
         run.workers,
         device,
     )
-    logits, labels, _ = predict(
+    logits, labels, _ = collect_logits(
         model, val_loader, checkpoint.preprocessing, device, None, config.progress, "val split"
     )
     temperature = fit_temperature(logits, labels)

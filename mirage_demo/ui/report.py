@@ -33,7 +33,7 @@ REPORT_FIGURES = {
 
 def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
     """The Model tab's table: what is loaded, where its weights come from, how it was
-    trained. (The Hub's model card is :func:`mirage_demo.checkpoint.model_card`.)"""
+    trained. (The Hub's model card is :func:`mirage_demo.checkpoint.hub_model_card`.)"""
     if config is None:
         return f"### {name}\nThis model was built in Python, not loaded from a checkpoint."
     source = config.source_weights or {}
@@ -54,6 +54,13 @@ def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
     if data or split_sizes:
         lines.append(
             f"| Training data | {data}" + (f" ({split_sizes})" if split_sizes else "") + " |"
+        )
+    if config.split is not None:
+        split = config.split
+        excluded = f"; left out: {', '.join(split.exclude)}" if split.exclude else ""
+        lines.append(
+            f"| Data split | patient-disjoint, seed {split.seed}; missing splits carved as val "
+            f"{split.val_fraction:.0%}, test {split.test_fraction:.0%}{excluded} |"
         )
     for key, label in (
         ("mode", "Fine-tuning"),
