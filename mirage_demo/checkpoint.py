@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "push_to_hub",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "validate_config",
 ]
 
 CONFIG_NAME = "config.json"
@@ -48,6 +50,32 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "mirage-demo-checkpoint"
 FORMAT_VERSION = 1
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+MAX_CONFIG_BYTES = 1_000_000  # a config.json is a few KB; refuse anything absurd unread
+
+#: Architecture arguments a checkpoint may pass to ``timm.create_model``, with the values
+#: allowed. Never weights locations (``pretrained``, ``pretrained_cfg(_overlay)``, ``file``,
+#: ``url``, ``hf_hub_id``...): a checkpoint is data, and loading it must not fetch or read
+#: anything else. Integers are inclusive ranges; tuples of strings are choices.
+ALLOWED_MODEL_KWARGS: dict[str, Any] = {
+    "in_chans": (1, 4),
+    "img_size": (16, 4096),
+    "patch_size": (1, 256),
+    "depth": (1, 64),
+    "embed_dim": (8, 4096),
+    "num_heads": (1, 64),
+    "mlp_ratio": (0.25, 16.0),
+    "qkv_bias": bool,
+    "class_token": bool,
+    "no_embed_class": bool,
+    "reg_tokens": (0, 64),
+    "init_values": (0.0, 10.0),
+    "global_pool": ("", "avg", "avgmax", "max", "token", "map", "avgtoken"),
+    "drop_rate": (0.0, 1.0),
+    "drop_path_rate": (0.0, 1.0),
+}
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+MAX_CLASSES = 1000
+MAX_INPUT_SIDE = 2048  # model input side in pixels (MIRAGE: 512)
 
 
 class CheckpointError(ValueError):
@@ -83,27 +111,165 @@ class CheckpointConfig:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CheckpointConfig:
-        if data.get("format") != FORMAT:
-            raise CheckpointError(f"{CONFIG_NAME} is not a {FORMAT} config")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint format {data['format_version']} is newer than this "
-                f"mirage_demo ({FORMAT_VERSION}): upgrade mirage_demo"
-            )
-        for key in ("architecture", "class_names"):
-            if not data.get(key):
-                raise CheckpointError(f"{CONFIG_NAME} has no {key!r}")
-        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        fields["preprocessing"] = Preprocessing.from_dict(data.get("preprocessing", {}))
+    def from_dict(cls, data: Any) -> CheckpointConfig:
+        """A config from untrusted data: every field checked by :func:`validate_config`."""
+        fields = validate_config(data)
+        fields["preprocessing"] = Preprocessing.from_dict(fields.get("preprocessing", {}))
         try:
             if data.get("split") is not None:
                 fields["split"] = SplitSpec.from_dict(data["split"])
             else:  # written before the split had its own record
                 fields["split"] = legacy_split(data.get("training"))
-        except (DataError, TypeError) as err:
-            raise CheckpointError(f"{CONFIG_NAME} has an unusable split record: {err}") from err
-        return cls(**fields)
+        except (DataError, TypeError, ValueError, AttributeError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise CheckpointError(f"{CONFIG_NAME} has an unusable split record: {reason}") from err
+        return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+
+
+def _bad(field_name: str, allowed: str, value: Any = None) -> CheckpointError:
+    shown = "" if value is None else f" (got {_short(value)})"
+    return CheckpointError(f"{CONFIG_NAME}: {field_name} must be {allowed}{shown}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (dict, list, str, bool)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any, field_name: str, low: float, high: float, integer: bool = False) -> Any:
+    """``value`` as a finite number in ``[low, high]`` (an int if ``integer``), or an error."""
+    kind = "an integer" if integer else "a number"
+    allowed = f"{kind} from {low:g} to {high:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(field_name, allowed, value)
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        raise _bad(field_name, allowed, value)
+    if not (isinstance(value, int) or math.isfinite(value)) or not low <= value <= high:
+        raise _bad(field_name, allowed, value)
+    return int(value) if integer else float(value)
+
+
+def _numbers(value: Any, field_name: str, lengths: tuple[int, ...], **bounds: Any) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) not in lengths:
+        shown = " or ".join(str(n) for n in lengths)
+        raise _bad(field_name, f"a list of {shown} numbers", value)
+    return tuple(_number(v, f"{field_name}[{i}]", **bounds) for i, v in enumerate(value))
+
+
+def _model_kwarg(key: str, value: Any) -> Any:
+    rule = ALLOWED_MODEL_KWARGS.get(key)
+    where = f"model_kwargs.{key}"
+    if rule is None:
+        raise _bad(
+            "model_kwargs",
+            "architecture arguments among " + ", ".join(ALLOWED_MODEL_KWARGS),
+            key,
+        )
+    if rule is bool:
+        if not isinstance(value, bool):
+            raise _bad(where, "true or false", value)
+        return value
+    if isinstance(rule[0], str):
+        if value not in rule:
+            raise _bad(where, "one of " + ", ".join(repr(c) for c in rule), value)
+        return value
+    low, high = rule
+    integer = isinstance(low, int) and isinstance(high, int)
+    if key == "img_size" and isinstance(value, (list, tuple)):
+        return list(_numbers(value, where, (2,), low=low, high=high, integer=True))
+    return _number(value, where, low, high, integer=integer)
+
+
+def _validate_preprocessing(data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise _bad(
+            "preprocessing", "a mapping of input_size, in_chans, interpolation, mean, std", data
+        )
+    out: dict[str, Any] = {}
+    if "input_size" in data:
+        out["input_size"] = _numbers(
+            data["input_size"],
+            "preprocessing.input_size",
+            (2,),
+            low=8,
+            high=MAX_INPUT_SIDE,
+            integer=True,
+        )
+    chans = _number(data.get("in_chans", 1), "preprocessing.in_chans", 1, 4, integer=True)
+    out["in_chans"] = chans
+    if "interpolation" in data:
+        if data["interpolation"] not in INTERPOLATIONS:
+            raise _bad(
+                "preprocessing.interpolation",
+                "one of " + ", ".join(INTERPOLATIONS),
+                data["interpolation"],
+            )
+        out["interpolation"] = data["interpolation"]
+    lengths = tuple(sorted({1, chans}))
+    if "mean" in data:
+        out["mean"] = _numbers(data["mean"], "preprocessing.mean", lengths, low=-1e3, high=1e3)
+    if "std" in data:
+        out["std"] = _numbers(data["std"], "preprocessing.std", lengths, low=1e-6, high=1e3)
+    if "normalization" in data:
+        if not isinstance(data["normalization"], str) or len(data["normalization"]) > 200:
+            raise _bad("preprocessing.normalization", "a short text", data["normalization"])
+        out["normalization"] = data["normalization"]
+    return out
+
+
+def validate_config(data: Any) -> dict[str, Any]:
+    """Check an untrusted ``config.json`` mapping field by field; return the clean fields.
+
+    A :class:`CheckpointError` names the first bad field and the values it allows. Model
+    arguments must be in :data:`ALLOWED_MODEL_KWARGS` (never a weights location).
+    """
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{CONFIG_NAME} must hold a JSON object, not {type(data).__name__}")
+    if data.get("format") != FORMAT:
+        raise _bad("format", repr(FORMAT), data.get("format"))
+    version = data.get("format_version", FORMAT_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint format {version} is newer than this mirage_demo ({FORMAT_VERSION}): "
+            "upgrade mirage_demo"
+        )
+    _number(version, "format_version", 1, FORMAT_VERSION, integer=True)
+    out: dict[str, Any] = {}
+    architecture = data.get("architecture")
+    if not isinstance(architecture, str) or architecture not in timm.list_models():
+        raise CheckpointError(
+            f"{CONFIG_NAME}: unknown architecture {architecture!r:.80}: architecture must be "
+            "a timm model name (see timm.list_models())"
+        )
+    out["architecture"] = architecture
+    names = data.get("class_names")
+    if (
+        not isinstance(names, list)
+        or not 2 <= len(names) <= MAX_CLASSES
+        or not all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)
+        or len(set(names)) != len(names)
+    ):
+        raise _bad(
+            "class_names", f"a list of 2 to {MAX_CLASSES} distinct names (1-100 characters)", names
+        )
+    out["class_names"] = list(names)
+    out["preprocessing"] = _validate_preprocessing(data.get("preprocessing", {}))
+    kwargs = data.get("model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise _bad("model_kwargs", "a mapping of architecture arguments", kwargs)
+    out["model_kwargs"] = {key: _model_kwarg(key, value) for key, value in kwargs.items()}
+    out["temperature"] = _number(data.get("temperature", 1.0), "temperature", 0.01, 100.0)
+    for key in ("source_weights", "training"):
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            raise _bad(key, "a mapping", value)
+        out[key] = value
+    for key in ("description", "created", "library_version"):
+        if key in data:
+            if not isinstance(data[key], str) or len(data[key]) > 10_000:
+                raise _bad(key, "a text of at most 10,000 characters", data[key])
+            out[key] = data[key]
+    return out
 
 
 #: ``training`` keys that held the split before ``CheckpointConfig.split`` existed.
@@ -183,10 +349,15 @@ def read_config(directory: str | Path) -> CheckpointConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_NAME} is missing")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path} is larger than {MAX_CONFIG_BYTES:,} bytes: not a config")
     try:
-        return CheckpointConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:
+        # JSONDecodeError, numbers over Python's 4300-digit limit, absurd nesting
+        reason = str(err).split(";")[0]
+        raise CheckpointError(f"{path} is not valid JSON ({reason})") from err
+    return CheckpointConfig.from_dict(data)
 
 
 def model_from_config(
@@ -198,7 +369,34 @@ def model_from_config(
     kwargs = {"in_chans": config.preprocessing.in_chans, **config.model_kwargs}
     if device is not None:
         kwargs["device"] = device
-    return create_classifier(config.architecture, num_classes=config.num_classes, **kwargs)
+    try:
+        return create_classifier(config.architecture, num_classes=config.num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{CONFIG_NAME}: {config.architecture} cannot be built with model_kwargs "
+            f"{_short(config.model_kwargs)} ({str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def check_input_size(model: nn.Module, config: CheckpointConfig) -> None:
+    """Run the model once on a shape-only (meta) input of the configured size: a
+    ``preprocessing.input_size`` the architecture cannot take fails here, at load time, not on
+    every request."""
+    height, width = config.preprocessing.input_size
+    x = torch.zeros(1, config.preprocessing.in_chans, height, width, device="meta")
+    try:
+        with torch.inference_mode():
+            shape = tuple(model(x).shape)
+    except Exception as err:  # any architecture's complaint, in one line
+        raise CheckpointError(
+            f"{CONFIG_NAME}: preprocessing.input_size {height}x{width} does not fit "
+            f"{config.architecture} ({str(err).splitlines()[0][:200]})"
+        ) from err
+    if shape != (1, config.num_classes):
+        raise CheckpointError(
+            f"{CONFIG_NAME}: {config.architecture} gives outputs of shape {shape}, "
+            f"expected (1, {config.num_classes}) for class_names"
+        )
 
 
 def load_checkpoint(
@@ -216,6 +414,7 @@ def load_checkpoint(
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = model_from_config(config, device="meta")  # weights come from the file: allocate once
+    check_input_size(model, config)
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

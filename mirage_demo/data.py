@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
@@ -40,6 +41,7 @@ __all__ = [
     "collate_skip_unreadable",
     "discover_dataset",
     "load_dataset",
+    "open_image",
     "patient_id",
     "patient_split",
     "read_image",
@@ -48,9 +50,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
 SPLIT_NAMES = ("train", "val", "test")
 MAX_PIXELS = 64_000_000  # a B-scan is ~0.5 MP; refuse decompression bombs early
+MAX_WORK_PIXELS = 2048 * 2048  # larger images are decoded reduced to at most this
+MAX_DECODE_BYTES = 192 * 2**20  # decoded pixels a file may need before it is reduced
 #: What every reader accepts: a path, the file's bytes, a PIL image or an array.
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
 
@@ -79,29 +83,33 @@ class ImageReadError(ValueError):
 # Reading images
 
 
-def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
-    """Any OCT image as a float32 ``(H, W)`` grayscale array in its own intensity range.
+def open_image(
+    source: str | Path | bytes | BinaryIO | Image.Image, name: str | None = None
+) -> Image.Image:
+    """Decode an image at a bounded cost: the loaded first frame, EXIF orientation applied,
+    at most :data:`MAX_WORK_PIXELS` (larger images are decoded reduced).
 
-    ``source`` is a path, the file's bytes, a PIL image or an array.
-    8/16-bit grayscale, float TIFF, RGB(A), palette and animated images (first frame) work.
-    Unreadable input raises :class:`ImageReadError` with the file's name and the reason.
+    The one place images are opened (app, CLI, evaluation, training). JPEGs decode directly at
+    1/2, 1/4 or 1/8 scale (``draft``); other formats are refused above
+    :data:`MAX_DECODE_BYTES` of decoded pixels, then reduced. Unreadable input raises
+    :class:`ImageReadError` naming the image and the reason.
     """
-    label = name or (Path(source).name if isinstance(source, (str, Path)) else "image")
-    if isinstance(source, np.ndarray):
-        return _array_to_gray(source, label)
+    label = name or _label_of(source)
+    opened = None
     try:
-        image = source if isinstance(source, Image.Image) else open_image(source)
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageReadError(
-                label,
-                f"{image.width}x{image.height} pixels is too large "
-                f"(limit {MAX_PIXELS // 1_000_000} megapixels)",
-            )
-        if getattr(image, "n_frames", 1) > 1:
-            image = next(ImageSequence.Iterator(image))
-        image.load()
-        return _pil_to_gray(image, label)
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            image = opened = Image.open(io.BytesIO(source))
+        else:
+            image = opened = Image.open(source)
+        result = _bounded(image, label)
+        if opened is not None and result is not opened:
+            opened.close()
+        return result
     except ImageReadError:
+        if opened is not None:
+            opened.close()
         raise
     except FileNotFoundError as err:
         raise ImageReadError(label, "file not found") from err
@@ -109,15 +117,102 @@ def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
         raise ImageReadError(label, f"image is too large ({err})") from err
     except UnidentifiedImageError as err:
         raise ImageReadError(label, "not a readable image (unknown format)") from err
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
+        if opened is not None:
+            opened.close()
         raise ImageReadError(label, f"corrupt or truncated image ({err})") from err
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """``Image.open`` of a path or of a file's bytes (lazy: decodes nothing yet)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(source))
-    return Image.open(source)
+def _bounded(image: Image.Image, label: str) -> Image.Image:
+    """:func:`open_image`'s work on an opened image (errors are PIL's own)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            label,
+            f"{width}x{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)",
+        )
+    if getattr(image, "tell", lambda: 0)() != 0:
+        image.seek(0)  # animated: the first frame
+    factor = max(1, math.ceil(math.sqrt(width * height / MAX_WORK_PIXELS)))
+    if factor > 1 and image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
+        image.draft(image.mode, (width // factor, height // factor))
+    decoded = image.width * image.height * _bytes_per_pixel(image.mode)
+    if decoded > MAX_DECODE_BYTES:
+        raise ImageReadError(
+            label,
+            f"{width}x{height} {image.mode} pixels decode to {decoded / 2**20:.0f} MB "
+            f"(limit {MAX_DECODE_BYTES // 2**20} MB)",
+        )
+    orientation = _orientation(image)
+    image.load()
+    factor = max(1, math.ceil(math.sqrt(image.width * image.height / MAX_WORK_PIXELS)))
+    if factor > 1:
+        image = _reducible(image).reduce(factor)
+    if orientation in _TRANSPOSE:  # upright, and says so: never turned twice
+        image = image.transpose(_TRANSPOSE[orientation])
+        for key in ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp"):
+            image.info.pop(key, None)
+    return image
+
+
+def read_image(source: ImageSource, name: str | None = None) -> np.ndarray:
+    """Any OCT image as a float32 ``(H, W)`` grayscale array in its own intensity range.
+
+    8/16-bit grayscale, float TIFF, RGB(A), palette and animated images (first frame) work;
+    files and PIL images go through :func:`open_image` (bounded size, EXIF orientation).
+    Unreadable input raises :class:`ImageReadError` with the file's name and the reason.
+    """
+    label = name or _label_of(source)
+    if isinstance(source, np.ndarray):
+        return _array_to_gray(source, label)
+    return _pil_to_gray(open_image(source, label), label)
+
+
+def _label_of(source: Any) -> str:
+    """A name for messages: a file's name, never an object's repr."""
+    if isinstance(source, (str, Path)):
+        return Path(source).name
+    name = getattr(source, "filename" if isinstance(source, Image.Image) else "name", None)
+    return Path(name).name if isinstance(name, str) and name else "image"
+
+
+def _reducible(image: Image.Image) -> Image.Image:
+    """``image`` in a mode ``Image.reduce`` supports, keeping colour, alpha and depth."""
+    if image.mode in _REDUCIBLE_MODES:
+        return image
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA")
+    return image.convert("L" if image.mode == "1" else "RGB")
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes PIL holds per pixel of ``mode`` (RGB is stored as 4)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode in ("LA", "PA", "La") or mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "I", "F", "I;16", "CMYK", "La", "RGBa"})
+_TRANSPOSE = {  # EXIF orientation -> the transposition that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block: show the pixels as stored
+        return 1
 
 
 def _pil_to_gray(image: Image.Image, label: str) -> np.ndarray:

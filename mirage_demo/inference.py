@@ -345,15 +345,9 @@ class Predictor:
         """Decode once: the model input (via the checkpoint's preprocessing), the picture shown
         under overlays and the quality check."""
         began = time.perf_counter()
-        if isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            is_bytes = isinstance(image, (bytes, bytearray))
-            label = name or ("image" if is_bytes else str(image))
-            try:
-                opened = open_image(image)
-            except Exception:
-                read_image(image, label)  # raises ImageReadError saying why
-                raise
-            with opened:
+        if isinstance(image, (str, os.PathLike, bytes, bytearray)) or hasattr(image, "read"):
+            label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+            with open_image(image, label) as opened:  # bounded size, upright
                 loaded = self._load(opened, label)
             loaded.seconds = time.perf_counter() - began
             return loaded
@@ -362,6 +356,8 @@ class Predictor:
                 f"expected a path, bytes, PIL image or numpy array, not {type(image).__name__}"
             )
         label = name or "image"
+        if isinstance(image, Image.Image):
+            image = open_image(image, label)
         gray = read_image(image, label)  # (H, W) float32 in the image's own range
         scale = full_scale_of(image, gray)
         quality = assess(gray, rgb_of(image, scale), scale)

@@ -535,6 +535,16 @@ def write_report(
     return metrics
 
 
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: Any) -> str:
+    """A text cell a spreadsheet shows as text, never runs: a leading ``= + - @``, tab or
+    carriage return (a file named ``=HYPERLINK(...).png``) gets a ``'`` in front (OWASP)."""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
+
+
 def write_predictions_csv(
     path: str | Path,
     class_names: Sequence[str],
@@ -562,18 +572,18 @@ def write_predictions_csv(
     header += ["error"] if errors is not None else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
+    writer.writerow([csv_text(cell) for cell in header])
     for i, name in enumerate(files):
-        row = [name, *([true[i]] if true is not None else [])]
+        row = [csv_text(name), *([csv_text(true[i])] if true is not None else [])]
         if probs[i] is None:
             row += ["", *([""] * len(class_names))]
         else:
             values = np.asarray(probs[i], dtype=np.float64)
-            row += [class_names[int(values.argmax())], *(f"{p:.6f}" for p in values)]
+            row += [csv_text(class_names[int(values.argmax())]), *(f"{p:.6f}" for p in values)]
         if warnings is not None:
-            row.append("; ".join(warnings[i]))
+            row.append(csv_text("; ".join(warnings[i])))
         if errors is not None:
-            row.append(errors[i] or "")
+            row.append(csv_text(errors[i] or ""))
         writer.writerow(row)
     atomic_write_text(Path(path), buffer.getvalue())
     return Path(path)

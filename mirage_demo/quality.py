@@ -163,11 +163,13 @@ def rgb_of(source: Image.Image | np.ndarray, full_scale: float) -> np.ndarray | 
 
 def assess_image(source: str | Image.Image | np.ndarray) -> QualityReport:
     """Read an image (path, PIL image or array) and :func:`assess` it."""
-    from mirage_demo.data import read_image
+    from mirage_demo.data import open_image, read_image
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):
-        with Image.open(source) as image:
+        with open_image(source) as image:
             return assess_image(image)
+    if isinstance(source, Image.Image):
+        source = open_image(source)
     gray = read_image(source)
     scale = full_scale_of(source, gray)
     return assess(gray, rgb_of(source, scale), scale)

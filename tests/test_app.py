@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import socket
 import zipfile
@@ -67,6 +66,19 @@ def tiny_checkpoint(
     return directory
 
 
+def serve(demo) -> str:
+    """Launch a queued app on a free local port, without blocking; its URL."""
+    port = free_port()
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        **LAUNCH_OPTIONS,
+    )
+    return f"http://127.0.0.1:{port}/"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,30 +116,14 @@ def served(tmp_path_factory):
             ModelChoice("tiny (no report)", str(tiny_checkpoint(root / "b", 1, report=False))),
         ]
     )
-    try:
-        with serve(registry) as url:
-            yield url, guard, registry
-    finally:
-        monkeypatch.undo()
-
-
-@contextlib.contextmanager
-def serve(registry: ModelRegistry):
-    """The app around ``registry`` on a free local port; yields its URL."""
     demo = build_app(registry)
     demo.queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        **LAUNCH_OPTIONS,
-    )
+    url = serve(demo)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url, guard, registry
     finally:
         demo.close()
+        monkeypatch.undo()
 
 
 @pytest.fixture(scope="module")

@@ -336,7 +336,7 @@ def test_models_are_placed_at_start_up_on_zerogpu(tmp_path, monkeypatch, zero_gp
         loads.append(str(source))
         return real(cls, source, device=device, **kwargs)
 
-    def stop_before_serving(registry):
+    def stop_before_serving(registry, **options):
         raise SystemExit(len(loads))
 
     monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mirage_demo.inference import DEFAULT_CHECKPOINT
-from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry
+from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry, build_app
 from mirage_demo.ui.context import method_name
 from mirage_demo.ui.explore import explorer_cell, explorer_open, explorer_view
 from mirage_demo.ui.quiz import quiz_answer, quiz_next, quiz_start
@@ -56,8 +56,12 @@ def served(setup):
             ModelChoice("lost", str(lost)),
         ]
     )
-    with serve(registry) as url:
-        yield url, registry
+    demo = build_app(registry)
+    demo.queue(default_concurrency_limit=2)
+    try:
+        yield serve(demo), registry
+    finally:
+        demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -33,7 +34,13 @@ from tqdm.auto import tqdm
 
 import mirage_demo
 from mirage_demo.augment import BatchAugmentation
-from mirage_demo.cache import CachedImages, build_cache, tqdm_disable
+from mirage_demo.cache import (
+    CachedImages,
+    build_cache,
+    cache_key,
+    default_cache_dir,
+    tqdm_disable,
+)
 from mirage_demo.checkpoint import (
     WEIGHTS_NAME,
     CheckpointConfig,
@@ -42,7 +49,12 @@ from mirage_demo.checkpoint import (
     save_checkpoint,
 )
 from mirage_demo.data import DataError, DatasetSplits, Preprocessing, class_weights, load_dataset
-from mirage_demo.fileio import atomic_write
+from mirage_demo.fileio import (
+    atomic_write,
+    check_writable,
+    describe_os_error,
+    remove_stale_temps,
+)
 from mirage_demo.metrics import compute_metrics, fit_temperature, nll, softmax
 from mirage_demo.models import (
     configure_finetuning,
@@ -135,15 +147,75 @@ def _prepare_out(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, 
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    _check_writable(out, "--out")
+    if config.cache:
+        _check_writable(Path(config.cache_dir or default_cache_dir()), "--cache-dir")
+    remove_stale_temps(out)  # a write killed half-way: its complete original is still there
+    started = (out / STATE_NAME).exists()
+    finished = any((out / name).exists() for name in _FINISHED_FILES)
     if config.resume:
+        if not started and (out / WEIGHTS_NAME).exists() and not finished:
+            raise UsageError(
+                f"nothing to resume: the run in {out} stopped before its first epoch was "
+                "saved; start it again with the same command without --resume"
+            )
         state = load_state(out)
         return check_resumable(state["config"], config, explicit), state
-    if (out / STATE_NAME).exists() or (out / WEIGHTS_NAME).exists():
+    if started:
         raise UsageError(
             f"{out} already holds a training run: pass --resume to continue it, "
             "or choose another --out"
         )
+    if (out / WEIGHTS_NAME).exists() and finished:
+        raise UsageError(f"{out} already holds a trained model: choose another --out")
+    # model.safetensors without a state or a report: a run stopped during its first save
     return config, None
+
+
+#: Files that mean a run got past its first epoch (or a published model): never overwritten.
+_FINISHED_FILES = ("history.csv", "metrics.json", "README.md")
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    try:
+        check_writable(folder)
+    except OSError as err:
+        raise UsageError(
+            f"{option} {folder} is not writable ({describe_os_error(err).split(': ', 1)[-1]}): "
+            f"choose another {option}"
+        ) from err
+
+
+def _check_space(
+    out: Path,
+    config: TrainConfig,
+    data: DatasetSplits,
+    preprocessing: Preprocessing,
+    model: nn.Module,
+) -> None:
+    """Refuse to start when the disk cannot hold the checkpoint, the training state (an
+    estimate: the weights x4, AdamW's moments included) and the image cache still to build."""
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    needs = {out: 5 * weights}
+    cache_root = Path(config.cache_dir or default_cache_dir()) if config.cache else None
+    if cache_root is not None:
+        height, width = preprocessing.input_size
+        cache_bytes = sum(
+            len(samples) * height * width
+            for samples in data.splits.values()
+            if not (cache_root / cache_key(samples, preprocessing)).is_dir()
+        )
+        if cache_bytes:
+            needs[cache_root] = needs.get(cache_root, 0) + cache_bytes
+    for folder, needed in needs.items():
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            option = "--out" if folder == out else "--cache-dir"
+            raise UsageError(
+                f"not enough disk space in {folder}: {free / 2**20:,.0f} MB free, this run "
+                f"needs about {needed / 2**20:,.0f} MB: free some space or choose another {option}"
+            )
 
 
 def _load_data(config: TrainConfig) -> DatasetSplits:
@@ -387,6 +459,8 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     model, model_kwargs, preprocessing = create_training_model(
         config, len(data.class_names), fresh=state is None
     )
+    if dist.is_main:
+        _check_space(Path(config.out), config, data, preprocessing, model)
     train_set, val_set = _checked_datasets(config, data, preprocessing, dist)
     train_samples = [data.splits["train"][i] for i in train_set.indices]
     if state is not None:
@@ -882,6 +956,7 @@ def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m train``: 0 on success, 2 for bad input, 1 if training diverged."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    config: TrainConfig | None = None
     try:
         config, explicit = parse_config(argv)
         train(config, explicit)
@@ -891,6 +966,16 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDivergedError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
+    except OSError as err:  # disk full, or the output became unwritable during the run
+        out = config.out if config is not None else None
+        resumable = bool(out) and (Path(out) / STATE_NAME).exists()
+        then = "the same command plus --resume" if resumable else "the same command again"
+        print(
+            f"error: {describe_os_error(err)}: free some space (or fix the folder), then "
+            f"run {then}",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print(
             "interrupted: continue with the same command plus --resume "

@@ -10,14 +10,22 @@
   its ``build_*_tab(ctx)``: :mod:`~mirage_demo.ui.classify` (``/predict``, ``/explain``),
   :mod:`~mirage_demo.ui.report` (the Model tab and the trust note), :mod:`~mirage_demo.ui.batch`
   (``/batch``), :mod:`~mirage_demo.ui.learn`;
-- :mod:`~mirage_demo.ui.app`: :func:`build_app` (header, picker, :data:`TABS`) and
-  :func:`main`.
+- :mod:`~mirage_demo.ui.app`: :func:`build_app` (header, picker, :data:`TABS`),
+  :func:`setup_queue` (one concurrency group, queue limits per session) and :func:`main`.
 
 Everything goes through :class:`~mirage_demo.inference.Predictor`; each checkpoint is loaded
 once, on first use, and shared by all requests (the predictor is thread-safe).
 """
 
-from mirage_demo.ui.app import LAUNCH_OPTIONS, TABS, TITLE, build_app, default_concurrency, main
+from mirage_demo.ui.app import (
+    LAUNCH_OPTIONS,
+    TABS,
+    TITLE,
+    build_app,
+    default_concurrency,
+    main,
+    setup_queue,
+)
 from mirage_demo.ui.batch import classify_batch
 from mirage_demo.ui.classify import explain_scan, predict_scan, reblend
 from mirage_demo.ui.context import (
@@ -52,5 +60,6 @@ __all__ = [
     "model_report",
     "predict_scan",
     "reblend",
+    "setup_queue",
     "trust_note",
 ]

@@ -25,9 +25,21 @@ from mirage_demo.ui.registry import ASSETS, ENV_CHECKPOINTS, ModelRegistry, avai
 from mirage_demo.ui.report import build_model_tab, trust_note
 from mirage_demo.zerogpu import ZERO_GPU, resolve_device
 
-__all__ = ["LAUNCH_OPTIONS", "TABS", "TITLE", "build_app", "default_concurrency", "main"]
+__all__ = [
+    "LAUNCH_OPTIONS",
+    "TABS",
+    "TITLE",
+    "build_app",
+    "default_concurrency",
+    "main",
+    "setup_queue",
+]
 
 TITLE = "MIRAGE OCT demo"
+MAX_FILE_SIZE = "50mb"  # one uploaded file (a scan is < 5 MB; a zip of 500 scans ~50 MB)
+MAX_QUEUE = 64  # requests waiting, all sessions together
+MAX_WAITING_PER_SESSION = 4  # requests waiting from one browser tab or API client
+DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than 1 hour
 TabBuilder = Callable[[AppContext], None]
 #: The tabs, in order.
 TABS: tuple[TabBuilder, ...] = (
@@ -66,13 +78,16 @@ def build_app(
     registry: ModelRegistry,
     tabs: Sequence[TabBuilder] = TABS,
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+    max_batch: int = 1,
 ) -> gr.Blocks:
     """The app around a :class:`ModelRegistry`: header, model picker, then ``tabs``.
 
-    ``wrap_model_call`` decorates every handler that runs a model (e.g. ``spaces.GPU``).
+    ``wrap_model_call`` decorates every handler that runs a model (e.g. ``spaces.GPU``);
+    ``max_batch`` > 1 lets Gradio batch waiting ``/predict`` requests. Serve it with
+    :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
     """
     config = registry.config(registry.default)
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(
@@ -86,7 +101,7 @@ def build_app(
                 trust_note(registry.default, config, registry.report(registry.default)),
                 elem_classes="disclaimer",
             )
-        ctx = AppContext(registry, demo, model, example_scans())
+        ctx = AppContext(registry, demo, model, example_scans(), max_batch=max(1, max_batch))
         if wrap_model_call is not None:
             ctx.wrap_model_call = wrap_model_call
         with gr.Tabs() as ctx.tabs:
@@ -125,6 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         "--concurrency", type=int, default=default_concurrency(), help="parallel requests"
     )
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="let Gradio batch up to N waiting /predict requests into one model call "
+        "(default: 1, no batching)",
+    )
+    parser.add_argument(
         "--share", action="store_true", help="also serve on a public gradio.live link"
     )
     args = parser.parse_args(argv)
@@ -134,12 +156,46 @@ def main(argv: list[str] | None = None) -> None:
         )
         if ZERO_GPU:  # models are placed (on emulated CUDA) before ZeroGPU packs them at launch
             registry.preload()
-        demo = build_app(registry)
+        demo = build_app(registry, max_batch=args.max_batch)
         registry.get(registry.default)  # a broken default model stops here, not on first use
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=256)
+    setup_queue(demo, args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **LAUNCH_OPTIONS)
+
+
+def setup_queue(
+    demo: gr.Blocks,
+    concurrency: int,
+    max_size: int = MAX_QUEUE,
+    per_session: int = MAX_WAITING_PER_SESSION,
+) -> gr.Blocks:
+    """Queue ``demo``'s requests: ``concurrency`` model calls at once (one group for every
+    model event), at most ``max_size`` waiting in all and ``per_session`` per session, so
+    one client cannot fill the queue; the next request past a limit is refused at once."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_size)
+    queue = demo._queue  # Gradio has no per-session limit: wrap its queue's entry point
+    push = queue.push
+
+    async def push_limited(body: Any, request: Any, username: Any) -> Any:
+        session = getattr(body, "session_hash", None)
+        if session is not None:
+            waiting = sum(
+                event.session_hash == session
+                for events in queue.event_queue_per_concurrency_id.values()
+                for event in events.queue
+            )
+            if waiting >= per_session:
+                return (
+                    False,
+                    f"Too many requests waiting from this session ({waiting}; at most "
+                    f"{per_session}): wait for the results before sending more.",
+                    "queue_full",
+                )
+        return await push(body=body, request=request, username=username)
+
+    queue.push = push_limited
+    return demo
 
 
 def default_concurrency() -> int:
@@ -159,7 +215,7 @@ LAUNCH_OPTIONS: dict[str, Any] = {
     "theme": theme(),
     "css": CSS,
     "footer_links": ["api"],
-    "max_file_size": "100mb",
+    "max_file_size": MAX_FILE_SIZE,
     # the bundled scans are shown whatever the working directory (only these folders)
     "allowed_paths": [str(ASSETS / "examples"), str(ASSETS / "test-scans")],
 }

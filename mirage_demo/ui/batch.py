@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from collections.abc import Sequence
-from pathlib import Path
+from contextlib import ExitStack
 from typing import Any
 
 import gradio as gr
@@ -14,61 +11,17 @@ import gradio as gr
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.metrics import write_predictions_csv
-from mirage_demo.ui.context import AppContext, display_name, upload_path
+from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
+from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
 
-__all__ = ["MAX_BATCH_FILES", "MAX_ZIP_BYTES", "build_batch_tab", "classify_batch"]
+__all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
-MAX_BATCH_FILES = 500
+MAX_BATCH_FILES = 500  # images (and listed entries) per request
 #: ZeroGPU time ``/batch`` reserves (seconds): base + per image, at most the cap.
 BATCH_GPU_SECONDS = (30, 0.25, 120)
-MAX_ZIP_BYTES = 500 * 2**20
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
-
-
-def batch_inputs(uploads: Sequence[Any]) -> list[tuple[str, Any]]:
-    """(name, image source) for every uploaded image and every image inside uploaded zips;
-    a member that cannot be taken out of its zip is an :class:`ImageReadError` in its place."""
-    items: list[tuple[str, Any]] = []
-    for upload in uploads or []:
-        path = upload_path(upload)
-        name = display_name(upload, path)
-        if name.lower().endswith(".zip"):
-            items += zip_members(path, name)
-        else:
-            items.append((name, path))
-    if not items:
-        raise gr.Error("Upload some OCT scans (or a .zip of them) first.")
-    if len(items) > MAX_BATCH_FILES:
-        raise gr.Error(f"{len(items)} images is too many for one batch (limit {MAX_BATCH_FILES}).")
-    return items
-
-
-def zip_members(path: str, name: str) -> list[tuple[str, bytes | ImageReadError]]:
-    """The image files in a zip archive, as (``archive/member``, bytes)."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as err:
-        raise gr.Error(f"{name} is not a readable zip archive.") from err
-    with archive:
-        members = [
-            m
-            for m in archive.infolist()
-            if not m.is_dir()
-            and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES
-            and not Path(m.filename).name.startswith(".")
-        ]
-        if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
-            raise gr.Error(f"{name} unpacks to more than {MAX_ZIP_BYTES // 2**20} MB.")
-        out: list[tuple[str, bytes | ImageReadError]] = []
-        for member in members:
-            member_name = f"{name}/{member.filename}"
-            try:
-                out.append((member_name, archive.read(member)))
-            except (zipfile.BadZipFile, OSError) as err:
-                out.append((member_name, ImageReadError(member_name, f"corrupt in zip ({err})")))
-    return out
 
 
 def batch_header(class_names: Sequence[str]) -> list[str]:
@@ -82,22 +35,38 @@ def classify_batch(
     model_name: str | None = None,
     progress: gr.Progress | None = None,
 ) -> tuple[list[list[Any]], str, str]:
-    """``/batch``: a table of predictions (one row per image), a CSV file and a summary."""
+    """``/batch``: a table of predictions (one row per image), a CSV file and a summary.
+
+    Zip members are read (capped, see :mod:`mirage_demo.uploads`) only when their turn comes,
+    :data:`BATCH_SIZE` at a time; an entry that cannot be read is a row with the reason."""
     predictor = registry.get(model_name)
-    items = batch_inputs(uploads)
-    names = [name for name, _ in items]
-
-    def report(done: int, total: int) -> None:
-        if progress is not None:
-            progress((done, total), desc="Classifying", unit="images")
-
-    results = predictor.predict_batch(
-        [source for _, source in items],
-        batch_size=BATCH_SIZE,
-        names=names,
-        on_error="return",
-        progress=report,
-    )
+    files = [(display_name(u, upload_path(u)), upload_path(u)) for u in uploads or []]
+    if not files:
+        raise gr.Error("Upload some OCT scans (or a .zip of them) first.")
+    budget = RequestBudget()
+    names: list[str] = []
+    results: list[Prediction | ImageReadError] = []
+    with ExitStack() as stack:
+        items = expand_uploads(files, stack)
+        if len(items) > MAX_BATCH_FILES:
+            raise gr.Error(
+                f"{len(items)} files is too many for one batch (limit {MAX_BATCH_FILES})."
+            )
+        for start in range(0, len(items), BATCH_SIZE):
+            if progress is not None:
+                progress((start, len(items)), desc="Classifying", unit="images")
+            part = items[start : start + BATCH_SIZE]
+            sources: list[Any] = []
+            for item in part:
+                try:
+                    sources.append(item.load(budget))
+                except ImageReadError as err:
+                    sources.append(err)
+            names += [item.name for item in part]
+            results += predictor.predict_batch(
+                sources, batch_size=BATCH_SIZE, names=[i.name for i in part], on_error="return"
+            )
+            del sources  # the members' bytes: one batch at a time
     classes = predictor.class_names
     rows: list[list[Any]] = []
     for name, result in zip(names, results, strict=True):
@@ -106,8 +75,7 @@ def classify_batch(
             rows.append([name, result.label, *probs, "; ".join(result.warnings)])
         else:
             rows.append([name, UNREADABLE, *[None] * len(classes), result.reason])
-    handle, csv_path = tempfile.mkstemp(prefix="oct-predictions-", suffix=".csv")
-    os.close(handle)
+    csv_path = output_file("oct-predictions", ".csv")
     write_predictions_csv(
         csv_path,
         classes,
@@ -125,7 +93,7 @@ def classify_batch(
         f", **{failed} unreadable**" if failed else ""
     )
     summary += " — " + ", ".join(f"{c}: {n}" for c, n in counts.items())
-    return rows, csv_path, summary
+    return rows, str(csv_path), summary
 
 
 def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
@@ -133,11 +101,8 @@ def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
     base, per_image, cap = BATCH_GPU_SECONDS
     images = 0
     for upload in uploads or []:
-        try:
-            with zipfile.ZipFile(upload_path(upload)) as archive:
-                images += len(archive.namelist())
-        except (zipfile.BadZipFile, OSError):
-            images += 1
+        path = upload_path(upload)
+        images += zip_entry_count(path) if str(path).lower().endswith(".zip") else 1
     return int(min(cap, base + per_image * images))
 
 
@@ -178,5 +143,6 @@ def build_batch_tab(ctx: AppContext) -> None:
         inputs=[batch_files, ctx.model],
         outputs=[batch_table, batch_csv, batch_summary],
         api_name="batch",
+        **ctx.model_events,
     )
     ctx.model.change(on_model, inputs=[ctx.model], outputs=[batch_table], api_visibility="private")

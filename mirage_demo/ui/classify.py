@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import html
+import math
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.explain import render_overlay
+from mirage_demo.inference import Explanation
 from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (
     METHOD_LABELS,
@@ -17,6 +21,7 @@ from mirage_demo.ui.context import (
     AppContext,
     display_name,
     example_label,
+    image_file,
     reference_line,
     timing_line,
     unreadable,
@@ -25,9 +30,11 @@ from mirage_demo.ui.context import (
 )
 from mirage_demo.ui.registry import ModelRegistry
 
-__all__ = ["build_classify_tab", "explain_scan", "predict_scan", "reblend"]
+__all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan", "reblend"]
 
 EMPTY_INFO = "Upload a scan or pick an example."
+STATE_SIDE = 1024  # the overlay and the per-session state: at most this many pixels a side
+STATE_TTL_S = 600  # a session's last explanation is forgotten after 10 minutes
 
 
 def predict_scan(
@@ -47,6 +54,37 @@ def predict_scan(
     return prediction.probabilities, info
 
 
+def predict_scans(
+    registry: ModelRegistry, uploads: list[Any], model_names: list[str | None]
+) -> tuple[list[dict[str, float] | None], list[str]]:
+    """Batched ``/predict`` (Gradio ``batch=True``): lists in, lists out, one model call per
+    model. An unreadable scan gets no probabilities and the reason in its text."""
+    probabilities: list[dict[str, float] | None] = [None] * len(uploads)
+    infos = [""] * len(uploads)
+    todo: dict[str | None, list[int]] = {}
+    for i, upload in enumerate(uploads):
+        if upload is None:
+            infos[i] = EMPTY_INFO
+        else:
+            todo.setdefault(model_names[i] if i < len(model_names) else None, []).append(i)
+    for name, indices in todo.items():
+        predictor = registry.get(name)
+        paths = [upload_path(uploads[i]) for i in indices]
+        names = [display_name(uploads[i], path) for i, path in zip(indices, paths, strict=True)]
+        results = predictor.predict_batch(
+            paths, batch_size=len(paths), names=names, on_error="return"
+        )
+        for i, result in zip(indices, results, strict=True):
+            if isinstance(result, ImageReadError):
+                infos[i] = unreadable(result).message
+            else:
+                probabilities[i] = result.probabilities
+                infos[i] = warnings_markdown(result) + timing_line(
+                    result, "Prediction", str(predictor.device)
+                )
+    return probabilities, infos
+
+
 def explain_scan(
     registry: ModelRegistry,
     upload: Any,
@@ -61,18 +99,17 @@ def explain_scan(
     name = display_name(upload, path)
     if method not in predictor.methods:
         raise gr.Error(
-            f"{METHOD_LABELS.get(method, method)} is not available for this model; "
-            f"choose one of: {', '.join(METHOD_LABELS.get(m, m) for m in predictor.methods)}."
+            f"{html.escape(METHOD_LABELS.get(method, str(method)))} is not available for this "
+            "model; choose one of: "
+            f"{', '.join(METHOD_LABELS.get(m, m) for m in predictor.methods)}."
         )
     explained_class = None if target in (None, "", PREDICTED) else target
     try:
-        explanation = predictor.explain(
-            path, method=method, target=explained_class, name=name, opacity=float(opacity)
-        )
+        explanation = predictor.explain(path, method=method, target=explained_class, name=name)
     except ImageReadError as err:
         raise unreadable(err) from err
-    except ValueError as err:
-        raise gr.Error(str(err)) from err
+    except ValueError as err:  # an unknown class: the text may echo what was sent
+        raise gr.Error(html.escape(str(err))) from err
     prediction = explanation.prediction
     what = f"Prediction + {METHOD_LABELS.get(explanation.method, explanation.method)}"
     shown = (
@@ -88,19 +125,35 @@ def explain_scan(
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
         + timing_line(prediction, what, str(predictor.device))
     )
-    state = {
-        "scan": explanation.image,
-        "heatmap": explanation.heatmap,
-        "colormap": predictor.colormap,
-    }
-    return explanation.overlay, prediction.probabilities, info, state
+    state = overlay_state(explanation, predictor.colormap)
+    return reblend(state, opacity), prediction.probabilities, info, state
+
+
+def overlay_state(explanation: Explanation, colormap: str) -> dict[str, Any]:
+    """What a session keeps to re-blend its overlay: the scan and heatmap as uint8, at most
+    :data:`STATE_SIDE` pixels a side (at most 2 MB, whatever was uploaded)."""
+    scan, heatmap = explanation.image, explanation.heatmap
+    height, width = scan.shape[:2]
+    factor = max(1, math.ceil(max(height, width) / STATE_SIDE))
+    size = (max(1, width // factor), max(1, height // factor))
+
+    def small(values: np.ndarray) -> np.ndarray:
+        image = Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        return np.asarray(image.resize(size, Image.Resampling.BILINEAR) if factor > 1 else image)
+
+    return {"scan": small(scan), "heatmap": small(heatmap), "colormap": colormap}
 
 
 def reblend(state: dict[str, Any] | None, opacity: float) -> Any:
-    """A new overlay at another opacity, from the last explanation (no model call)."""
+    """The overlay at an opacity (clamped to [0, 1]), from a session's state (no model call)."""
     if not state:
         return gr.skip()
-    return render_overlay(state["scan"], state["heatmap"], state["colormap"], float(opacity))
+    try:
+        alpha = min(1.0, max(0.0, float(opacity)))
+    except (TypeError, ValueError):
+        alpha = 0.5
+    scan, heatmap = state["scan"] / np.float32(255), state["heatmap"] / np.float32(255)
+    return render_overlay(scan, heatmap, state["colormap"], alpha)
 
 
 def build_classify_tab(ctx: AppContext) -> None:
@@ -152,14 +205,19 @@ def build_classify_tab(ctx: AppContext) -> None:
                 )
                 info = gr.Markdown(EMPTY_INFO, elem_id="info")
         build_compare_section(ctx, scan, target, PREDICTED)
-        state = gr.State(None)
+        state = gr.State(None, time_to_live=STATE_TTL_S)
         predict_button = gr.Button("Predict only", visible=False)
 
     @ctx.model_call
     def on_explain(upload, name, method_name, target_name, alpha):
         if upload is None:  # cleared
             return None, None, EMPTY_INFO, None
-        return explain_scan(registry, upload, name, method_name, target_name, alpha)
+        picture, *rest = explain_scan(registry, upload, name, method_name, target_name, alpha)
+        return image_file(picture), *rest
+
+    def on_reblend(saved, alpha):
+        picture = reblend(saved, alpha)
+        return image_file(picture) if isinstance(picture, Image.Image) else picture
 
     @ctx.model_call
     def on_predict(upload, name):
@@ -185,14 +243,27 @@ def build_classify_tab(ctx: AppContext) -> None:
         api_name="explain",
         preprocess=False,
         trigger_mode="always_last",
+        **ctx.model_events,
     )
-    opacity.release(reblend, inputs=[state, opacity], outputs=[overlay], api_visibility="private")
+    opacity.release(
+        on_reblend, inputs=[state, opacity], outputs=[overlay], api_visibility="private"
+    )
+    if ctx.max_batch > 1:  # Gradio hands over up to max_batch waiting requests at once
+
+        @ctx.model_call
+        def on_predict_batch(uploads, names):
+            return predict_scans(registry, uploads, names)
+
+        predict_events = {"fn": on_predict_batch, "batch": True, "max_batch_size": ctx.max_batch}
+    else:
+        predict_events = {"fn": on_predict}
     predict_button.click(
-        on_predict,
         inputs=[scan, ctx.model],
         outputs=[probabilities, info],
         api_name="predict",
         preprocess=False,
+        **predict_events,
+        **ctx.model_events,
     )
     ctx.on_model(on_model, [method, target, probabilities]).then(
         on_explain,
@@ -200,4 +271,5 @@ def build_classify_tab(ctx: AppContext) -> None:
         outputs=explain_outputs,
         preprocess=False,
         api_visibility="private",
+        **ctx.model_events,
     )

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
+import html
+import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+from PIL import Image
 
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
@@ -21,12 +27,14 @@ __all__ = [
     "DISCLAIMER",
     "EXAMPLES_DIR",
     "METHOD_LABELS",
+    "MODEL_CONCURRENCY_ID",
     "PREDICTED",
     "AppContext",
     "display_name",
     "example_label",
     "example_scans",
     "method_name",
+    "output_file",
     "picture",
     "reference_line",
     "unreadable",
@@ -49,6 +57,9 @@ METHOD_LABELS = {
     "rollout": "Attention rollout",
 }
 PREDICTED = "the predicted class"
+MODEL_CONCURRENCY_ID = "model"
+OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
+OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
 SCAN_GPU_SECONDS = 30
 
@@ -79,6 +90,13 @@ class AppContext:
     #: A further decorator for every event handler that runs a model (applied over the
     #: ZeroGPU wrapping :meth:`model_call` always does).
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
+    #: Gradio batching of ``/predict``: up to this many waiting requests in one call (1: off).
+    max_batch: int = 1
+    #: Options of every event that runs a model: one concurrency group, so at most
+    #: ``--concurrency`` model calls run at once, whichever tab they come from.
+    model_events: dict[str, Any] = field(
+        default_factory=lambda: {"concurrency_id": MODEL_CONCURRENCY_ID}
+    )
 
     def model_call(
         self, fn: F | None = None, *, duration: int | Callable[..., int] = SCAN_GPU_SECONDS
@@ -131,8 +149,8 @@ def display_name(upload: Any, path: str) -> str:
 def unreadable(err: ImageReadError) -> gr.Error:
     """The message shown for an image that cannot be read."""
     return gr.Error(
-        f"Could not read {err.name}: {err.reason}. Please upload an OCT B-scan as PNG, JPEG, "
-        "TIFF or BMP (at most 64 megapixels).",
+        f"Could not read {html.escape(err.name)}: {html.escape(err.reason)}. Please upload an "
+        "OCT B-scan as PNG, JPEG, TIFF, BMP, GIF or WebP (at most 64 megapixels).",
         title="Unreadable image",
     )
 
@@ -208,3 +226,26 @@ def reference_line(
 def picture(label: str, elem_id: str, *, kind: str = "pil", height: int = 380) -> gr.Image:
     """An output image (a scan or an overlay), not an upload."""
     return gr.Image(label=label, type=kind, interactive=False, height=height, elem_id=elem_id)
+
+
+def output_file(prefix: str, suffix: str) -> Path:
+    """A new, unique path for a file the app returns (a CSV, an overlay image), in the app's
+    own temporary folder, whose files older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+
+    Gradio copies a returned file into its cache under a temporary name, then renames it:
+    never rewritten in place while another request downloads it (as it does with images
+    returned as PIL objects, which truncates concurrent downloads of identical images)."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in OUTPUT_DIR.iterdir():
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                old.unlink()
+    return OUTPUT_DIR / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def image_file(image: Image.Image, prefix: str = "overlay") -> str:
+    """``image`` saved (WebP, as Gradio would) to a new :func:`output_file`; its path."""
+    path = output_file(prefix, ".webp")
+    image.save(path, "WEBP", quality=90)
+    return str(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import threading
 from collections.abc import Sequence
@@ -76,6 +77,7 @@ class ModelRegistry:
         self._directories: dict[str, Path] = {}
         self._configs: dict[str, CheckpointConfig] = {}
         self._loaded: dict[tuple[str, str], Predictor] = {}
+        self._failed: dict[str, str] = {}  # name -> why it cannot load: never retried
         self._lock = threading.RLock()
 
     @property
@@ -89,8 +91,17 @@ class ModelRegistry:
     def _name(self, name: str | None) -> str:
         name = name or self.default
         if name not in self.choices:
-            raise gr.Error(f"Unknown model {name!r}. Available: {', '.join(self.names)}.")
+            shown = html.escape(repr(str(name))[:80])
+            raise gr.Error(f"Unknown model {shown}. Available: {', '.join(self.names)}.")
+        if name in self._failed:
+            raise gr.Error(self._failed[name])
         return name
+
+    def _fail(self, name: str, err: Exception) -> gr.Error:
+        """Remember that ``name`` cannot load (so no request retries it) and say why."""
+        reason = str(err) if isinstance(err, CheckpointError) else type(err).__name__
+        self._failed[name] = html.escape(f"Cannot load model {name!r}: {reason}")
+        return gr.Error(self._failed[name])
 
     def directory(self, name: str | None = None) -> Path:
         """The local directory of a model's checkpoint (resolved once; report files live
@@ -101,7 +112,7 @@ class ModelRegistry:
                 try:
                     self._directories[name] = resolve_checkpoint_dir(self.choices[name].source)
                 except CheckpointError as err:
-                    raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+                    raise self._fail(name, err) from err
             return self._directories[name]
 
     def config(self, name: str | None = None) -> CheckpointConfig:
@@ -116,7 +127,7 @@ class ModelRegistry:
                     try:
                         self._configs[name] = read_config(self.directory(name))
                     except CheckpointError as err:
-                        raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+                        raise self._fail(name, err) from err
             return self._configs[name]
 
     def get(self, name: str | None = None) -> Predictor:
@@ -128,8 +139,8 @@ class ModelRegistry:
                 directory = self.directory(name)
                 try:
                     predictor = Predictor.from_pretrained(directory, device=key[1])
-                except CheckpointError as err:
-                    raise gr.Error(f"Cannot load model {name!r}: {err}") from err
+                except Exception as err:  # any failure is final: say why once, keep serving
+                    raise self._fail(name, err) from err
                 self._loaded[key] = predictor
                 self._configs.setdefault(name, predictor.config)
             return self._loaded[key]
