@@ -8,17 +8,17 @@ report and the app's ``/evaluate`` (uploaded scans) all call it, so their number
 for the same images.
 
 Uploaded labelled scans (:func:`labelled_upload`): a ``.zip`` laid out ``<CLASS>/<image>`` (any
-folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Reading is
-bounded: at most ``max_files`` images and ``max_bytes`` unpacked bytes, counted while streaming
-(a zip's own size fields are not trusted), so the cost of a request does not depend on what the
-archive claims.
+folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Zips are
+read by :mod:`mirage_demo.uploads` (entries counted from the end record, members streamed with
+byte caps per entry and per request), and at most ``max_files`` images are taken, so the cost
+of a request does not depend on what the archive claims.
 """
 
 from __future__ import annotations
 
-import zipfile
+import shutil
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -35,11 +35,13 @@ from mirage_demo.data import (
     IMAGE_SUFFIXES,
     DataError,
     FileImages,
+    ImageReadError,
     Preprocessing,
     Sample,
     collate_skip_unreadable,
 )
 from mirage_demo.metrics import softmax, write_report
+from mirage_demo.uploads import RequestBudget, expand_uploads
 
 __all__ = [
     "LabelledUpload",
@@ -54,8 +56,6 @@ __all__ = [
 
 
 MAX_UPLOAD_FILES = 1000
-MAX_UPLOAD_BYTES = 500 * 2**20
-_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,19 +247,21 @@ def labelled_upload(
     root: str | Path,
     *,
     max_files: int = MAX_UPLOAD_FILES,
-    max_bytes: int = MAX_UPLOAD_BYTES,
+    budget: RequestBudget | None = None,
 ) -> LabelledUpload:
     """Unpack ``(name, path)`` uploads into ``root/<CLASS>/<image>``: a ``.zip`` laid out
     ``<CLASS>/<image>``, or an image whose ``name`` is ``<CLASS>/<image>``.
 
     The class is an image's parent folder (for a file without one, the class in a Kermany-style
-    name, ``CNV-1016042-1.jpeg``). Classes the checkpoint does not know, an image
-    without a class folder, too many files or bytes, and a corrupt zip raise
-    :class:`~mirage_demo.data.DataError` with a one-line reason.
+    name, ``CNV-1016042-1.jpeg``). Zips are read by :mod:`mirage_demo.uploads` (streamed, with
+    byte caps per entry and per request: ``budget``); an entry that cannot be read (corrupt,
+    encrypted, a nested zip, over a limit) is left out and listed in ``skipped``. Classes the
+    checkpoint does not know, an image without a class folder, more than ``max_files`` images
+    and an upload with no usable image raise :class:`~mirage_demo.data.DataError`.
     """
     root = Path(root)
+    budget = budget or RequestBudget()
     known = {name: index for index, name in enumerate(class_names)}
-    budget = _Budget(max_files, max_bytes)
     entries: list[tuple[str, str, Path]] = []  # (shown name, class, unpacked path)
     skipped: list[str] = []
     unknown: set[str] = set()
@@ -285,32 +287,34 @@ def labelled_upload(
         target.parent.mkdir(parents=True, exist_ok=True)
         return cls, target
 
-    for name, path in uploads:
-        if str(name).lower().endswith(".zip"):
-            with _open_zip(path, name) as archive:
-                for member in _image_members(archive, name, max_files, skipped):
-                    budget.count_file()
-                    placed = place(member.filename)
-                    if placed is None:
-                        continue
-                    cls, target = placed
-                    try:
-                        with archive.open(member) as stream:
-                            budget.copy(stream, target, name)
-                    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as err:
-                        raise DataError(f"{name}/{member.filename} is corrupt ({err})") from err
-                    entries.append((member.filename, cls, target))
-        elif Path(name).suffix.lower() in IMAGE_SUFFIXES:
-            placed = place(str(name))
+    zips = [str(name) for name, _ in uploads if str(name).lower().endswith(".zip")]
+    with ExitStack() as stack:
+        items = expand_uploads([(str(n), str(p)) for n, p in uploads], stack)
+        if len(items) > max_files:
+            raise DataError(f"more than {max_files} images in one upload")
+        for item in items:
+            inside = next((z for z in zips if item.name.startswith(z + "/")), None)
+            shown = item.name[len(inside) + 1 :] if inside else item.name
+            if inside is None and PurePosixPath(shown).suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append(f"{item.name}: {item.error or 'not an image or a .zip'}")
+                continue
+            if item.error is not None:
+                skipped.append(f"{item.name}: {item.error}")
+                continue
+            placed = place(shown)
             if placed is None:
                 continue
             cls, target = placed
-            budget.count_file()
-            with open(path, "rb") as source:
-                budget.copy(source, target, str(name))
-            entries.append((str(name), cls, target))
-        else:
-            skipped.append(f"{name}: not an image or a .zip")
+            try:
+                source = item.load(budget)
+            except ImageReadError as err:
+                skipped.append(f"{item.name}: {err.reason}")
+                continue
+            if isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                shutil.copyfile(source, target)
+            entries.append((shown, cls, target))
     if unknown:
         raise DataError(
             f"classes the model does not know: {', '.join(sorted(unknown))} "
@@ -322,7 +326,10 @@ def labelled_upload(
             "lay the scans out as <CLASS>/<image>"
         )
     if not entries:
-        raise DataError("no labelled images found: upload a .zip laid out as <CLASS>/<image>")
+        reason = f" (left out: {skipped[0]})" if skipped else ""
+        raise DataError(
+            f"no labelled images found{reason}: upload a .zip laid out as <CLASS>/<image>"
+        )
     samples = [Sample(target, known[cls], target.stem) for _, cls, target in entries]
     return LabelledUpload(root, samples, skipped)
 
@@ -338,13 +345,10 @@ def evaluate_upload(
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
     max_files: int = MAX_UPLOAD_FILES,
-    max_bytes: int = MAX_UPLOAD_BYTES,
 ) -> tuple[dict[str, Any], LabelledUpload]:
     """The report of ``train.evaluate`` on uploaded labelled scans: unpacked into
     ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out``."""
-    upload = labelled_upload(
-        uploads, config.class_names, Path(out) / "scans", max_files=max_files, max_bytes=max_bytes
-    )
+    upload = labelled_upload(uploads, config.class_names, Path(out) / "scans", max_files=max_files)
     metrics = evaluate_samples(
         model,
         config,
@@ -358,50 +362,3 @@ def evaluate_upload(
         on_batch=on_batch,
     )
     return metrics, upload
-
-
-class _Budget:
-    """Counts files and unpacked bytes; raises as soon as a limit is passed."""
-
-    def __init__(self, max_files: int, max_bytes: int) -> None:
-        self.max_files, self.max_bytes = max_files, max_bytes
-        self.files = self.bytes = 0
-
-    def count_file(self) -> None:
-        self.files += 1
-        if self.files > self.max_files:
-            raise DataError(f"more than {self.max_files} images in one upload")
-
-    def copy(self, source: Any, target: Path, name: str) -> None:
-        with open(target, "wb") as sink:
-            while chunk := source.read(_CHUNK):
-                self.bytes += len(chunk)
-                if self.bytes > self.max_bytes:
-                    raise DataError(f"{name} unpacks to more than {self.max_bytes // 2**20} MB")
-                sink.write(chunk)
-
-
-def _open_zip(path: str | Path, name: str) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise DataError(f"{name} is not a readable zip archive") from err
-
-
-def _image_members(
-    archive: zipfile.ZipFile, name: str, max_files: int, skipped: list[str]
-) -> list[zipfile.ZipInfo]:
-    """The image entries of a zip (folders, hidden files and macOS metadata left out)."""
-    members = archive.infolist()
-    if len(members) > 10 * max_files:
-        raise DataError(f"{name} holds {len(members)} entries (limit {max_files} images)")
-    images = []
-    for member in members:
-        parts = PurePosixPath(member.filename).parts
-        if member.is_dir() or not parts or "__MACOSX" in parts or parts[-1].startswith("."):
-            continue
-        if PurePosixPath(member.filename).suffix.lower() not in IMAGE_SUFFIXES:
-            skipped.append(f"{name}/{member.filename}: not an image")
-            continue
-        images.append(member)
-    return images

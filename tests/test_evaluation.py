@@ -10,6 +10,7 @@ import torch
 from mirage_demo.checkpoint import load_checkpoint
 from mirage_demo.data import DataError
 from mirage_demo.evaluation import evaluate_upload, labelled_upload
+from mirage_demo.uploads import RequestBudget
 from tests.synthetic_oct import tiny_cnn_checkpoint, write_labelled_scans
 from train import evaluate
 
@@ -100,9 +101,14 @@ def test_unknown_classes_are_an_error_that_names_them(dataset, tmp_path):
     ("content", "limits", "message"),
     [
         ({"scan.png": b"x"}, {}, "without a class folder"),
-        ({"CNV/a.png": b"x" * 5000}, {"max_bytes": 1000}, "unpacks to more than"),
+        (
+            {"CNV/a.png": b"x" * 5000},
+            {"budget": RequestBudget(bytes_left=1000)},
+            "no labelled images found .left out: up.zip/CNV/a.png: skipped: this batch reached",
+        ),
         ({f"CNV/{i}.png": b"x" for i in range(5)}, {"max_files": 3}, "more than 3 images"),
         ({"notes.txt": b"x"}, {}, "no labelled images"),
+        ({"CNV/inner.zip": b"PK"}, {}, "inner.zip: skipped: a zip inside a zip"),
     ],
 )
 def test_bad_uploads_get_one_line_errors(tmp_path, content, limits, message):
@@ -117,5 +123,5 @@ def test_bad_uploads_get_one_line_errors(tmp_path, content, limits, message):
 def test_a_corrupt_zip_is_named(tmp_path):
     broken = tmp_path / "broken.zip"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(DataError, match="broken.zip is not a readable zip"):
+    with pytest.raises(DataError, match="broken.zip: not a readable zip"):
         labelled_upload([("broken.zip", broken)], CLASSES, tmp_path / "u")

@@ -96,10 +96,12 @@ def test_evaluate_counts_files_it_left_out(setup, client, tmp_path):
         for image in sorted((data / "test").rglob("*.png"))[:4]:
             zf.write(image, image.relative_to(data / "test").as_posix())
         zf.writestr("CNV/broken.png", b"not a png")
+        zf.writestr("CNV/inner.zip", b"PK")
         zf.writestr("notes.txt", b"hello")
     note, *_ = client.predict([handle_file(str(archive))], "three", api_name="/evaluate")
     assert "4 labelled scans evaluated" in note
-    assert "Skipped (not images): 1" in note and "Unreadable images left out: 1" in note
+    assert "Left out: 1 (mixed.zip/CNV/inner.zip: skipped: a zip inside a zip" in note
+    assert "Unreadable images left out: 1" in note
 
 
 def test_evaluate_names_unknown_classes(client, tmp_path):

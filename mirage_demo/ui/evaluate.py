@@ -78,7 +78,10 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
     )
     state = ExplorerState(list(config.class_names), scans.matrix(), scans)
     figures = {name: str(out / name) for name in REPORT_FIGURES}
-    skipped = f" Skipped (not images): {len(upload.skipped)}." if upload.skipped else ""
+    skipped = ""
+    if upload.skipped:
+        skipped = f" Left out: {len(upload.skipped)} ({upload.skipped[0]}"
+        skipped += ", ...)." if len(upload.skipped) > 1 else ")."
     unreadable = len(upload.samples) - metrics["num_images"]
     if unreadable:
         skipped += f" Unreadable images left out: {unreadable}."
