@@ -18,6 +18,7 @@ from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (
     METHOD_LABELS,
     PREDICTED,
+    STATE_TTL_S,
     AppContext,
     display_name,
     example_label,
@@ -34,7 +35,6 @@ __all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan"
 
 EMPTY_INFO = "Upload a scan or pick an example."
 STATE_SIDE = 1024  # the overlay and the per-session state: at most this many pixels a side
-STATE_TTL_S = 600  # a session's last explanation is forgotten after 10 minutes
 
 
 def predict_scan(

@@ -132,6 +132,7 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
         inputs=[scan, ctx.model, target],
         outputs=[maps, table, text],
         api_name="compare",
+        **ctx.model_events,
         preprocess=False,
     )
 

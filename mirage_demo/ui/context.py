@@ -29,6 +29,7 @@ __all__ = [
     "METHOD_LABELS",
     "MODEL_CONCURRENCY_ID",
     "PREDICTED",
+    "STATE_TTL_S",
     "AppContext",
     "display_name",
     "example_label",
@@ -61,6 +62,7 @@ MODEL_CONCURRENCY_ID = "model"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
+STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
 SCAN_GPU_SECONDS = 30
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -157,6 +157,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         inputs=[files, ctx.model],
         outputs=[note, report, *figures, csv_file, numbers, *views.outputs],
         api_name="evaluate",
+        **ctx.model_events,
     )
 
     def on_model(name: str):

@@ -16,7 +16,7 @@ import pandas as pd
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
-from mirage_demo.ui.context import AppContext, method_name, picture
+from mirage_demo.ui.context import STATE_TTL_S, AppContext, method_name, picture
 
 __all__ = [
     "ExplorerState",
@@ -197,7 +197,7 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
     with gr.Row():
         overlay = picture("The chosen scan and where the model looked", f"{prefix}-overlay")
         caption = gr.Markdown(elem_id=f"{prefix}-caption")
-    state = gr.State(None)
+    state = gr.State(None, time_to_live=STATE_TTL_S)
 
     def on_cell(current: ExplorerState | None, evt: gr.SelectData):
         row, column = evt.index
@@ -216,7 +216,11 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
         return explorer_open(ctx.registry.get(name), current, int(evt.index))
 
     gallery.select(
-        on_open, inputs=[state, ctx.model], outputs=[overlay, caption], api_visibility="private"
+        on_open,
+        inputs=[state, ctx.model],
+        outputs=[overlay, caption],
+        api_visibility="private",
+        **ctx.model_events,
     )
     return ExplorerViews(matrix, message, gallery, overlay, caption, state)
 

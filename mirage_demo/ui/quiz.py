@@ -10,7 +10,7 @@ import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet, scan_set_for
-from mirage_demo.ui.context import AppContext, method_name, picture
+from mirage_demo.ui.context import STATE_TTL_S, AppContext, method_name, picture
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -120,7 +120,7 @@ def build_quiz_tab(ctx: AppContext) -> None:
             answer = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
             following = gr.Button("Next scan", elem_id="quiz-next")
         feedback = gr.Markdown(elem_id="quiz-feedback", elem_classes="teach-big")
-        state = gr.State(None)
+        state = gr.State(None, time_to_live=STATE_TTL_S)  # a round idle 10 min ends
 
     def on_start(name, count):
         names = list(registry.config(name).class_names)
@@ -144,6 +144,7 @@ def build_quiz_tab(ctx: AppContext) -> None:
         on_answer,
         inputs=[state, ctx.model, choice],
         outputs=[state, overlay, feedback, score, answer],
+        **ctx.model_events,
         api_visibility="private",
     )
 
