@@ -16,7 +16,7 @@ import pandas as pd
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
-from mirage_demo.ui.context import STATE_TTL_S, AppContext, method_name, picture
+from mirage_demo.ui.context import STATE_TTL_S, AppContext, image_file, method_name, picture
 
 __all__ = [
     "ExplorerState",
@@ -213,7 +213,8 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
 
     @ctx.model_call
     def on_open(current: ExplorerState | None, name: str, evt: gr.SelectData):
-        return explorer_open(ctx.registry.get(name), current, int(evt.index))
+        overlay, text = explorer_open(ctx.registry.get(name), current, int(evt.index))
+        return (image_file(overlay) if overlay is not None else None), text  # a new file each
 
     gallery.select(
         on_open,

@@ -10,7 +10,7 @@ import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet, scan_set_for
-from mirage_demo.ui.context import STATE_TTL_S, AppContext, method_name, picture
+from mirage_demo.ui.context import STATE_TTL_S, AppContext, image_file, method_name, picture
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -138,7 +138,7 @@ def build_quiz_tab(ctx: AppContext) -> None:
     @ctx.model_call
     def on_answer(quiz, name, picked):
         shown, text, scores = quiz_answer(registry.get(name), quiz, picked)
-        return quiz, shown, text, scores, gr.update(interactive=False)
+        return quiz, image_file(shown), text, scores, gr.update(interactive=False)
 
     answer.click(
         on_answer,
