@@ -555,3 +555,22 @@ def test_model_selection_measures():
     by_accuracy = Progress()
     picks = [by_accuracy.update(i + 1, v, 0, 0, "accuracy") for i, v in enumerate(epochs)]
     assert picks == [True, True, True] and by_accuracy.best["epoch"] == 3
+
+
+def test_classifier_retraining_from_a_checkpoint_of_this_project(trained, tmp_path, capsys):
+    """Decoupled training's second stage: --weights of an earlier run, only the classifier
+    learns; the checkpoint says where it started and that nothing pre-trained came in."""
+    data, trained_out = trained
+    first, _ = load_checkpoint(trained_out)
+    args = train_args(data, tmp_path / "out", tmp_path / "cache", epochs=1)
+    args += ["--weights", trained_out / "model.safetensors", "--mode", "linear"]
+    code, _, err = run_main(capsys, *args, "--balance", "sampler", "--bootstrap", "0")
+    assert code == 0, err
+    model, config = load_checkpoint(tmp_path / "out")
+    assert config.source_weights == {
+        "name": f"{trained_out.name} (a checkpoint of this project)",
+        "checkpoint": str(trained_out),
+        "from_scratch": True,
+    }
+    assert torch.equal(model.blocks[-1].mlp.fc2.weight, first.blocks[-1].mlp.fc2.weight)
+    assert not torch.equal(model.head.weight, first.head.weight)

@@ -42,10 +42,12 @@ from mirage_demo.cache import (
     tqdm_disable,
 )
 from mirage_demo.checkpoint import (
+    CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointConfig,
     CheckpointError,
     load_checkpoint,
+    read_config,
     save_checkpoint,
 )
 from mirage_demo.data import DataError, DatasetSplits, Preprocessing, class_weights, load_dataset
@@ -313,7 +315,16 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
 
 def _source_weights(config: TrainConfig) -> dict[str, Any]:
     if config.weights:
-        return {"name": Path(config.weights).name, **pretrained_source(config.model)}
+        weights = Path(config.weights)
+        if (weights.parent / CONFIG_NAME).is_file():  # a checkpoint of this project
+            earlier = read_config(weights.parent).source_weights
+            return {
+                "name": f"{weights.parent.name} (a checkpoint of this project)",
+                "checkpoint": str(weights.parent),
+                "from_scratch": bool(earlier.get("from_scratch", not earlier)),
+                **{k: earlier[k] for k in ("license",) if k in earlier},
+            }
+        return {"name": weights.name, **pretrained_source(config.model)}
     if config.pretrained:
         source = pretrained_source(config.model)
         return {"name": source.get("hf_hub_id") or config.model, **source}

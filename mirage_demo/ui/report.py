@@ -43,6 +43,8 @@ def model_facts_markdown(config: CheckpointConfig | None, name: str) -> str:
     lines.append(f"| Architecture | `{config.architecture}` |")
     lines.append(f"| Classes | {', '.join(config.class_names)} |")
     weights = source.get("name") or "none: trained from scratch"
+    if source.get("from_scratch"):
+        weights += ", itself trained from scratch"
     license_id = source.get("license")
     lines.append(
         f"| Starting weights | {weights}"
@@ -157,8 +159,13 @@ def trust_note(
     """Which model is loaded, and how far to trust it (its report's figures, if it has any)."""
     if config is None:
         return f"**Model: {name}.** {DISCLAIMER}"
-    source = (config.source_weights or {}).get("name")
-    origin = f"fine-tuned from {source}" if source else "trained from scratch: **not MIRAGE**"
+    source = config.source_weights or {}
+    if not source.get("name"):
+        origin = "trained from scratch: **not MIRAGE**"
+    elif source.get("from_scratch"):
+        origin = f"trained from scratch, in stages from {source['name']}: **not MIRAGE**"
+    else:
+        origin = f"fine-tuned from {source['name']}"
     line = f"**Model: {name}** ({config.architecture}, {origin})."
     if metrics:
         overall = metrics.get("overall", {}).get("balanced_accuracy") or {}
