@@ -604,6 +604,50 @@ def test_one_session_cannot_fill_the_queue(app_server, monkeypatch):
     assert len(label["confidences"]) == 4
 
 
+def test_the_session_limit_counts_model_work_only():
+    """A page fires a dozen load events of its own (reading a checkpoint's metadata): they are
+    never refused by the per-session limit, which holds back model work only."""
+    import threading
+    import time
+
+    import gradio as gr
+    from gradio_client import Client
+
+    from mirage_demo.ui import setup_queue
+    from mirage_demo.ui.context import MODEL_CONCURRENCY_ID
+    from tests.test_app import serve
+
+    gate = threading.Event()
+
+    def slow(x: str) -> str:
+        gate.wait(10)
+        return x
+
+    with gr.Blocks() as demo:
+        box = gr.Textbox()
+        gr.Button().click(slow, box, box, api_name="metadata", concurrency_limit=1)
+        gr.Button().click(slow, box, box, api_name="model", concurrency_id=MODEL_CONCURRENCY_ID)
+    setup_queue(demo, concurrency=1, per_session=2)
+    url = serve(demo)
+    try:
+        client = Client(url, verbose=False)
+        reads = [client.submit("a", api_name="/metadata") for _ in range(6)]
+        work = [client.submit("b", api_name="/model") for _ in range(6)]
+        time.sleep(1.0)
+        gate.set()
+        assert [job.result(timeout=30) for job in reads] == ["a"] * 6
+        outcomes = []
+        for job in work:
+            try:
+                outcomes.append(job.result(timeout=30))
+            except Exception as err:
+                outcomes.append(str(err))
+        assert "b" in outcomes and any("Queue is full" in o for o in outcomes), outcomes
+    finally:
+        gate.set()
+        demo.close()
+
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "CNV" / "CNV-451136-1.jpeg"
 
 

@@ -17,7 +17,7 @@ import gradio as gr
 from mirage_demo.checkpoint import CheckpointError
 from mirage_demo.ui.batch import build_batch_tab
 from mirage_demo.ui.classify import build_classify_tab
-from mirage_demo.ui.context import AppContext, example_scans
+from mirage_demo.ui.context import MODEL_CONCURRENCY_ID, AppContext, example_scans
 from mirage_demo.ui.evaluate import build_evaluate_tab
 from mirage_demo.ui.learn import build_learn_tab
 from mirage_demo.ui.quiz import build_quiz_tab
@@ -179,11 +179,13 @@ def setup_queue(
 
     async def push_limited(body: Any, request: Any, username: Any) -> Any:
         session = getattr(body, "session_hash", None)
-        if session is not None:
+        fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
+        # only model work counts: a page's own load events (a dozen, reading metadata) never do
+        if session is not None and getattr(fn, "concurrency_id", None) == MODEL_CONCURRENCY_ID:
+            model_queue = queue.event_queue_per_concurrency_id.get(MODEL_CONCURRENCY_ID)
             waiting = sum(
                 event.session_hash == session
-                for events in queue.event_queue_per_concurrency_id.values()
-                for event in events.queue
+                for event in (model_queue.queue if model_queue else [])
             )
             if waiting >= per_session:
                 return (
