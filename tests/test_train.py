@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import train.train as trainer
 from mirage_demo.checkpoint import load_checkpoint, save_checkpoint
 from mirage_demo.metrics import REPORT_FILES
 from train import evaluate
@@ -361,6 +362,9 @@ def test_bad_run_settings_stop_with_one_line(trained, tmp_path, capsys, monkeypa
         ),
         (["--out", tmp_path / "w", "--data", data, "--weights", tmp_path / "no.pth"], "no.pth"),
     ]
+    cases.append(
+        (["--out", tmp_path / "h", "--data", data, "--amp", "fp16"], "--amp fp16 needs a CUDA")
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases.append(
         (["--out", tmp_path / "c", "--data", data, "--device", "cuda"], "no CUDA GPU is available")
@@ -574,3 +578,27 @@ def test_classifier_retraining_from_a_checkpoint_of_this_project(trained, tmp_pa
     }
     assert torch.equal(model.blocks[-1].mlp.fc2.weight, first.blocks[-1].mlp.fc2.weight)
     assert not torch.equal(model.head.weight, first.head.weight)
+
+
+def test_bf16_on_a_cpu_that_computes_it(trained, tmp_path, capsys, monkeypatch):
+    """--amp bf16 trains on a CPU with native bfloat16, records it, and reports in float32;
+    a CPU that would emulate it is refused in one line before anything is written."""
+    data, _ = trained
+    args = train_args(data, tmp_path / "out", tmp_path / "cache", "--amp", "bf16", epochs=2)
+    if trainer.cpu_computes_bf16():
+        code, _, err = run_main(capsys, *args)
+        assert code == 0, err
+        model, config = load_checkpoint(tmp_path / "out")
+        assert config.training["amp"] == "bfloat16" and config.training["device"] == "cpu"
+        with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+            row = next(csv.DictReader(handle))
+        x = config.preprocessing(data / row["file"])[None]
+        with torch.no_grad():  # the report's probabilities are the float32 model's
+            probs = torch.softmax(model(x) / config.temperature, dim=1)[0]
+        assert float(row["prob_BOTTOM"]) == pytest.approx(float(probs[0]), abs=1e-5)
+    monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: False)
+    code, _, err = run_main(
+        capsys, *train_args(data, tmp_path / "emu", tmp_path / "cache", "--amp", "bf16")
+    )
+    assert code == 2 and err.count("\n") == 1 and "needs native bfloat16" in err
+    assert not (tmp_path / "emu").exists()

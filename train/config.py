@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         choices=["auto", "bf16", "fp16", "off"],
         help=_help(
-            "mixed precision on CUDA (auto: bf16 if supported, else fp16); CPU is fp32", "amp"
+            "mixed precision: on CUDA auto is bf16 if supported, else fp16; on CPU auto is fp32 "
+            "and bf16 runs ~2-4x faster where the CPU has AVX512-BF16 or AMX",
+            "amp",
         ),
     )
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")

@@ -366,11 +366,23 @@ def _datasets(
     )
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) through oneDNN."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
-        if amp in ("bf16", "fp16"):
-            raise UsageError(f"--amp {amp} needs a CUDA device; on CPU training runs in fp32")
-        return None
+        if amp == "fp16":
+            raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or off")
+        if amp != "bf16":
+            return None  # auto stays fp32 on CPU: bf16 pays only where the CPU computes it natively
+        if not cpu_computes_bf16():
+            raise UsageError(
+                "--amp bf16 on CPU needs native bfloat16 (AVX512-BF16 or AMX); this CPU would "
+                "emulate it, slower than fp32: leave --amp at auto"
+            )
+        return torch.bfloat16
     if amp == "off":
         return None
     if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
