@@ -112,10 +112,12 @@ def collect_logits(
     progress: bool | None = None,
     desc: str = "predicting",
     on_batch: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
     ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
-    called after each batch (the app's progress bar)."""
+    called after each batch (the app's progress bar); ``tta`` averages each image's logits
+    with its horizontal mirror's, as ``Predictor(tta=True)`` does."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -131,8 +133,11 @@ def collect_logits(
         if batch is None:  # every image of the batch was unreadable
             continue
         images, batch_labels, batch_indices = batch
+        x = to_model_input(images, preprocessing, device)
         with autocast:
-            out = model(to_model_input(images, preprocessing, device))
+            out = model(torch.cat([x, x.flip(-1)]) if tta else x)
+        if tta:
+            out = out.float().view(2, len(x), -1).mean(0)
         logits.append(out.float().cpu())
         labels.append(batch_labels)
         indices.append(batch_indices)
@@ -163,9 +168,11 @@ def evaluate_samples(
     seed: int = 0,
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
-    (file names in ``predictions.csv`` relative to ``data_root``)."""
+    (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
+    :func:`collect_logits`, recorded in ``metrics.json``)."""
     dataset = FileImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
     logits, labels, indices = collect_logits(
@@ -177,6 +184,7 @@ def evaluate_samples(
         progress,
         desc=f"{split} split",
         on_batch=on_batch,
+        tta=tta,
     )
     if len(labels) == 0:
         raise DataError(f"no readable images in the {split} split")
@@ -193,6 +201,7 @@ def evaluate_samples(
         temperature=config.temperature,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        tta=tta,
     )
 
 

@@ -489,11 +489,13 @@ def write_report(
     temperature: float = 1.0,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    tta: bool = False,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``predictions.csv`` and the three figures; returns the metrics.
 
     ``probs`` are the calibrated probabilities (after ``temperature``); ``files`` names each
-    image (e.g. its path relative to the data folder).
+    image (e.g. its path relative to the data folder); ``tta``: the probabilities average each
+    scan with its mirror image (recorded as ``"tta": "horizontal flip"``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -509,6 +511,8 @@ def write_report(
         n_bootstrap=n_bootstrap,
         seed=seed,
     )
+    if tta:
+        metrics["tta"] = "horizontal flip"
     atomic_write_text(
         directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     )

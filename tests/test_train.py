@@ -158,6 +158,25 @@ def test_evaluate_reproduces_the_test_metrics(trained, tmp_path, capsys):
         assert (tmp_path / name).is_file()
 
 
+def test_evaluate_with_tta_gives_the_predictors_mirrored_probabilities(trained, tmp_path):
+    from mirage_demo.inference import Predictor
+
+    data, out = trained
+    args = ["--checkpoint", out, "--data", data, "--out", tmp_path, "--bootstrap", "0", "--tta"]
+    assert evaluate.main([str(a) for a in args]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["tta"] == "horizontal flip"
+    with open(tmp_path / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(out / "predictions.csv", newline="") as handle:
+        plain = list(csv.DictReader(handle))
+    mirrored = Predictor.from_pretrained(out, tta=True)
+    for row in rows[:3]:
+        probabilities = mirrored.predict(data / row["file"]).probabilities
+        for name in CLASSES:
+            assert float(row[f"prob_{name}"]) == pytest.approx(probabilities[name], abs=1e-5)
+    assert any(a["prob_TOP"] != b["prob_TOP"] for a, b in zip(rows, plain, strict=True))
+
+
 def test_evaluate_rebuilds_the_split_recorded_in_the_checkpoint(trained, tmp_path, capsys):
     """A flat copy of the data is carved as the checkpoint's typed split record says; the
     free-form ``training`` settings (a decoy seed here) are never read back."""

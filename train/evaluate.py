@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=0, help="data loader processes")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each scan's logits with its horizontal mirror's (as predict --tta)",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     return parser
 
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         progress=args.progress,
+        tta=args.tta,
     )
     print(summary(metrics))
     print(f"report written to {out}")
