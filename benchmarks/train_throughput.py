@@ -44,7 +44,7 @@ from mirage_demo.data import Preprocessing, Sample
 from train.config import TrainConfig
 from train.data import EpochSampler, make_loader, to_model_input
 from train.distributed import Dist, resolve_device
-from train.train import setup_run, train_step
+from train.train import keep_large_blocks, setup_run, train_step
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -287,7 +287,15 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--malloc",
+        default="trainer",
+        choices=["trainer", "default"],
+        help="glibc malloc as python -m train sets it (large blocks from the heap) or as is",
+    )
     args = parser.parse_args()
+    if args.malloc == "trainer":
+        keep_large_blocks()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.batch_size = args.batch_size or (64 if cuda else 4)
@@ -304,6 +312,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": str(torch.__version__),
+        "malloc": args.malloc,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     print(json.dumps(env, indent=1))
