@@ -801,7 +801,10 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
         images, labels, _ = batch
         x = to_model_input(images, run.preprocessing, device, run.augment, generator)
         y = labels.to(device, non_blocking=True)
-        soft = run.teacher(x) if run.teacher is not None else None
+        soft = None
+        if run.teacher is not None:
+            with run.autocast():  # the teacher's forward is half the step's cost
+                soft = run.teacher(x)
         loss = train_step(run, x, y, group_size, last_micro, soft)
         loss_sum += loss * len(y)
         nonfinite += (~torch.isfinite(loss)).float()
