@@ -351,8 +351,28 @@ def create_classifier(
     kwargs.setdefault("in_chans", 1)
     if weights is not None:
         pretrained = True
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+        overlay: dict[str, Any] = dict(file=str(weights))
+        source_channels = _stem_channels(name, Path(weights))
+        if source_channels is not None:  # e.g. a one-channel checkpoint of this project
+            overlay["input_size"] = (source_channels, *resolve_pretrained_cfg(name).input_size[1:])
+        kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+def _stem_channels(name: str, weights: Path) -> int | None:
+    """Input channels of the first convolution stored in a ``.safetensors`` file, read from its
+    header (None when unknown), so timm adapts the stem from what the file really holds."""
+    from safetensors import safe_open
+
+    first_conv = resolve_pretrained_cfg(name).first_conv
+    if weights.suffix != ".safetensors" or not isinstance(first_conv, str):
+        return None
+    with safe_open(str(weights), framework="pt") as handle:
+        key, stored = f"{first_conv}.weight", set(handle.keys())
+        if key not in stored:
+            return None
+        shape = handle.get_slice(key).get_shape()
+    return int(shape[1]) if len(shape) == 4 else None
 
 
 def pretrained_source(name: str) -> dict[str, Any]:

@@ -282,3 +282,14 @@ def test_the_package_exports_what_the_readme_teaches():
         assert getattr(mirage_demo, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'predictor'"):
         mirage_demo.predictor  # noqa: B018
+
+
+def test_weights_of_a_one_channel_checkpoint_load_without_stem_warnings(tmp_path, caplog):
+    """timm is told how many channels the file's stem holds (read from its header), so a
+    one-channel checkpoint of this project loads as is, with no misleading warning."""
+    source = create_classifier("resnet18", num_classes=4)
+    save_file(source.state_dict(), tmp_path / "model.safetensors")
+    with caplog.at_level("WARNING"):
+        loaded = create_classifier("resnet18", 4, weights=tmp_path / "model.safetensors")
+    assert not [r for r in caplog.records if "conv1" in r.getMessage()]
+    assert torch.equal(loaded.conv1.weight, source.conv1.weight)
