@@ -352,27 +352,28 @@ def create_classifier(
     if weights is not None:
         pretrained = True
         overlay: dict[str, Any] = dict(file=str(weights))
-        source_channels = _stem_channels(name, Path(weights))
-        if source_channels is not None:  # e.g. a one-channel checkpoint of this project
-            overlay["input_size"] = (source_channels, *resolve_pretrained_cfg(name).input_size[1:])
+        input_size = _source_input_size(name, Path(weights))
+        if input_size is not None:  # e.g. a one-channel checkpoint of this project
+            overlay["input_size"] = input_size
         kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
 
 
-def _stem_channels(name: str, weights: Path) -> int | None:
-    """Input channels of the first convolution stored in a ``.safetensors`` file, read from its
-    header (None when unknown), so timm adapts the stem from what the file really holds."""
+def _source_input_size(name: str, weights: Path) -> tuple[int, ...] | None:
+    """The registry's input size with the channels of the first convolution stored in a
+    ``.safetensors`` file (read from its header; None when unknown), so timm adapts the stem
+    from what the file really holds."""
     from safetensors import safe_open
 
-    first_conv = resolve_pretrained_cfg(name).first_conv
-    if weights.suffix != ".safetensors" or not isinstance(first_conv, str):
+    cfg = resolve_pretrained_cfg(name)
+    if weights.suffix != ".safetensors" or not isinstance(cfg.first_conv, str):
         return None
     with safe_open(str(weights), framework="pt") as handle:
-        key, stored = f"{first_conv}.weight", set(handle.keys())
+        key, stored = f"{cfg.first_conv}.weight", set(handle.keys())
         if key not in stored:
             return None
         shape = handle.get_slice(key).get_shape()
-    return int(shape[1]) if len(shape) == 4 else None
+    return (int(shape[1]), *cfg.input_size[1:]) if len(shape) == 4 else None
 
 
 def pretrained_source(name: str) -> dict[str, Any]:

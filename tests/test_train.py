@@ -380,10 +380,8 @@ def test_bad_run_settings_stop_with_one_line(trained, tmp_path, capsys, monkeypa
             "cannot load pretrained weights for mirage_tiny_patch32_512",
         ),
         (["--out", tmp_path / "w", "--data", data, "--weights", tmp_path / "no.pth"], "no.pth"),
+        (["--out", tmp_path / "h", "--data", data, "--amp", "fp16"], "--amp fp16 needs a CUDA"),
     ]
-    cases.append(
-        (["--out", tmp_path / "h", "--data", data, "--amp", "fp16"], "--amp fp16 needs a CUDA")
-    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases.append(
         (["--out", tmp_path / "c", "--data", data, "--device", "cuda"], "no CUDA GPU is available")

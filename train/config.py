@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "bf16", "fp16", "off"],
         help=_help(
             "mixed precision: on CUDA auto is bf16 if supported, else fp16; on CPU auto is fp32 "
-            "and bf16 runs ~2-4x faster where the CPU has AVX512-BF16 or AMX",
+            "and bf16 trains ~1.6-3x faster where the CPU has AVX512-BF16 or AMX",
             "amp",
         ),
     )

@@ -803,7 +803,7 @@ def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
         y = labels.to(device, non_blocking=True)
         soft = None
         if run.teacher is not None:
-            with run.autocast():  # the teacher's forward is half the step's cost
+            with run.autocast():  # in float32 the teacher's forward cost as much as the step
                 soft = run.teacher(x)
         loss = train_step(run, x, y, group_size, last_micro, soft)
         loss_sum += loss * len(y)
@@ -986,8 +986,8 @@ def keep_large_blocks(threshold: int = 256 << 20) -> None:
 
     A training step allocates and frees activations of tens of MB; by default each is a new
     mapping whose pages the kernel zeroes on first touch. On 2 CPU cores that page faulting
-    took ~40% of a ResNet-18 bf16 step at 384 px (``benchmarks/cpu_training.py``). A no-op off
-    glibc or where ``MALLOC_MMAP_THRESHOLD_`` is set.
+    took about a third of a ResNet-18 bf16 step at 384 px (``benchmarks/cpu_training.py``).
+    A no-op off glibc or where ``MALLOC_MMAP_THRESHOLD_`` is set.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
