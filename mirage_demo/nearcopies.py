@@ -70,7 +70,9 @@ def near_copy_pairs(
             i, j = np.nonzero(corr >= threshold)
             i = i + start
             keep = i < j
-            pairs.update({(int(a), int(b)): is_mirror for a, b in zip(i[keep], j[keep])})
+            pairs.update(
+                {(int(a), int(b)): is_mirror for a, b in zip(i[keep], j[keep], strict=True)}
+            )
     return sorted((i, j, m) for (i, j), m in pairs.items())
 
 
