@@ -1,35 +1,51 @@
-"""What one hostile request costs the app: time and peak memory, against a real scan.
+"""What one hostile request costs the app: time, peak memory and disk, against a real scan.
 
-    python benchmarks/hostile_requests.py [--checkpoint DIR] [--threads 1]
+    python benchmarks/hostile_requests.py [--checkpoint DIR] [--threads 1] [--images 1000]
 
-Builds the uploads of issue 12 in a temporary folder (a ~66 KB 8000x8000 PNG, a ~21 MB
-7999x7999 noise JPEG, a ~9 KB zip of sixteen 8000x8000 PNGs) and sends each once through the
-app's own handlers (``explain_scan``, ``classify_batch``) on the bundled model; the baseline
-is a real 512x496 example scan, explained in the same run. Peak memory is the process's
-``VmHWM`` above its resident memory before the request (Linux).
+Serves the app in this process as ``python app.py`` does (``build_app`` + ``setup_queue``, one
+model call per two cores), with its temporary folder (uploads, outputs, evaluations) in a fresh
+directory, builds the uploads of issues 12 and 20 there and sends each through
+``gradio_client``; the baseline is ``/predict`` on a real 512x496 example scan in the same run.
+Peak memory is the process's ``VmHWM`` above its resident memory before the request (Linux);
+disk is the growth of the temporary folder. Last, a ``/predict`` is sent while an
+``/evaluate`` of ``--images`` labelled scans (the bundled test scans, repeated) runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
+import os
 import sys
 import tempfile
-import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
+WORK = Path(tempfile.mkdtemp(prefix="hostile-requests-"))  # the app's temporary folder
+tempfile.tempdir = str(WORK)
+os.environ["GRADIO_TEMP_DIR"] = str(WORK / "gradio")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirage_demo.inference import DEFAULT_CHECKPOINT
-from mirage_demo.ui import ModelChoice, ModelRegistry, classify_batch, explain_scan
-from mirage_demo.ui.context import EXAMPLES_DIR, image_file
+import argparse  # noqa: E402
+import io  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.utils import Status  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mirage_demo.inference import DEFAULT_CHECKPOINT  # noqa: E402
+from mirage_demo.ui import ModelChoice, ModelRegistry, build_app, setup_queue  # noqa: E402
+from mirage_demo.ui.app import LAUNCH_OPTIONS, default_concurrency  # noqa: E402
+from mirage_demo.ui.context import EXAMPLES_DIR  # noqa: E402
+from mirage_demo.ui.registry import ASSETS  # noqa: E402
+from tests.hostile_files import ico_bomb, many_entries_zip, scan_bomb, zeros_zip  # noqa: E402
 
 EXAMPLE = EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg"
+TEST_SCANS = ASSETS / "test-scans" / "images"
 
 
 def status_mib(key: str) -> int:
@@ -39,32 +55,73 @@ def status_mib(key: str) -> int:
     return 0
 
 
-def measure(run) -> tuple[float, int]:
-    """(seconds, peak MiB above the resident memory before) of ``run()``."""
-    before = status_mib("VmRSS")
+def disk_mib() -> float:
+    return sum(p.stat().st_size for p in WORK.rglob("*") if p.is_file()) / 2**20
+
+
+def measure(run: Callable[[], Any]) -> tuple[float, int, float, str]:
+    """(seconds, peak MiB above the resident memory before, disk MiB grown, outcome)."""
+    before, disk = status_mib("VmRSS"), disk_mib()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     began = time.perf_counter()
-    run()
-    return time.perf_counter() - began, status_mib("VmHWM") - before
+    try:
+        outcome = str(run())
+    except Exception as err:  # the app's answer was an error: what it said
+        outcome = f"error: {err}"
+    seconds = time.perf_counter() - began
+    return seconds, status_mib("VmHWM") - before, disk_mib() - disk, outcome
 
 
-def build_uploads(folder: Path) -> dict[str, Path]:
+def build_uploads(folder: Path, images: int) -> dict[str, Path]:
+    """The hostile files (and a large labelled zip) in ``folder``."""
     big = Image.new("L", (8000, 8000), 0)
     big.paste(200, (0, 3000, 8000, 5000))
-    png = folder / "8000x8000.png"
-    big.save(png)
+    uploads = {"png": folder / "8000x8000.png"}
+    big.save(uploads["png"])
     buffer = io.BytesIO()
     big.save(buffer, "PNG")
     del big
-    jpeg = folder / "7999x7999.jpeg"
+    uploads["jpeg"] = folder / "7999x7999.jpeg"
     noise = np.random.default_rng(0).random((7999, 7999)) * 255
-    Image.fromarray(noise.astype(np.uint8)).save(jpeg, quality=30)
+    Image.fromarray(noise.astype(np.uint8)).save(uploads["jpeg"], quality=30)
     del noise
-    archive = folder / "sixteen.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as stream:
+    uploads["sixteen"] = folder / "sixteen.zip"
+    with zipfile.ZipFile(uploads["sixteen"], "w", zipfile.ZIP_DEFLATED) as stream:
         for i in range(16):
             stream.writestr(f"{i:02d}.png", buffer.getvalue())
-    return {"png": png, "jpeg": jpeg, "zip": archive}
+    uploads["scans"] = folder / "scans.jpeg"
+    uploads["scans"].write_bytes(scan_bomb(scans=20_000))
+    uploads["ico"] = folder / "scan.png"  # an .ico, named as a PNG
+    uploads["ico"].write_bytes(ico_bomb(13000))
+    for i in range(3):
+        uploads[f"zeros{i}"] = zeros_zip(folder / f"zeros{i}.zip", members=4)
+    uploads["many"] = many_entries_zip(folder / "many.zip")
+    uploads["labelled"] = folder / "labelled.zip"
+    scans = sorted(TEST_SCANS.glob("*/*"))
+    with zipfile.ZipFile(uploads["labelled"], "w", zipfile.ZIP_STORED) as stream:
+        for i in range(images):
+            path = scans[i % len(scans)]
+            stream.write(path, f"{path.parent.name}/{i:04d}-{path.name}")
+    return uploads
+
+
+def predict_during_evaluate(url: str, labelled: Path) -> tuple[float, float, str]:
+    """(seconds of a /predict sent while the /evaluate runs, seconds of the /evaluate, its
+    note)."""
+    began = time.perf_counter()
+    job = Client(url, verbose=False).submit(
+        [handle_file(str(labelled))], "model", api_name="/evaluate"
+    )
+    while job.status().code != Status.PROCESSING and not job.done():
+        time.sleep(0.1)
+    time.sleep(2.0)  # well into the evaluation
+    asked = time.perf_counter()
+    Client(url, verbose=False).predict(handle_file(str(EXAMPLE)), api_name="/predict")
+    answered = time.perf_counter() - asked
+    running = not job.done()
+    note = job.result()[0]
+    seconds = time.perf_counter() - began
+    return answered, seconds, f"{note} (evaluation still running: {running})"
 
 
 def main() -> None:
@@ -73,35 +130,76 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadiest on a busy machine)"
     )
+    parser.add_argument("--images", type=int, default=1000, help="images of the long /evaluate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     registry = ModelRegistry([ModelChoice("model", args.checkpoint)])
+    demo = setup_queue(build_app(registry), default_concurrency())
+    demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
+    url = demo.local_url
+    client = Client(url, verbose=False)
+    folder = Path(tempfile.mkdtemp(prefix="uploads-", dir="/tmp"))  # outside the app's disk
+    try:
+        uploads = build_uploads(folder, args.images)
 
-    def explain(path: Path) -> None:
-        overlay, *_ = explain_scan(registry, str(path), "model", "gradcam")
-        image_file(overlay)  # what the app sends back
+        def predict(key: str | Path) -> Any:
+            path = uploads[key] if isinstance(key, str) else key
+            return client.predict(handle_file(str(path)), api_name="/predict")[0]["label"]
 
-    with tempfile.TemporaryDirectory() as folder:
-        uploads = build_uploads(Path(folder))
-        explain(EXAMPLE)  # loads the model, warms up
-        base, base_mib = measure(lambda: explain(EXAMPLE))
-        rows = [("/explain, real 512x496 scan (baseline)", EXAMPLE, base, base_mib)]
-        for key, what in (("png", "8000x8000 PNG"), ("jpeg", "7999x7999 noise JPEG")):
-            path = uploads[key]
-            seconds, mib = measure(lambda path=path: explain(path))
-            rows.append((f"/explain, {what}", path, seconds, mib))
-        payload = [{"path": str(uploads["zip"]), "orig_name": "sixteen.zip"}]
-        result: list = []
-        seconds, mib = measure(lambda: result.append(classify_batch(registry, payload, "model")))
-        rows.append(("/batch, zip of sixteen 8000x8000 PNGs", uploads["zip"], seconds, mib))
-        print(f"torch threads: {args.threads}; model: {args.checkpoint}")
-        print("| request | upload | seconds | x baseline | peak MiB above before |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        for what, path, seconds, mib in rows:
-            size = path.stat().st_size / 1024
-            ratio = seconds / base
-            print(f"| {what} | {size:,.0f} KB | {seconds:.2f} | {ratio:.1f} | {mib} |")
-        print(f"/batch summary: {result[0][2]}")
+        def batch(paths: list[Path]) -> Any:
+            return client.predict([handle_file(str(p)) for p in paths], api_name="/batch")[2]
+
+        def evaluate(key: str) -> Any:
+            files = [handle_file(str(uploads[key]))]
+            return client.predict(files, "model", api_name="/evaluate")[0]
+
+        predict(EXAMPLE)  # loads the model, warms up
+        base = measure(lambda: predict(EXAMPLE))
+        rows = [("/predict, real 512x496 scan (baseline)", EXAMPLE.stat().st_size, *base)]
+        for key, what in (
+            ("png", "/predict, 8000x8000 PNG"),
+            ("jpeg", "/predict, 7999x7999 noise JPEG"),
+            ("scans", "/predict, 7999x7999 progressive JPEG + 20,000 empty scans"),
+            ("ico", "/predict, .ico of a 13000x13000 PNG, named scan.png"),
+        ):
+            rows.append((what, uploads[key].stat().st_size, *measure(lambda k=key: predict(k))))
+        rows.append(
+            (
+                "/batch, zip of sixteen 8000x8000 PNGs",
+                uploads["sixteen"].stat().st_size,
+                *measure(lambda: batch([uploads["sixteen"]])),
+            )
+        )
+        for i in range(3):
+            key = f"zeros{i}"
+            what = f"/evaluate #{i + 1}, 4 real scans + 4 zero-filled 64 MB .jpeg"
+            rows.append((what, uploads[key].stat().st_size, *measure(lambda k=key: evaluate(k))))
+        rss = status_mib("VmRSS")
+        many = measure(lambda: batch([uploads["many"]] * 200))
+        time.sleep(5)
+        what = "/batch, one 2,000-entry zip listed 200 times"
+        rows.append((what, uploads["many"].stat().st_size, *many))
+        after = status_mib("VmRSS") - rss
+        predicted, evaluated, note = predict_during_evaluate(url, uploads["labelled"])
+    finally:
+        demo.close()
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(WORK, ignore_errors=True)
+
+    print(f"torch threads: {args.threads}; model: {args.checkpoint}; cores: {os.cpu_count()}")
+    print("| request | upload | seconds | x baseline | peak MiB above before | disk MiB | answer |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for what, size, seconds, mib, disk, outcome in rows:
+        ratio = seconds / base[0]
+        print(
+            f"| {what} | {size / 1024:,.0f} KB | {seconds:.2f} | {ratio:.1f} | {mib} | "
+            f"{disk:+.1f} | {outcome[:90]} |"
+        )
+    print(f"resident memory 5 s after the 200-times-listed zip: {after:+d} MiB")
+    print(
+        f"/evaluate of {args.images} labelled scans: {evaluated:.1f} s; a /predict sent "
+        f"meanwhile answered in {predicted:.2f} s ({predicted / base[0]:.1f}x baseline); {note}"
+    )
 
 
 if __name__ == "__main__":
