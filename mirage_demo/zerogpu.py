@@ -66,6 +66,9 @@ _REFUSALS = (
     "ZeroGPU illegal duration",
 )
 _on_cpu = contextvars.ContextVar("mirage_demo_cpu_fallback", default=False)
+# Only what gpu_task decorates asks for a GPU: on a Space, Gradio would otherwise pass every
+# event handler through spaces.GPU when the Space sets SPACES_GRADIO_AUTO_WRAP.
+spaces.disable_gradio_auto_wrap()
 
 
 def resolve_device(device: str = "auto") -> str:
