@@ -7,7 +7,8 @@
 
 The staged folder holds ``app.py``, the library (``mirage_demo/``), ``assets/`` (example scans
 and the bundled models, as they are when you run this), ``LICENSE``, a ``requirements.txt``
-(this repository's, which includes ``spaces``) and a ``README.md`` whose front matter is the
+(this repository's, which includes ``spaces``, with torch and torchvision admitting the versions
+ZeroGPU installs: :func:`space_requirements`) and a ``README.md`` whose front matter is the
 Space's configuration, followed by a short card of the models served. Local checkpoints are
 copied into ``checkpoints/NAME/`` with their weights, config and report only (never
 ``train_state.pt`` or logs); Hub checkpoints are listed in ``preload_from_hub`` (downloaded when
@@ -50,12 +51,18 @@ __all__ = [
     "check_space_id",
     "deploy",
     "main",
+    "space_requirements",
     "stage",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: What a Space needs from this repository; nothing of train/, tests/ or benchmarks/.
-STAGED_PATHS = ("app.py", "mirage_demo", "assets", "LICENSE", "requirements.txt")
+STAGED_PATHS = ("app.py", "mirage_demo", "assets", "LICENSE")
+REQUIREMENTS = "requirements.txt"  # staged through space_requirements()
+#: The PyTorch versions ZeroGPU installs, each with its torchvision (the Hub's ZeroGPU page,
+#: spaces-zerogpu.md, 2026-08-22). A Space whose requirements admit none is refused at build
+#: ("No candidate PyTorch version found for ZeroGPU").
+ZEROGPU_TORCH = {"2.8.0": "0.23.0", "2.9.1": "0.24.1", "2.10.0": "0.25.0", "2.11.0": "0.26.0"}
 #: The files of a checkpoint directory the app reads (weights, config, report, card).
 SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, *REPORT_FILES, "README.md"})
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
@@ -194,6 +201,8 @@ def stage(
     directory.mkdir(parents=True, exist_ok=True)
     for name in STAGED_PATHS:
         _copy_tree(REPO_ROOT / name, directory / name)
+    requirements = (REPO_ROOT / REQUIREMENTS).read_text(encoding="utf-8")
+    (directory / REQUIREMENTS).write_text(space_requirements(requirements), encoding="utf-8")
     for checkpoint in checkpoints:
         if checkpoint.local and checkpoint.served_as().startswith("checkpoints/"):
             assert checkpoint.directory is not None
@@ -210,6 +219,33 @@ def stage(
         if c.config is None
     ]
     return staged
+
+
+def space_requirements(text: str) -> str:
+    """``requirements.txt`` for a Space: ``text`` with its torch and torchvision pins (what these
+    build machines install) widened to the range of :data:`ZEROGPU_TORCH`, so that ZeroGPU can
+    install one of its versions and pip the torchvision that matches it."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import Version
+
+    ranges = {}
+    for name, versions in (("torch", list(ZEROGPU_TORCH)), ("torchvision", ZEROGPU_TORCH.values())):
+        oldest, newest = min(versions, key=Version), Version(max(versions, key=Version))
+        ranges[name] = f"{name}>={oldest},<{newest.major}.{newest.minor + 1}"
+    lines, replaced = [], set()
+    for line in text.splitlines():
+        pinned = line.split("#")[0].strip()
+        try:
+            name = Requirement(pinned).name if pinned else None
+        except InvalidRequirement:  # an option such as --extra-index-url
+            name = None
+        if name in ranges:
+            line = f"{ranges[name]}  # what ZeroGPU installs (the repository pins {pinned})"
+            replaced.add(name)
+        lines.append(line)
+    if missing := sorted(set(ranges) - replaced):
+        raise DeployError(f"{REQUIREMENTS} does not name {', '.join(missing)}")
+    return "\n".join(lines) + "\n"
 
 
 def _copy_tree(source: Path, target: Path) -> None:

@@ -39,6 +39,7 @@ from mirage_demo.inference import Predictor
 from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available_models, build_app
 from mirage_demo.ui import app as ui_app
 from mirage_demo.ui.batch import batch_gpu_seconds
+from mirage_demo.ui.context import PREDICTED
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +148,40 @@ def test_dry_run_lists_an_uncached_hub_checkpoint_unchecked(tmp_path, hub_cache)
     assert "not checked" in staged.notes[0]
 
 
+#: The PyTorch versions ZeroGPU installs and their torchvision (the Hub's ZeroGPU page,
+#: spaces-zerogpu.md, 2026-08-22), written out here independently of mirage_demo.space.
+ZEROGPU_LISTED = {"2.8.0": "0.23.0", "2.9.1": "0.24.1", "2.10.0": "0.25.0", "2.11.0": "0.26.0"}
+
+
+def requirement_specs(requirements: Path) -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for line in requirements.read_text().splitlines()]
+    return {r.name: str(r.specifier) for r in map(Requirement, filter(None, lines))}
+
+
+def test_staged_requirements_admit_the_pytorch_zerogpu_installs(tmp_path):
+    """ZeroGPU refuses a Space whose torch requirement admits none of its versions; pip then
+    needs the torchvision that goes with the one ZeroGPU chose."""
+    from packaging.specifiers import SpecifierSet
+
+    space.stage(tmp_path / "out")
+    staged = requirement_specs(tmp_path / "out" / "requirements.txt")
+    ours = requirement_specs(ROOT / "requirements.txt")
+    torch_spec, vision_spec = SpecifierSet(staged["torch"]), SpecifierSet(staged["torchvision"])
+    assert [v for v in ZEROGPU_LISTED if v in torch_spec] == list(ZEROGPU_LISTED)
+    assert [v for v in ZEROGPU_LISTED.values() if v in vision_spec] == list(ZEROGPU_LISTED.values())
+    for unlisted in ("2.7.1", "2.12.0", ours["torch"].lstrip("=")):
+        assert unlisted not in torch_spec
+    # every other requirement as this repository's, which still pins what is installed here
+    assert {k: v for k, v in staged.items() if not k.startswith("torch")} == {
+        k: v for k, v in ours.items() if not k.startswith("torch")
+    }
+    assert ours["torch"].startswith("==") and ours["torchvision"].startswith("==")
+    with pytest.raises(space.DeployError, match="does not name torch"):
+        space.space_requirements("gradio==6.31.0\ntorchvision==0.29.1\n")
+
+
 # --------------------------------------------------------------------------------------------
 # The staged folder boots on its own and classifies a real scan
 
@@ -192,19 +227,82 @@ def requirements_only(folder: Path, requirements: Path) -> Path:
     return folder
 
 
-def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
+#: ``spaces`` as a ZeroGPU Space has it, minus the GPU: CUDA is emulated outside GPU calls
+#: (``torch.cuda.is_available()`` is true, as there), and each ``spaces.GPU`` decoration and call
+#: is logged; a call pickles its arguments and results, as the real worker does. Gradio, on a
+#: Space, passes every event handler through ``gradio_auto_wrap`` (``spaces.GPU`` unless
+#: disabled, as in the real package).
+SPACES_STAND_IN = """
+import os, pickle
+import torch
+
+torch.cuda.is_available = lambda: True
+
+
+def _log(event, fn):
+    with open(os.environ["SPACES_STAND_IN_LOG"], "a") as log:
+        log.write(f"{event} {fn.__name__}\\n")
+
+
+def GPU(task=None, *, duration=None, size=None):
+    def decorate(fn):
+        _log("decorated", fn)
+
+        def on_gpu(*args, **kwargs):
+            _log("called", fn)
+            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+            return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
+
+        return on_gpu
+
+    return decorate(task) if callable(task) else decorate
+
+
+_auto_wrap = os.environ.get("SPACES_GRADIO_AUTO_WRAP") == "true"
+
+
+def disable_gradio_auto_wrap():
+    global _auto_wrap
+    _auto_wrap = False
+
+
+def gradio_auto_wrap(task):  # what Gradio calls on every event handler on a Space
+    return GPU(task) if _auto_wrap and callable(task) else task
+"""
+
+
+@pytest.mark.parametrize("zero_gpu", [False, True], ids=["cpu", "zerogpu"])
+def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
+    """The staged Space boots with only its requirements and answers; under ZeroGPU's
+    variables (with the stand-in ``spaces``: CUDA emulated, so a model placed on it would fail
+    here) it serves the small models on the CPU without a single GPU call."""
     out = tmp_path / "space"
     staged = space.stage(out, space.check_checkpoints([str(trained)]))
+    site = requirements_only(tmp_path / "site", out / "requirements.txt")
+    log = tmp_path / "spaces.log"
+    zerogpu_env = {}
+    if zero_gpu:
+        (site / "spaces").mkdir()
+        (site / "spaces" / "__init__.py").write_text(SPACES_STAND_IN)
+        log.touch()
+        zerogpu_env = {
+            "SPACES_ZERO_GPU": "true",  # what the spaces package and the app read
+            "SPACES_GRADIO_AUTO_WRAP": "true",  # Gradio would wrap every handler: the app stops it
+            "SPACE_ID": "you/oct-demo",
+            "SYSTEM": "spaces",
+            "SPACES_STAND_IN_LOG": str(log),
+        }
     port = free_port()
     env = {
         **os.environ,
         **staged.variables,
+        **zerogpu_env,
         "GRADIO_ANALYTICS_ENABLED": "False",
         # the staged library, not this checkout's; only what its requirements install
-        "PYTHONPATH": str(requirements_only(tmp_path / "site", out / "requirements.txt")),
+        "PYTHONPATH": str(site),
     }
-    log = tmp_path / "app.log"
-    with log.open("w") as stream:
+    app_log = tmp_path / "app.log"
+    with app_log.open("w") as stream:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port)],
             cwd=out,
@@ -216,15 +314,19 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
         client = None
         deadline = time.monotonic() + 240
         while client is None:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the staged app did not start:\n" + log.read_text()
+            assert process.poll() is None, app_log.read_text()
+            assert time.monotonic() < deadline, "did not start:\n" + app_log.read_text()
             try:
                 client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             except Exception:  # not listening yet
                 time.sleep(0.5)
         scan = handle_file(str(out / SCAN))
         label, info = client.predict(scan, api_name="/predict")
-        bundled, _ = client.predict(scan, "demo-model (bundled)", api_name="/predict")
+        bundled, bundled_info = client.predict(scan, "demo-model (bundled)", api_name="/predict")
+        if zero_gpu:
+            _, _, explained = client.predict(
+                scan, "demo-vit (bundled)", "attention", PREDICTED, 0.5, api_name="/explain"
+            )
     finally:
         process.terminate()
         process.wait(30)
@@ -233,12 +335,19 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained):
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(got) == set(CLASSES)
     assert got == pytest.approx(expected, abs=1e-4)
-    assert "on CPU" in info
+    assert "on CPU" in info and "on CPU" in bundled_info
     # ... and the bundled demo model, staged from assets/, answers as it does here
     expected = Predictor.from_pretrained(ROOT / "assets" / "demo-model").predict(ROOT / SCAN)
     got = {c["label"]: c["confidence"] for c in bundled["confidences"]}
     assert bundled["label"] == expected.label
     assert got == pytest.approx(expected.probabilities, abs=1e-4)
+    if zero_gpu:
+        assert "on CPU" in explained
+        events = log.read_text().splitlines()
+        # the model handlers are ZeroGPU functions (a ZeroGPU Space needs some) ...
+        assert {"decorated on_predict", "decorated on_explain", "decorated on_batch"} <= set(events)
+        # ... but the small models never called one: no quota reserved
+        assert [e for e in events if e.startswith("called")] == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,6 +480,67 @@ def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
     assert table["data"][0][0] == SCAN.name
     assert [name for name, _ in gpu.calls] == ["on_predict", "on_batch"]
     assert gpu.calls[1][1] == 30
+
+
+@pytest.mark.parametrize(
+    ("architecture", "kwargs", "gpu"),
+    [
+        ("assets/demo-model", None, False),  # the bundled ResNet-18: 11.2 M parameters
+        ("assets/demo-vit", None, False),  # the bundled tiny ViT: 2.9 M
+        ("mirage_base_patch32_512", {}, True),  # 86 M
+        ("mirage_large_patch32_512", {}, True),  # 303 M
+        # a linear probe over MIRAGE-Base: its config declares the whole architecture
+        (
+            "mirage_base_patch32_512",
+            {"source_weights": {"hf_hub_id": "j-morano/MIRAGE-Base"}},
+            True,
+        ),
+        ("resnet50", {}, False),  # 23.5 M: small enough for the CPU
+        ("vit_base_patch16_224", {}, True),  # 86 M, not MIRAGE: its size decides
+    ],
+)
+def test_models_use_zerogpu_by_the_size_their_config_declares(architecture, kwargs, gpu):
+    from mirage_demo.checkpoint import CheckpointConfig, read_config
+
+    if kwargs is None:
+        config = read_config(ROOT / architecture)
+    else:
+        config = CheckpointConfig(architecture, list(CLASSES), **kwargs)
+    assert zerogpu.wants_gpu(config) is gpu
+    assert (zerogpu.parameter_count(config) >= 30_000_000) is gpu
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["gpu-granted", "quota-exhausted"])
+def test_small_models_never_ask_zerogpu(tmp_path, monkeypatch, refuse):
+    """On ZeroGPU (``small_on_cpu``) a small model's calls run here on the CPU: no spaces.GPU
+    call, no quota reserved; a MIRAGE-sized one (here: above a lowered threshold)
+    still goes through ZeroGPU."""
+    gpu = StandInZeroGPU(refuse=refuse)
+    monkeypatch.setattr(spaces, "GPU", gpu)
+    monkeypatch.setattr(zerogpu, "GPU_MIN_PARAMETERS", 5_000_000)  # the ResNet-18 counts as big
+    tiny = str(tiny_checkpoint(tmp_path / "m"))
+    big = str(ROOT / "assets" / "demo-model")
+    registry = ModelRegistry(
+        [ModelChoice("tiny", tiny), ModelChoice("big", big)], small_on_cpu=True
+    )
+    demo = build_app(registry)
+    demo.queue()
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
+    scan = handle_file(str(ROOT / SCAN))
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        small = client.predict(scan, "tiny", api_name="/predict")
+        client.predict(scan, "tiny", "gradcam", PREDICTED, 0.5, api_name="/explain")
+        client.predict([scan], "tiny", api_name="/batch")
+        assert gpu.calls == []  # the small model never reached spaces.GPU
+        large = client.predict(scan, "big", api_name="/predict")
+    finally:
+        demo.close()
+    assert "on CPU" in small[1] and small[0]["label"] in CLASSES
+    assert gpu.calls == [("on_predict", 30)]
+    assert large[0]["label"] in CLASSES
+    assert not registry.on_cpu("big") and registry.on_cpu("tiny")
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        registry = ModelRegistry(
-            available_models(args.checkpoint), device=resolve_device(args.device)
+        registry = ModelRegistry(  # on ZeroGPU small models run on the CPU, asking no GPU
+            available_models(args.checkpoint),
+            device=resolve_device(args.device),
+            small_on_cpu=ZERO_GPU,
         )
         if ZERO_GPU:  # models are placed (on emulated CUDA) before ZeroGPU packs them at launch
             registry.preload()

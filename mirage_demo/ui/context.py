@@ -7,6 +7,7 @@ import csv
 import functools
 import hashlib
 import html
+import inspect
 import tempfile
 import time
 import uuid
@@ -114,10 +115,18 @@ class AppContext:
         """``fn`` run through ZeroGPU (``spaces.GPU`` reserving ``duration`` seconds, or a
         function of the call's arguments; CPU fallback; nothing elsewhere: see
         :func:`~mirage_demo.zerogpu.gpu_task`), then wrapped with :attr:`wrap_model_call`.
-        ``@ctx.model_call`` or ``@ctx.model_call(duration=...)``."""
+        ``@ctx.model_call`` or ``@ctx.model_call(duration=...)``.
+
+        ``fn`` takes the model picker's value as ``name`` (``names`` for a Gradio batch): a
+        call whose models all run on the CPU (:meth:`ModelRegistry.on_cpu`) asks no GPU."""
         if fn is None:
             return functools.partial(self.model_call, duration=duration)
-        return self.wrap_model_call(gpu_task(duration)(fn))
+        models = _model_names(fn)
+
+        def use_gpu(*args: Any, **kwargs: Any) -> bool:
+            return not all(self.registry.on_cpu(name) for name in models(*args, **kwargs))
+
+        return self.wrap_model_call(gpu_task(duration, use_gpu=use_gpu)(fn))
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
@@ -126,6 +135,21 @@ class AppContext:
         return self.model.change(
             fn, inputs=[self.model], outputs=list(outputs), api_visibility="private"
         )
+
+
+def _model_names(fn: Callable[..., Any]) -> Callable[..., list[str | None]]:
+    """A function of ``fn``'s arguments giving the models the call uses (its ``name``, or its
+    ``names`` under Gradio batching)."""
+    signature = inspect.signature(fn)
+    key = next((k for k in ("name", "names") if k in signature.parameters), None)
+    if key is None:
+        raise TypeError(f"{fn.__name__}: a model handler takes the picker's value as `name`")
+
+    def names(*args: Any, **kwargs: Any) -> list[str | None]:
+        value = signature.bind_partial(*args, **kwargs).arguments.get(key)
+        return list(value or [None]) if key == "names" else [value]
+
+    return names
 
 
 def example_scans(folder: Path = EXAMPLES_DIR) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from mirage_demo.checkpoint import (
 )
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
 from mirage_demo.metrics import load_report
-from mirage_demo.zerogpu import serving_device
+from mirage_demo.zerogpu import serving_device, wants_gpu
 
 __all__ = ["ASSETS", "ENV_CHECKPOINTS", "ModelChoice", "ModelRegistry", "available_models"]
 
@@ -64,9 +64,13 @@ class ModelRegistry:
     and its model loaded once, on first use; :meth:`config` and :meth:`report` never load the
     model, so the app's layout is built from them alone. Models run on ``device``, or on the
     CPU inside a ZeroGPU fallback (a second copy, loaded then; see :mod:`mirage_demo.zerogpu`).
+    ``small_on_cpu`` (set on ZeroGPU): models that do not :func:`~mirage_demo.zerogpu.wants_gpu`
+    always run on the CPU.
     """
 
-    def __init__(self, choices: Sequence[ModelChoice], device: str = "cpu") -> None:
+    def __init__(
+        self, choices: Sequence[ModelChoice], device: str = "cpu", small_on_cpu: bool = False
+    ) -> None:
         if not choices:
             raise CheckpointError(
                 "no checkpoint to serve: the bundled demo model is missing and none was given "
@@ -74,6 +78,8 @@ class ModelRegistry:
             )
         self.choices = {choice.name: choice for choice in choices}
         self.device = device
+        self.small_on_cpu = small_on_cpu
+        self._wants_gpu: dict[str, bool] = {}
         self._directories: dict[str, Path] = {}
         self._configs: dict[str, CheckpointConfig] = {}
         self._loaded: dict[tuple[str, str], Predictor] = {}
@@ -130,10 +136,24 @@ class ModelRegistry:
                         raise self._fail(name, err) from err
             return self._configs[name]
 
+    def on_cpu(self, name: str | None = None) -> bool:
+        """Whether a model always runs on the CPU (``small_on_cpu`` and a small model): its
+        calls need no GPU."""
+        if not self.small_on_cpu:
+            return False
+        name = self._name(name)
+        with self._lock:
+            if name not in self._wants_gpu:
+                try:
+                    self._wants_gpu[name] = wants_gpu(self.config(name))
+                except CheckpointError as err:
+                    raise self._fail(name, err) from err
+            return not self._wants_gpu[name]
+
     def get(self, name: str | None = None) -> Predictor:
         """The predictor for a picker name (the default if empty), loaded on first use."""
         name = self._name(name)
-        key = (name, serving_device(self.device))
+        key = (name, "cpu" if self.on_cpu(name) else serving_device(self.device))
         with self._lock:
             if key not in self._loaded:
                 directory = self.directory(name)
