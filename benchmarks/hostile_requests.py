@@ -24,6 +24,7 @@ os.environ["GRADIO_TEMP_DIR"] = str(WORK / "gradio")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import io  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -154,51 +155,53 @@ def main() -> None:
             return client.predict(files, "model", api_name="/evaluate")[0]
 
         predict(EXAMPLE)  # loads the model, warms up
-        base = measure(lambda: predict(EXAMPLE))
-        rows = [("/predict, real 512x496 scan (baseline)", EXAMPLE.stat().st_size, *base)]
+        print(f"torch threads: {args.threads}; model: {args.checkpoint}; cores: {os.cpu_count()}")
+        print(
+            "| request | upload | seconds | x baseline | peak MiB above before | disk MiB |", end=""
+        )
+        print(" answer |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+        base = measure(lambda: predict(EXAMPLE))[0]
+        row = functools.partial(print_row, base=base)
+        row("/predict, real 512x496 scan (baseline)", EXAMPLE, lambda: predict(EXAMPLE))
         for key, what in (
             ("png", "/predict, 8000x8000 PNG"),
             ("jpeg", "/predict, 7999x7999 noise JPEG"),
             ("scans", "/predict, 7999x7999 progressive JPEG + 20,000 empty scans"),
             ("ico", "/predict, .ico of a 13000x13000 PNG, named scan.png"),
         ):
-            rows.append((what, uploads[key].stat().st_size, *measure(lambda k=key: predict(k))))
-        rows.append(
-            (
-                "/batch, zip of sixteen 8000x8000 PNGs",
-                uploads["sixteen"].stat().st_size,
-                *measure(lambda: batch([uploads["sixteen"]])),
-            )
+            row(what, uploads[key], lambda k=key: predict(k))
+        row(
+            "/batch, zip of sixteen 8000x8000 PNGs",
+            uploads["sixteen"],
+            lambda: batch([uploads["sixteen"]]),
         )
         for i in range(3):
             key = f"zeros{i}"
             what = f"/evaluate #{i + 1}, 4 real scans + 4 zero-filled 64 MB .jpeg"
-            rows.append((what, uploads[key].stat().st_size, *measure(lambda k=key: evaluate(k))))
+            row(what, uploads[key], lambda k=key: evaluate(k))
         rss = status_mib("VmRSS")
-        many = measure(lambda: batch([uploads["many"]] * 200))
-        time.sleep(5)
         what = "/batch, one 2,000-entry zip listed 200 times"
-        rows.append((what, uploads["many"].stat().st_size, *many))
-        after = status_mib("VmRSS") - rss
+        row(what, uploads["many"], lambda: batch([uploads["many"]] * 200))
+        time.sleep(5)
+        print(f"resident memory 5 s after it: {status_mib('VmRSS') - rss:+d} MiB", flush=True)
         predicted, evaluated, note = predict_during_evaluate(url, uploads["labelled"])
+        print(
+            f"/evaluate of {args.images} labelled scans: {evaluated:.1f} s; a /predict sent "
+            f"meanwhile answered in {predicted:.2f} s ({predicted / base:.1f}x baseline); {note}"
+        )
     finally:
         demo.close()
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(WORK, ignore_errors=True)
 
-    print(f"torch threads: {args.threads}; model: {args.checkpoint}; cores: {os.cpu_count()}")
-    print("| request | upload | seconds | x baseline | peak MiB above before | disk MiB | answer |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for what, size, seconds, mib, disk, outcome in rows:
-        ratio = seconds / base[0]
-        print(
-            f"| {what} | {size / 1024:,.0f} KB | {seconds:.2f} | {ratio:.1f} | {mib} | "
-            f"{disk:+.1f} | {outcome[:90]} |"
-        )
-    print(f"resident memory 5 s after the 200-times-listed zip: {after:+d} MiB")
+
+def print_row(what: str, upload: Path, run: Callable[[], Any], base: float) -> None:
+    """Measure ``run()`` and print its table row at once (a long run shows progress)."""
+    seconds, mib, disk, outcome = measure(run)
     print(
-        f"/evaluate of {args.images} labelled scans: {evaluated:.1f} s; a /predict sent "
-        f"meanwhile answered in {predicted:.2f} s ({predicted / base[0]:.1f}x baseline); {note}"
+        f"| {what} | {upload.stat().st_size / 1024:,.0f} KB | {seconds:.2f} | "
+        f"{seconds / base:.1f} | {mib} | {disk:+.1f} | {outcome[:90]} |",
+        flush=True,
     )
 
 
