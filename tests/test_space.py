@@ -126,7 +126,11 @@ def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsy
     ]
     assert training == []
     # the card names the served model, with its report's figure
-    assert "`my-model` | mirage_tiny_patch32_512" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "`my-model` | mirage_tiny_patch32_512" in card
+    # ... and the hardware each model runs on: all small, so the Space's CPU
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 and all(row.endswith("| CPU (no GPU quota) |") for row in rows)
 
 
 def test_hub_checkpoint_is_preloaded_and_served(tmp_path, trained, hub_cache):
@@ -507,6 +511,9 @@ def test_models_use_zerogpu_by_the_size_their_config_declares(architecture, kwar
     else:
         config = CheckpointConfig(architecture, list(CLASSES), **kwargs)
     assert zerogpu.wants_gpu(config) is gpu
+    # the Space's card says so
+    assert space._runs_on(config, "zero-a10g").startswith("ZeroGPU") is gpu
+    assert space._runs_on(config, "cpu-upgrade") == "CPU"
     assert (zerogpu.parameter_count(config) >= 30_000_000) is gpu
 
 

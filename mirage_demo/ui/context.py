@@ -25,11 +25,13 @@ from mirage_demo.ui.registry import ASSETS, ModelRegistry
 from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
+    "COMPARE_GPU_SECONDS",
     "DISCLAIMER",
     "EXAMPLES_DIR",
     "METHOD_LABELS",
     "MODEL_CONCURRENCY_ID",
     "PREDICTED",
+    "SCAN_GPU_SECONDS",
     "STATE_TTL_S",
     "AppContext",
     "display_name",
@@ -62,9 +64,11 @@ PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
-#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
 STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
+#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
 SCAN_GPU_SECONDS = 30
+#: ... and ``/compare``: every method's map with its deletion test and sanity check.
+COMPARE_GPU_SECONDS = 30
 
 F = TypeVar("F", bound=Callable[..., Any])
 
