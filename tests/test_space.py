@@ -40,6 +40,7 @@ from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available
 from mirage_demo.ui import app as ui_app
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import PREDICTED
+from mirage_demo.ui.evaluate import evaluate_gpu_seconds
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -433,9 +434,10 @@ def test_batch_reserves_gpu_time_by_size(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(40):
             zf.writestr(f"scan{i}.png", b"x")
-    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 30
-    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 40  # 30 + 0.25 x 41
+    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 10
+    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 20  # 10 + 0.25 x 41
     assert batch_gpu_seconds([str(archive)] * 20) == 120  # capped
+    assert evaluate_gpu_seconds([str(archive)]) == 30  # 10 + 0.25 x 40 + 10 for the report
 
 
 @pytest.mark.parametrize("zero_gpu", [True, False], ids=["zerogpu", "elsewhere"])
@@ -483,7 +485,7 @@ def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
     assert label["label"] in CLASSES and "on CPU" in info
     assert table["data"][0][0] == SCAN.name
     assert [name for name, _ in gpu.calls] == ["on_predict", "on_batch"]
-    assert gpu.calls[1][1] == 30
+    assert gpu.calls[0][1] == 10 and gpu.calls[1][1] == 10  # one scan; a batch of one
 
 
 @pytest.mark.parametrize(
@@ -545,7 +547,7 @@ def test_small_models_never_ask_zerogpu(tmp_path, monkeypatch, refuse):
     finally:
         demo.close()
     assert "on CPU" in small[1] and small[0]["label"] in CLASSES
-    assert gpu.calls == [("on_predict", 30)]
+    assert gpu.calls == [("on_predict", 10)]
     assert large[0]["label"] in CLASSES
     assert not registry.on_cpu("big") and registry.on_cpu("tiny")
 
