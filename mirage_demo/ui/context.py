@@ -66,7 +66,7 @@ OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included,
-#: on a MIRAGE-sized model (small ones never call ZeroGPU). A MIRAGE-Large forward is ~0.1
+#: on a MIRAGE-sized model (small ones never call ZeroGPU). A MIRAGE-Large forward is ~0.15
 #: TFLOP, a fraction of a second on an H200 slice; the rest is a fresh worker's start (CUDA,
 #: weights onto the GPU) and the call's CPU work (README, Hosting: Quotas).
 SCAN_GPU_SECONDS = 10
