@@ -208,7 +208,8 @@ def stage(
             assert checkpoint.directory is not None
             _copy_tree(checkpoint.directory, directory / checkpoint.served_as())
     meta = front_matter(checkpoints, hardware)
-    (directory / "README.md").write_text(space_readme(meta, checkpoints), encoding="utf-8")
+    readme = space_readme(meta, checkpoints, hardware)
+    (directory / "README.md").write_text(readme, encoding="utf-8")
     staged = StagedSpace(directory, meta)
     if checkpoints:
         staged.variables[ENV_CHECKPOINTS] = ",".join(c.served_as() for c in checkpoints)
@@ -304,15 +305,22 @@ def front_matter(checkpoints: Sequence[ServedCheckpoint], hardware: str) -> dict
     return meta
 
 
-def space_readme(meta: dict[str, Any], checkpoints: Sequence[ServedCheckpoint]) -> str:
-    """The Space's README: front matter, what it does, the models served, licenses."""
+def space_readme(
+    meta: dict[str, Any],
+    checkpoints: Sequence[ServedCheckpoint],
+    hardware: str = DEFAULT_HARDWARE,
+) -> str:
+    """The Space's README: front matter, what it does, the models served (with the hardware
+    each runs on), licenses."""
     from huggingface_hub import SpaceCardData
 
+    given = {c.directory.resolve() for c in checkpoints if c.directory}
+    served = [*checkpoints, *(b for b in _bundled() if b.directory.resolve() not in given)]
     rows = []
-    for c in checkpoints or _bundled():
+    for c in served:  # what the app serves: the checkpoints given, then the bundled models
         config = c.config
         if config is None:
-            rows.append(f"| `{c.name}` | not checked before deploying | | |")
+            rows.append(f"| `{c.name}` | not checked before deploying | | | |")
             continue
         weights = config.source_weights or {}
         start = weights.get("name") or "none: trained from scratch"
@@ -321,8 +329,11 @@ def space_readme(meta: dict[str, Any], checkpoints: Sequence[ServedCheckpoint]) 
         report = load_report(c.directory) if c.directory else None
         figure = ((report or {}).get("overall", {}).get("balanced_accuracy") or {}).get("value")
         shown = f"{figure:.3f} on {report.get('num_images', '?')} scans" if report else "no report"
-        rows.append(f"| `{c.name}` | {config.architecture} | {start} | {shown} |")
+        runs_on = _runs_on(config, hardware)
+        rows.append(f"| `{c.name}` | {config.architecture} | {start} | {shown} | {runs_on} |")
     yaml = SpaceCardData(**meta).to_yaml(original_order=list(meta))
+    from mirage_demo.zerogpu import GPU_MIN_PARAMETERS
+
     return f"""---
 {yaml}
 ---
@@ -335,8 +346,8 @@ tool, **not a medical device**: never use it to diagnose or treat.
 
 ## Models served
 
-| model | architecture | starting weights | test balanced accuracy |
-| --- | --- | --- | --- |
+| model | architecture | starting weights | test balanced accuracy | runs on |
+| --- | --- | --- | --- | --- |
 {chr(10).join(rows)}
 
 The first is the default; the app's **Model** tab shows each one's full report. Models
@@ -344,12 +355,24 @@ fine-tuned from MIRAGE (Morano et al. 2025, arXiv:2506.08900) inherit its CC BY-
 license. Example scans: Kermany et al., *Cell* 2018, CC BY 4.0 (`assets/ATTRIBUTION.md`).
 Code: Apache-2.0 (`LICENSE`).
 
-On ZeroGPU each request borrows a GPU for a few seconds of the visitor's daily GPU quota; when
-that runs out, the app runs the same model on the CPU and says so.
+On ZeroGPU, small models (under {GPU_MIN_PARAMETERS // 10**6} million parameters) run on the
+Space's CPU and use no GPU quota; a MIRAGE-sized model borrows a GPU for each request, from the
+visitor's daily ZeroGPU quota, and when that runs out the app runs it on the CPU and says so.
 
 Deployed with `python -m mirage_demo.space deploy`; the models are set by the Space variable
 `{ENV_CHECKPOINTS}` (comma separated: folders in this Space or Hub repo ids).
 """
+
+
+def _runs_on(config: CheckpointConfig, hardware: str) -> str:
+    """Where a model runs on a Space with ``hardware`` (the app's rule: mirage_demo.zerogpu)."""
+    from mirage_demo.zerogpu import wants_gpu
+
+    if hardware != DEFAULT_HARDWARE:
+        return "CPU" if hardware.startswith("cpu") else "GPU"
+    if wants_gpu(config):
+        return "ZeroGPU (the visitor's GPU quota; the CPU once it is used up)"
+    return "CPU (no GPU quota)"
 
 
 def _bundled() -> list[ServedCheckpoint]:

@@ -40,6 +40,7 @@ from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available
 from mirage_demo.ui import app as ui_app
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import PREDICTED
+from mirage_demo.ui.evaluate import evaluate_gpu_seconds
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,11 @@ def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsy
     ]
     assert training == []
     # the card names the served model, with its report's figure
-    assert "`my-model` | mirage_tiny_patch32_512" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "`my-model` | mirage_tiny_patch32_512" in card
+    # ... and the hardware each model runs on: all small, so the Space's CPU
+    rows = [line for line in card.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 and all(row.endswith("| CPU (no GPU quota) |") for row in rows)
 
 
 def test_hub_checkpoint_is_preloaded_and_served(tmp_path, trained, hub_cache):
@@ -429,9 +434,10 @@ def test_batch_reserves_gpu_time_by_size(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(40):
             zf.writestr(f"scan{i}.png", b"x")
-    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 30
-    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 40  # 30 + 0.25 x 41
+    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 10
+    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 20  # 10 + 0.25 x 41
     assert batch_gpu_seconds([str(archive)] * 20) == 120  # capped
+    assert evaluate_gpu_seconds([str(archive)]) == 30  # 10 + 0.25 x 40 + 10 for the report
 
 
 @pytest.mark.parametrize("zero_gpu", [True, False], ids=["zerogpu", "elsewhere"])
@@ -479,7 +485,7 @@ def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
     assert label["label"] in CLASSES and "on CPU" in info
     assert table["data"][0][0] == SCAN.name
     assert [name for name, _ in gpu.calls] == ["on_predict", "on_batch"]
-    assert gpu.calls[1][1] == 30
+    assert gpu.calls[0][1] == 10 and gpu.calls[1][1] == 10  # one scan; a batch of one
 
 
 @pytest.mark.parametrize(
@@ -507,6 +513,9 @@ def test_models_use_zerogpu_by_the_size_their_config_declares(architecture, kwar
     else:
         config = CheckpointConfig(architecture, list(CLASSES), **kwargs)
     assert zerogpu.wants_gpu(config) is gpu
+    # the Space's card says so
+    assert space._runs_on(config, "zero-a10g").startswith("ZeroGPU") is gpu
+    assert space._runs_on(config, "cpu-upgrade") == "CPU"
     assert (zerogpu.parameter_count(config) >= 30_000_000) is gpu
 
 
@@ -538,7 +547,7 @@ def test_small_models_never_ask_zerogpu(tmp_path, monkeypatch, refuse):
     finally:
         demo.close()
     assert "on CPU" in small[1] and small[0]["label"] in CLASSES
-    assert gpu.calls == [("on_predict", 30)]
+    assert gpu.calls == [("on_predict", 10)]
     assert large[0]["label"] in CLASSES
     assert not registry.on_cpu("big") and registry.on_cpu("tiny")
 

@@ -18,8 +18,8 @@ from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
 MAX_BATCH_FILES = 500  # images (and listed entries) per request
-#: ZeroGPU time ``/batch`` reserves (seconds): base + per image, at most the cap.
-BATCH_GPU_SECONDS = (30, 0.25, 120)
+#: ZeroGPU time ``/batch`` reserves (seconds): base (a scan's) + per image, at most the cap.
+BATCH_GPU_SECONDS = (10, 0.25, 120)
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
 

@@ -13,6 +13,7 @@ import gradio as gr
 from mirage_demo.data import ImageReadError
 from mirage_demo.trust import compare_methods
 from mirage_demo.ui.context import (
+    COMPARE_GPU_SECONDS,
     AppContext,
     example_label,
     method_name,
@@ -122,7 +123,7 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
             headers=COMPARE_HEADERS, interactive=False, wrap=True, elem_id="compare-table"
         )
 
-    @ctx.model_call
+    @ctx.model_call(duration=COMPARE_GPU_SECONDS)
     def on_compare(upload, name, target_name):
         if upload is None:
             raise gr.Error("Upload a scan or pick an example first.")

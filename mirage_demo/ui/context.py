@@ -25,12 +25,14 @@ from mirage_demo.ui.registry import ASSETS, ModelRegistry
 from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
+    "COMPARE_GPU_SECONDS",
     "DISCLAIMER",
     "EXAMPLES_DIR",
     "LONG_JOBS_CONCURRENCY_ID",
     "METHOD_LABELS",
     "MODEL_CONCURRENCY_ID",
     "PREDICTED",
+    "SCAN_GPU_SECONDS",
     "STATE_TTL_S",
     "AppContext",
     "display_name",
@@ -65,9 +67,15 @@ MODEL_CONCURRENCY_ID = "model"
 LONG_JOBS_CONCURRENCY_ID = "long-jobs"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
-#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
 STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
-SCAN_GPU_SECONDS = 30
+#: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included,
+#: on a MIRAGE-sized model (small ones never call ZeroGPU). A MIRAGE-Large forward is ~0.15
+#: TFLOP, a fraction of a second on an H200 slice; the rest is a fresh worker's start (CUDA,
+#: weights onto the GPU) and the call's CPU work (README, Hosting: Quotas).
+SCAN_GPU_SECONDS = 10
+#: ... and ``/compare``: every method's map, its deletion test and sanity check (about 20
+#: forward and backward passes, and the overlays).
+COMPARE_GPU_SECONDS = 20
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -24,6 +24,7 @@ from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 __all__ = ["build_evaluate_tab", "evaluate_scans"]
 
 EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
+REPORT_GPU_SECONDS = 10  # ZeroGPU time /evaluate adds to /batch's: bootstrap and figures
 EVALUATIONS_MAX_BYTES = 2**30  # on disk for all kept evaluations; the oldest go first
 SIZE_FILE = "bytes.txt"  # an evaluation's size on disk, written when it is done
 
@@ -134,6 +135,11 @@ EVALUATE_INTRO = (
 )
 
 
+def evaluate_gpu_seconds(uploads: Any, *_: Any, **__: Any) -> int:
+    """ZeroGPU seconds for ``/evaluate``: as ``/batch``, plus the report (bootstrap, figures)."""
+    return batch_gpu_seconds(uploads) + REPORT_GPU_SECONDS
+
+
 def build_evaluate_tab(ctx: AppContext) -> None:
     """Evaluate your own labelled scans (named endpoint ``/evaluate``)."""
     registry = ctx.registry
@@ -165,7 +171,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         gr.Markdown("### Explore your scans")
         views = explorer_views(ctx, "evaluate")
 
-    @ctx.model_call(duration=batch_gpu_seconds)  # as /batch: a base plus per image
+    @ctx.model_call(duration=evaluate_gpu_seconds)
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
         result = evaluate_scans(registry.get(name), uploaded, progress)
         state = result["state"]
