@@ -33,6 +33,7 @@ from typing import Any
 
 from mirage_demo.checkpoint import (
     CONFIG_NAME,
+    UNCERTAINTY_NAME,
     WEIGHTS_NAME,
     CheckpointConfig,
     CheckpointError,
@@ -56,8 +57,9 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: What a Space needs from this repository; nothing of train/, tests/ or benchmarks/.
 STAGED_PATHS = ("app.py", "mirage_demo", "assets", "LICENSE", "requirements.txt")
-#: The files of a checkpoint directory the app reads (weights, config, report, card).
-SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, *REPORT_FILES, "README.md"})
+#: The files of a checkpoint directory the app reads (weights, config, uncertainty statistics,
+#: report, card).
+SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"})
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
 DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: the hardware free accounts may use for Gradio
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
