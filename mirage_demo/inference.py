@@ -93,6 +93,14 @@ class Prediction:
     def confidence(self) -> float:
         return self.probabilities[self.label]
 
+    def record(self) -> dict[str, Any]:
+        """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
+        ``label``, ``probabilities``, ``prediction_set``, ``level``, ``out_of_distribution``,
+        ``ood_score`` (the last four None without uncertainty statistics), ``warnings``."""
+        keys = ("label", "probabilities", "prediction_set", "level")
+        keys += ("out_of_distribution", "ood_score", "warnings")
+        return {"file": self.source, **{key: getattr(self, key) for key in keys}}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
         return {

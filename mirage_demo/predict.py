@@ -6,14 +6,15 @@
                                   [--explain METHOD --out DIR] IMAGES_OR_FOLDERS...
 
 One line per image: ``file LABEL probability set warnings``, or with ``--json`` one JSON object
-``{"file", "label", "probabilities", "prediction_set", "out_of_distribution", "ood_score",
-"warnings"}`` (the set at ``--level``, and whether the scan is unlike the training scans: None
-for a checkpoint without uncertainty statistics). An unreadable file gives a line with an
-``"error"`` and the run goes on. Each folder (searched recursively) also gets a CSV
-``<folder>-predictions.csv`` in ``--out`` (default: the current directory), in the one
-predictions format (:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes
-an overlay PNG per image into ``--out``. Exit status: 0 when every image was classified, 1 when
-any failed, 2 when the checkpoint or the arguments are unusable.
+``{"file", "label", "probabilities", "prediction_set", "level", "out_of_distribution",
+"ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.record`) (the set at
+``--level``, and whether the scan is unlike the training scans: None for a checkpoint without
+uncertainty statistics). An unreadable file gives a line with an ``"error"`` and the run goes
+on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
+``--out`` (default: the current directory), in the one predictions format
+(:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes an overlay PNG per
+image into ``--out``. Exit status: 0 when every image was classified, 1 when any failed, 2 when
+the checkpoint or the arguments are unusable.
 """
 
 from __future__ import annotations
@@ -111,15 +112,7 @@ def _emit(record: dict, as_json: bool, out: TextIO) -> None:
 def _record(file: Path, result: Prediction | Exception) -> dict:
     if isinstance(result, Exception):
         return {"file": str(file), "error": str(result)}
-    return {
-        "file": str(file),
-        "label": result.label,
-        "probabilities": result.probabilities,
-        "prediction_set": result.prediction_set,
-        "out_of_distribution": result.out_of_distribution,
-        "ood_score": result.ood_score,
-        "warnings": result.warnings,
-    }
+    return {**result.record(), "file": str(file)}
 
 
 def _unique(path: Path, taken: set[Path]) -> Path:

@@ -388,6 +388,8 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
         "p(CALM)",
         "p(SPOTS)",
         "p(WAVES)",
+        "90% set",
+        "unlike training scans",
         "warnings / errors",
     ]
     registry.directory(), registry.report(), registry.config()

@@ -41,13 +41,6 @@ STATE_SIDE = 1024  # the overlay and the per-session state: at most this many pi
 MIN_LEVEL, MAX_LEVEL = 0.5, 0.99  # the prediction sets' levels a user may pick
 
 
-def trust_fields(prediction: Prediction) -> dict[str, Any]:
-    """``/predict``'s third output: the answer, its prediction set and whether the scan is
-    unlike the training scans (None for a checkpoint without them)."""
-    keys = ("label", "prediction_set", "level", "out_of_distribution", "ood_score")
-    return {key: getattr(prediction, key) for key in keys}
-
-
 def _answer_text(prediction: Prediction, device: str, what: str = "Prediction") -> str:
     return (
         warnings_markdown(prediction)
@@ -61,18 +54,33 @@ def predict_scan(
     upload: Any,
     model_name: str | None = None,
     level: float = DEFAULT_LEVEL,
-) -> tuple[dict[str, float], str, dict[str, Any]]:
-    """``/predict``: class probabilities, a short text (warnings, the prediction set and the
-    unlike-the-training-scans check, timing) and those as fields."""
+) -> tuple[dict[str, float], str]:
+    """``/predict``: class probabilities and a short text (warnings, the prediction set and
+    the unlike-the-training-scans check, timing)."""
+    prediction = _predict(registry, upload, model_name, level)
+    return prediction.probabilities, _answer_text(prediction, str(registry.get(model_name).device))
+
+
+def predict_record(
+    registry: ModelRegistry,
+    upload: Any,
+    model_name: str | None = None,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Any]:
+    """``/predict_json``: the CLI's ``--json`` record (label, probabilities, prediction set,
+    out-of-distribution flag and score, warnings)."""
+    return _predict(registry, upload, model_name, level).record()
+
+
+def _predict(
+    registry: ModelRegistry, upload: Any, model_name: str | None, level: Any
+) -> Prediction:
     predictor = registry.get(model_name)
     path = upload_path(upload)
-    name = display_name(upload, path)
     try:
-        prediction = predictor.predict(path, name=name, level=checked_level(level))
+        return predictor.predict(path, name=display_name(upload, path), level=checked_level(level))
     except ImageReadError as err:
         raise unreadable(err) from err
-    info = _answer_text(prediction, str(predictor.device))
-    return prediction.probabilities, info, trust_fields(prediction)
 
 
 def predict_scans(
@@ -80,12 +88,11 @@ def predict_scans(
     uploads: list[Any],
     model_names: list[str | None],
     levels: list[float] | None = None,
-) -> tuple[list[dict[str, float] | None], list[str], list[dict[str, Any] | None]]:
+) -> tuple[list[dict[str, float] | None], list[str]]:
     """Batched ``/predict`` (Gradio ``batch=True``): lists in, lists out, one model call per
     model and level. An unreadable scan gets no probabilities and the reason in its text."""
     probabilities: list[dict[str, float] | None] = [None] * len(uploads)
     infos = [""] * len(uploads)
-    fields: list[dict[str, Any] | None] = [None] * len(uploads)
     todo: dict[tuple[str | None, float], list[int]] = {}
     for i, upload in enumerate(uploads):
         if upload is None:
@@ -107,8 +114,7 @@ def predict_scans(
             else:
                 probabilities[i] = result.probabilities
                 infos[i] = _answer_text(result, str(predictor.device))
-                fields[i] = trust_fields(result)
-    return probabilities, infos, fields
+    return probabilities, infos
 
 
 def explain_scan(
@@ -211,7 +217,7 @@ class ClassifyView:
     info: gr.Markdown
     state: gr.State
     predict_button: gr.Button
-    fields: gr.JSON  # /predict's set and out-of-distribution fields (not shown)
+    record: gr.JSON  # /predict_json's answer (not shown)
 
     @property
     def explain_inputs(self) -> list[Any]:
@@ -300,7 +306,7 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
         info,
         state=gr.State(None, time_to_live=STATE_TTL_S),
         predict_button=gr.Button("Predict only", visible=False),
-        fields=gr.JSON(visible=False),
+        record=gr.JSON(visible=False),
     )
 
 
@@ -352,8 +358,8 @@ def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
 
 
 def _wire_predict(ctx: AppContext, view: ClassifyView) -> None:
-    """``/predict`` (an API endpoint; the page itself explains): probabilities, text and the
-    set and out-of-distribution fields; batched when ``--max-batch`` allows."""
+    """The API's ``/predict`` (probabilities and text; batched when ``--max-batch`` allows)
+    and ``/predict_json`` (the CLI's record); the page itself explains."""
     registry = ctx.registry
 
     @ctx.model_call
@@ -364,15 +370,17 @@ def _wire_predict(ctx: AppContext, view: ClassifyView) -> None:
     def on_predict_batch(uploads, names, levels):
         return predict_scans(registry, uploads, names, levels)
 
+    @ctx.model_call
+    def on_record(upload, name, level):
+        return predict_record(registry, upload, name, level)
+
     if ctx.max_batch > 1:  # Gradio hands over up to max_batch waiting requests at once
         events = {"fn": on_predict_batch, "batch": True, "max_batch_size": ctx.max_batch}
     else:
         events = {"fn": on_predict}
+    inputs = [view.scan, ctx.model, view.level]
+    common = dict(inputs=inputs, preprocess=False, **ctx.model_events)
     view.predict_button.click(
-        inputs=[view.scan, ctx.model, view.level],
-        outputs=[view.probabilities, view.info, view.fields],
-        api_name="predict",
-        preprocess=False,
-        **events,
-        **ctx.model_events,
+        outputs=[view.probabilities, view.info], api_name="predict", **events, **common
     )
+    view.predict_button.click(on_record, outputs=[view.record], api_name="predict_json", **common)
