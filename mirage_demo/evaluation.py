@@ -369,9 +369,11 @@ def evaluate_upload(
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
     max_files: int = MAX_UPLOAD_FILES,
+    uncertainty: Uncertainty | None = None,
 ) -> tuple[dict[str, Any], LabelledUpload]:
     """The report of ``train.evaluate`` on uploaded labelled scans: unpacked into
-    ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out``."""
+    ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out`` (with the
+    checkpoint's ``uncertainty``: its sets' coverage and the share flagged on these scans)."""
     upload = labelled_upload(uploads, config.class_names, Path(out) / "scans", max_files=max_files)
     metrics = evaluate_samples(
         model,
@@ -384,5 +386,6 @@ def evaluate_upload(
         n_bootstrap=n_bootstrap,
         seed=seed,
         on_batch=on_batch,
+        uncertainty=uncertainty,
     )
     return metrics, upload

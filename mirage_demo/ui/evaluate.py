@@ -68,7 +68,13 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
 
     try:
         metrics, upload = evaluate_upload(
-            predictor.model, config, uploads, out, device=predictor.device, on_batch=on_batch
+            predictor.model,
+            config,
+            uploads,
+            out,
+            device=predictor.device,
+            on_batch=on_batch,
+            uncertainty=predictor.uncertainty,
         )
     except DataError as err:
         shutil.rmtree(out, ignore_errors=True)
