@@ -47,7 +47,7 @@ from mirage_demo.checkpoint import (
     CheckpointError,
     save_config,
 )
-from mirage_demo.data import FileImages, Sample
+from mirage_demo.data import DataError, FileImages, Sample
 from mirage_demo.evaluation import collect_logits, make_loader
 from mirage_demo.fileio import atomic_write
 from mirage_demo.metrics import softmax
@@ -120,13 +120,18 @@ class ConformalSets:
         return [k for k, s in enumerate(self.scores_) if not _enough(s, level)]
 
 
+def _rank(n: int, level: float) -> int:
+    """``ceil((n + 1) level)``, immune to float error (``(9 + 1) * 0.7`` is 7.000000000000001)."""
+    return math.ceil(round((n + 1) * level, 9))
+
+
 def _enough(scores: np.ndarray, level: float) -> bool:
-    return math.ceil((len(scores) + 1) * level) <= len(scores)
+    return _rank(len(scores), level) <= len(scores)
 
 
 def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> float:
     """The ``ceil((n + 1) level)``-th smallest score (``too_few`` when there are fewer)."""
-    rank = math.ceil((len(sorted_scores) + 1) * level)
+    rank = _rank(len(sorted_scores), level)
     return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
 
 
@@ -161,9 +166,11 @@ class MahalanobisOOD:
     def score(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` distances (larger: less like the training scans)."""
         x = np.asarray(features, np.float64)
-        diff = x[:, None, :] - self.class_means_[None, :, :]  # (N, K, D)
-        squared = ((diff @ self.precision_) * diff).sum(axis=-1)
-        return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
+        squared = np.empty(len(x))
+        for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
+            diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
+            squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
+        return np.sqrt(np.maximum(squared, 0.0))
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: unlike the training scans."""
@@ -272,6 +279,11 @@ def fit_uncertainty(
     """Fit the sets on the validation scans (calibrated probabilities) and the OOD flag on the
     training scans' features (threshold on the validation scans'), from the image files as the
     app reads them."""
+    for split, samples in (("train", train_samples), ("val", val_samples)):
+        missing = set(range(config.num_classes)) - {s.label for s in samples}
+        if missing:
+            names = ", ".join(config.class_names[k] for k in sorted(missing))
+            raise DataError(f"cannot fit the uncertainty statistics: no {split} scans of {names}")
     device = torch.device(device)
     run = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
     _, train_features, train_labels = _outputs(model, config, train_samples, desc="train", **run)

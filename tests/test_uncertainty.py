@@ -4,6 +4,7 @@ guarantees on simulated data, storage in a checkpoint, and the Predictor's answe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,4 +242,106 @@ def test_the_statistics_are_never_unpickled(fitted, tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load"))
     assert Predictor.from_pretrained(directory).uncertainty is not None
-    Image.new("L", (8, 8)).save(tmp_path / "x.png")  # the predictor still works
+
+
+# --------------------------------------------------------------------------------------------
+# Where the answer is shown: the app's handlers, the Model tab, the command line
+
+
+def test_every_view_of_an_answer_shows_the_set_and_the_flag(fitted, tmp_path):
+    from mirage_demo.ui import ModelChoice, ModelRegistry
+    from mirage_demo.ui.batch import classify_batch
+    from mirage_demo.ui.classify import explain_scan, predict_record, predict_scan
+    from mirage_demo.ui.quiz import unsure_line
+
+    registry = ModelRegistry([ModelChoice("fitted", str(fitted[0]))])
+    path = tmp_path / "scan.png"
+    Image.fromarray(oct_like(96, 144, seed=4)).save(path)
+    _, info = predict_scan(registry, str(path), "fitted", 0.8)
+    assert "The model's 80% set: {" in info and "exchangeable" in info
+    record = predict_record(registry, str(path), "fitted", 0.8)
+    assert record["level"] == 0.8 and record["prediction_set"][0] == record["label"]
+    assert isinstance(record["out_of_distribution"], bool)
+    _, _, explained, _ = explain_scan(registry, str(path), "fitted", "gradcam", level=0.8)
+    assert f"set: {{{', '.join(record['prediction_set'])}}}" in explained
+    rows, csv_path, _ = classify_batch(registry, [str(path)], "fitted")
+    assert rows[0][4] == ", ".join(predict_record(registry, str(path), "fitted")["prediction_set"])
+    assert rows[0][5] in ("no",) or rows[0][5].startswith("yes (")
+    assert "prediction_set" in Path(csv_path).read_text().splitlines()[0]
+    prediction = registry.get("fitted").predict(str(path))
+    prediction.prediction_set = ["NORMAL", "LESION"]
+    assert "**The model was unsure here**" in unsure_line(prediction)
+    prediction.prediction_set = None
+    assert unsure_line(prediction) == ""
+
+
+def test_the_app_refuses_a_level_out_of_range(fitted, tmp_path):
+    import gradio as gr
+
+    from mirage_demo.ui import ModelChoice, ModelRegistry
+    from mirage_demo.ui.classify import predict_scan
+
+    registry = ModelRegistry([ModelChoice("fitted", str(fitted[0]))])
+    path = tmp_path / "scan.png"
+    Image.fromarray(oct_like(96, 144, seed=4)).save(path)
+    for bad in (1.5, "x", None, 0.2):
+        with pytest.raises(gr.Error, match="level"):
+            predict_scan(registry, str(path), "fitted", bad)
+
+
+def test_the_model_tab_shows_coverage_per_class_or_says_it_has_none():
+    from mirage_demo.ui.report import metrics_markdown
+
+    found = {
+        "level": 0.9,
+        "images": 20,
+        "accuracy": 0.8,
+        "coverage": 0.9,
+        "mean_set_size": 1.3,
+        "flagged": 0.05,
+        "mistakes": 4,
+        "mistakes_warned": 0.75,
+        "pooled_classes": ["LESION"],
+        "ood_false_alarm_target": 0.05,
+        "per_class": {
+            "NORMAL": {"images": 15, "coverage": 0.93, "mean_set_size": 1.2, "flagged": 0.0},
+            "LESION": {"images": 5, "coverage": 0.8, "mean_set_size": 1.6, "flagged": 0.2},
+        },
+    }
+    shown = metrics_markdown({"split": "test", "uncertainty": found})
+    assert "| LESION | 5 | 80.0% | 1.60 | 20.0% |" in shown
+    assert "held the true class for **90.0%**" in shown and "pooled" in shown
+    assert "exchangeable" in shown
+    assert "Not available for this checkpoint" in metrics_markdown({"split": "test"})
+
+
+def test_command_line_json_and_csv_carry_the_set_and_the_flag(fitted, tmp_path, capsys):
+    from mirage_demo.predict import main
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(oct_like(96, 144, seed=20 + i)).save(folder / f"s{i}.png")
+    code = main(
+        [
+            "--checkpoint",
+            str(fitted[0]),
+            "--json",
+            "--level",
+            "0.95",
+            "--out",
+            str(tmp_path),
+            str(folder),
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(isinstance(line["prediction_set"], list) and line["level"] == 0.95 for line in lines)
+    assert all(isinstance(line["out_of_distribution"], bool) for line in lines)
+    import csv
+
+    with open(tmp_path / "scans-predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["prediction_set"] for r in rows] == ["|".join(x["prediction_set"]) for x in lines]
+    assert {r["out_of_distribution"] for r in rows} <= {"0", "1"}
+    assert main(["--checkpoint", str(fitted[0]), "--level", "1.5", str(folder)]) == 2
