@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--copies",
+        nargs="+",
+        default=["clean test", "device", *SHIFTS],
+        choices=["clean test", "device", *SHIFTS],
+        help="which copies of the test split (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -157,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     if data.class_names != predictor.class_names:
         parser.error(f"{args.data} has classes {data.class_names}, not {predictor.class_names}")
     images, labels = decode(data.splits["test"])
-    copies: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    every: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
         "clean test": lambda image, rng: image,
-        **SHIFTS,
         "device": device,
+        **SHIFTS,
     }
+    copies = {name: every[name] for name in args.copies}
     print(
         f"{args.checkpoint}: {len(images)} test scans, {args.level:.0%} sets "
         "(per class: coverage/mean set size)"
