@@ -11,9 +11,12 @@ class enters a scan's set when its score is within the ``ceil((n_k + 1) * level)
 of the ``n_k`` validation scans of that class. *The guarantee*: if a new scan and the
 validation scans of its class are exchangeable (drawn alike: same population, same device),
 its set holds its true class with probability at least ``level``, for every class separately.
-A class with too few validation scans for the level (``n_k < level / (1 - level)``: 9 at 90%)
-is calibrated on all validation scans pooled (Ding et al. 2023's "null cluster"): its coverage
-is then the marginal one, not guaranteed for that class. The top class is always in the set.
+The classes with too few validation scans for the level (``n_k < level / (1 - level)``: 9 at
+90%) are calibrated together, on their scans pooled (a cluster of rare classes, as in Ding et
+al. 2023's clustered conformal prediction; on all validation scans when even those are too
+few): their coverage is then that of the cluster, not guaranteed for each. Pooling them with the
+frequent classes instead would calibrate them on scores the model gets right easily, and miss
+most of them. The top class is always in the set.
 The sorted scores are stored, so any level can be asked at run time.
 
 **Out of distribution** (Lee et al. 2018): the Mahalanobis distance of a scan's penultimate
@@ -76,9 +79,9 @@ MAX_CALIBRATION = 1_000_000
 GUARANTEE = (
     "What the set promises: for scans like the validation scans it was calibrated on, the "
     "set holds the true class {level:.0%} of the time, for each class (classes with very few "
-    "validation scans: on average). It holds only if the scan comes from the same kind of data "
-    "(same devices, same population: exchangeable, in statisticians' words); a scan from "
-    "another device may break it."
+    "validation scans: for them together). It holds only if the scan comes from the same kind "
+    "of data (same devices, same population: exchangeable, in statisticians' words); a scan "
+    "from another device may break it."
 )
 OOD_NOTE = (
     "unlike the scans this model was trained on: another device or acquisition? "
@@ -103,7 +106,10 @@ class ConformalSets:
         """Each class's largest admitted score ``(K,)`` at ``level`` (1.0: always admitted)."""
         if not 0.0 < level < 1.0:
             raise ValueError(f"level must be between 0 and 1, got {level}")
-        pooled = np.sort(np.concatenate(self.scores_))
+        rare = [s for s in self.scores_ if not _enough(s, level)]
+        pooled = np.sort(np.concatenate(rare if rare else self.scores_))
+        if not _enough(pooled, level):
+            pooled = np.sort(np.concatenate(self.scores_))
         chosen = [s if _enough(s, level) else pooled for s in self.scores_]
         return np.array([_quantile(s, level) for s in chosen])
 
@@ -116,7 +122,7 @@ class ConformalSets:
         return sets
 
     def pooled_classes(self, level: float = DEFAULT_LEVEL) -> list[int]:
-        """Classes with too few calibration scans for ``level`` (calibrated on all scans)."""
+        """Classes with too few calibration scans for ``level`` (calibrated together)."""
         return [k for k, s in enumerate(self.scores_) if not _enough(s, level)]
 
 
@@ -226,7 +232,7 @@ class Uncertainty:
             "file": UNCERTAINTY_NAME,
             "sets": {
                 "method": "split conformal, class-conditional (Mondrian), LAC scores; classes "
-                "with too few calibration scans for a level use all scans pooled",
+                "with too few calibration scans for a level are calibrated together",
                 "calibration_per_class": [len(s) for s in self.sets.scores_],
                 "default_level": DEFAULT_LEVEL,
             },

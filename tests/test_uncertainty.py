@@ -100,6 +100,19 @@ def test_any_level_at_run_time_and_a_class_too_rare_for_it_is_pooled():
             sets.thresholds(bad)
 
 
+def test_rare_classes_are_calibrated_together_not_with_the_frequent_ones():
+    rng = np.random.default_rng(7)
+    labels = np.array([0] * 200 + [1] * 5 + [2] * 5)
+    probs = np.full((210, 3), 0.05)
+    probs[np.arange(210), labels] = np.r_[rng.uniform(0.8, 0.9, 200), rng.uniform(0.1, 0.6, 10)]
+    sets = ConformalSets().fit(probs / probs.sum(1, keepdims=True), labels)
+    rare = np.sort(np.concatenate(sets.scores_[1:]))  # 10 scores: enough at 90% together
+    thresholds = sets.thresholds(0.9)
+    assert sets.pooled_classes(0.9) == [1, 2]
+    assert thresholds[1] == thresholds[2] == rare[int(np.ceil(11 * 0.9)) - 1]
+    assert thresholds[1] > thresholds[0] + 0.3  # the frequent class's easy scores do not set it
+
+
 def test_mahalanobis_false_alarm_rate_and_detection_of_shifted_features():
     rng = np.random.default_rng(6)
     means = rng.normal(0, 3, (3, 16))

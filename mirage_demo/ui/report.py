@@ -168,7 +168,7 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
     if found.get("pooled_classes"):
         lines += [
             "",
-            f"Calibrated on all classes pooled (too few validation scans of their own): "
+            f"Calibrated together, their validation scans pooled (too few of each): "
             f"{', '.join(found['pooled_classes'])}.",
         ]
     return "\n".join(lines)
