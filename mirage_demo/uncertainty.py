@@ -33,6 +33,7 @@ read with safetensors only and validated).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ __all__ = [
     "load_uncertainty",
     "save_uncertainty",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 0.9
 FALSE_ALARM = 0.05
@@ -364,15 +367,17 @@ def save_uncertainty(
 def load_uncertainty(
     directory: str | Path, config: CheckpointConfig, feature_dim: int | None = None
 ) -> Uncertainty | None:
-    """A checkpoint's fitted statistics, or None when it has none; a bad file or summary, or
+    """A checkpoint's fitted statistics, or None when it has none (or its file is missing: a
+    warning is logged); a bad file or summary, or
     statistics for another width than the model's ``feature_dim``, is a
     :class:`~mirage_demo.checkpoint.CheckpointError` of one line."""
     summary = config.uncertainty
     if not summary:
         return None
     path = Path(directory) / UNCERTAINTY_NAME
-    if not path.is_file():
-        raise CheckpointError(f"config.json describes uncertainty statistics but {path} is missing")
+    if not path.is_file():  # e.g. copied without it: serve without sets and flags
+        log.warning("%s is missing: no prediction sets or out-of-distribution flag", path)
+        return None
     arrays = _read_arrays(path, config.num_classes)
     width = arrays["class_means"].shape[1]
     if feature_dim is not None and width != feature_dim:

@@ -129,8 +129,9 @@ def test_plain_text_output(checkpoint, scans, capsys):
     code = predict.main(["--checkpoint", str(checkpoint), str(scans / "LESION" / "LESION-1.png")])
     out = capsys.readouterr().out
     assert code == 0
-    file, label, probability, _ = out.rstrip("\n").split("\t")
+    file, label, probability, shown, _ = out.rstrip("\n").split("\t")
     assert file.endswith("LESION-1.png") and label in CLASSES and 0.5 <= float(probability) <= 1
+    assert shown == "-"  # no prediction set: this checkpoint has no uncertainty statistics
 
 
 def test_unusable_checkpoint_or_arguments_exit_two(tmp_path, checkpoint, capsys):

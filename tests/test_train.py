@@ -123,7 +123,7 @@ def test_trains_learns_and_writes_a_complete_checkpoint(trained):
     # prediction sets and the out-of-distribution flag: fitted, stored, measured on test
     assert (out / UNCERTAINTY_NAME).is_file()
     assert config.uncertainty["sets"]["calibration_per_class"] == [5, 5, 5]  # the val split
-    assert config.uncertainty["fitted_on"] == {"train": 30, "val": 15}
+    assert config.uncertainty["fitted_on"] == {"train": 36, "val": 15}
     found = metrics["uncertainty"]
     assert found["level"] == 0.9 and set(found["per_class"]) == set(CLASSES)
     assert found["images"] == 15 and 1 <= found["mean_set_size"] <= 3

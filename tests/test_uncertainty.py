@@ -228,14 +228,16 @@ def test_damaged_statistics_are_one_line_errors(fitted, tmp_path, damage, messag
     assert "\n" not in str(err.value)
 
 
-def test_missing_or_unreadable_statistics_file_is_an_error(fitted, tmp_path):
+def test_unreadable_statistics_are_an_error_and_a_missing_file_serves_without(
+    fitted, tmp_path, caplog
+):
     directory = _copy(fitted[0], tmp_path)
     (directory / UNCERTAINTY_NAME).write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError, match="safetensors"):
         Predictor.from_pretrained(directory)
-    (directory / UNCERTAINTY_NAME).unlink()
-    with pytest.raises(CheckpointError, match="missing"):
-        Predictor.from_pretrained(directory)
+    (directory / UNCERTAINTY_NAME).unlink()  # e.g. copied without it
+    assert Predictor.from_pretrained(directory).uncertainty is None
+    assert "missing" in caplog.text
 
 
 def test_statistics_for_another_model_width_are_refused(fitted, tmp_path):
