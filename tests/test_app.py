@@ -430,4 +430,5 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_open",  # the Model tab's explorer
         "on_open",  # the explorer of evaluated scans
         "on_predict",
+        "on_record",  # /predict_json
     ]

@@ -367,17 +367,17 @@ def _wire_predict(ctx: AppContext, view: ClassifyView) -> None:
         return predict_scan(registry, upload, name, level)
 
     @ctx.model_call
-    def on_predict_batch(uploads, names, levels):
-        return predict_scans(registry, uploads, names, levels)
-
-    @ctx.model_call
     def on_record(upload, name, level):
         return predict_record(registry, upload, name, level)
 
+    events: dict[str, Any] = {"fn": on_predict}
     if ctx.max_batch > 1:  # Gradio hands over up to max_batch waiting requests at once
+
+        @ctx.model_call
+        def on_predict_batch(uploads, names, levels):
+            return predict_scans(registry, uploads, names, levels)
+
         events = {"fn": on_predict_batch, "batch": True, "max_batch_size": ctx.max_batch}
-    else:
-        events = {"fn": on_predict}
     inputs = [view.scan, ctx.model, view.level]
     common = dict(inputs=inputs, preprocess=False, **ctx.model_events)
     view.predict_button.click(
