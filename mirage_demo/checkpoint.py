@@ -5,6 +5,8 @@
     my-model/
       model.safetensors   weights (timm state dict)
       config.json         architecture, class names, preprocessing, temperature, training
+      uncertainty.safetensors   optional: the out-of-distribution statistics and conformal
+                          calibration scores (mirage_demo.uncertainty; summary in config.json)
       metrics.json, predictions.csv, *.png   optional evaluation report
 
 Loadable from a local directory or a Hugging Face Hub repo id (downloaded once into the Hub
@@ -34,6 +36,7 @@ from mirage_demo.models import create_classifier
 
 __all__ = [
     "CONFIG_NAME",
+    "UNCERTAINTY_NAME",
     "WEIGHTS_NAME",
     "CheckpointConfig",
     "CheckpointError",
@@ -42,11 +45,13 @@ __all__ = [
     "push_to_hub",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "save_config",
     "validate_config",
 ]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+UNCERTAINTY_NAME = "uncertainty.safetensors"
 FORMAT = "mirage-demo-checkpoint"
 FORMAT_VERSION = 1
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
@@ -96,6 +101,9 @@ class CheckpointConfig:
     split: SplitSpec | None = None
     #: free-form provenance (resolved options, image counts, best epoch...): read by people
     training: dict[str, Any] = field(default_factory=dict)
+    #: prediction sets and out-of-distribution flag (:mod:`mirage_demo.uncertainty`, which
+    #: validates it; its arrays are in ``uncertainty.safetensors``); empty: not fitted
+    uncertainty: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     library_version: str = mirage_demo.__version__
@@ -259,7 +267,7 @@ def validate_config(data: Any) -> dict[str, Any]:
         raise _bad("model_kwargs", "a mapping of architecture arguments", kwargs)
     out["model_kwargs"] = {key: _model_kwarg(key, value) for key, value in kwargs.items()}
     out["temperature"] = _number(data.get("temperature", 1.0), "temperature", 0.01, 100.0)
-    for key in ("source_weights", "training"):
+    for key in ("source_weights", "training", "uncertainty"):
         value = data.get(key, {})
         if not isinstance(value, dict):
             raise _bad(key, "a mapping", value)
@@ -314,6 +322,12 @@ def save_checkpoint(
         state[key] = value.contiguous()
     meta = {"format": "pt", "architecture": config.architecture}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
+    return save_config(directory, config)
+
+
+def save_config(directory: str | Path, config: CheckpointConfig) -> Path:
+    """(Re)write a checkpoint's ``config.json`` atomically."""
+    directory = Path(directory)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
     return directory
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,7 +45,11 @@ from mirage_demo.data import (
     image_header,
 )
 from mirage_demo.metrics import softmax, write_report
+from mirage_demo.models import features_and_logits
 from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
+
+if TYPE_CHECKING:  # mirage_demo.uncertainty runs its models through this module
+    from mirage_demo.uncertainty import Uncertainty
 
 __all__ = [
     "LabelledUpload",
@@ -119,15 +123,17 @@ def collect_logits(
     desc: str = "predicting",
     on_batch: Callable[[int, int], None] | None = None,
     tta: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    features: bool = False,
+) -> tuple[np.ndarray, ...]:
     """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
     ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
     called after each batch (the app's progress bar); ``tta`` averages each image's logits
-    with its horizontal mirror's, as ``Predictor(tta=True)`` does."""
+    with its horizontal mirror's, as ``Predictor(tta=True)`` does; ``features`` adds a fourth
+    array, the penultimate features ``(n, D)`` of the same forward pass."""
     from tqdm.auto import tqdm
 
     model.eval()
-    logits, labels, indices = [], [], []
+    logits, labels, indices, kept = [], [], [], []
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
@@ -141,21 +147,24 @@ def collect_logits(
         images, batch_labels, batch_indices = batch
         x = to_model_input(images, preprocessing, device)
         with autocast:
-            out = model(torch.cat([x, x.flip(-1)]) if tta else x)
+            feats, out = features_and_logits(model, torch.cat([x, x.flip(-1)]) if tta else x)
         if tta:
-            out = out.float().view(2, len(x), -1).mean(0)
+            out, feats = (t.float().view(2, len(x), -1).mean(0) for t in (out, feats))
         logits.append(out.float().cpu())
+        kept.append(feats.float().cpu())
         labels.append(batch_labels)
         indices.append(batch_indices)
     if on_batch is not None:
         on_batch(total, total)
     if not logits:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return (
+        empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return (*empty, np.zeros((0, 0), np.float32)) if features else empty
+    outputs = (
         torch.cat(logits).numpy(),
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(indices).numpy().astype(np.int64),
     )
+    return (*outputs, torch.cat(kept).numpy()) if features else outputs
 
 
 def evaluate_samples(
@@ -175,13 +184,16 @@ def evaluate_samples(
     progress: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     tta: bool = False,
+    uncertainty: Uncertainty | None = None,
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
     (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
-    :func:`collect_logits`, recorded in ``metrics.json``)."""
+    :func:`collect_logits`, recorded in ``metrics.json``). With the checkpoint's
+    ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and set sizes
+    and the share of scans flagged (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
     dataset = FileImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices = collect_logits(
+    logits, labels, indices, features = collect_logits(
         model,
         loader,
         config.preprocessing,
@@ -191,10 +203,12 @@ def evaluate_samples(
         desc=f"{split} split",
         on_batch=on_batch,
         tta=tta,
+        features=True,
     )
     if len(labels) == 0:
         raise DataError(f"no readable images in the {split} split")
     probs = softmax(logits, config.temperature)
+    extra = {"uncertainty": uncertainty.report(probs, features, labels)} if uncertainty else {}
     root = Path(data_root)
     files = [_relative(samples[i].path, root) for i in indices]
     return write_report(
@@ -208,6 +222,7 @@ def evaluate_samples(
         n_bootstrap=n_bootstrap,
         seed=seed,
         tta=tta,
+        extra=extra,
     )
 
 
@@ -392,9 +407,11 @@ def evaluate_upload(
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
     max_files: int = MAX_UPLOAD_FILES,
+    uncertainty: Uncertainty | None = None,
 ) -> tuple[dict[str, Any], LabelledUpload]:
     """The report of ``train.evaluate`` on uploaded labelled scans: unpacked into
-    ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out``."""
+    ``out/scans/<CLASS>/``, evaluated (split ``"uploaded"``), written into ``out`` (with the
+    checkpoint's ``uncertainty``: its sets' coverage and the share flagged on these scans)."""
     upload = labelled_upload(uploads, config.class_names, Path(out) / "scans", max_files=max_files)
     metrics = evaluate_samples(
         model,
@@ -407,5 +424,6 @@ def evaluate_upload(
         n_bootstrap=n_bootstrap,
         seed=seed,
         on_batch=on_batch,
+        uncertainty=uncertainty,
     )
     return metrics, upload

@@ -12,14 +12,16 @@ Methods (:data:`METHODS`):
   the pooled output (the global token for ``global_pool="token"``, the mean of the patch tokens
   for MIRAGE's ``"avg"``). Class-agnostic.
 
-**One pass.** :meth:`Explainer.trace` runs the model once. A forward hook on the target layer
-(ViTs: ``blocks[-1].norm1``; CNNs: the last feature stage) switches autograd on for the rest of
-that forward and makes the layer's output a leaf that requires grad: the trunk runs without
-recording anything, the tail (one block and the head, for a ViT) records a small graph, and the
-logits come out of the same forward. The gradient is then taken with respect to that leaf only
-(``torch.autograd.grad``), so no parameter gradient is ever computed. The CAM arithmetic itself
-is a few lines per method here (:data:`CAM_METHODS`), the formulas of pytorch-grad-cam 1.5;
-the tests check the maps equal the library's own (which is a test dependency only).
+**One pass.** :meth:`Explainer.trace` runs the model once (and keeps its penultimate features,
+:func:`~mirage_demo.models.features_and_logits`, for the answer's uncertainty). A forward hook
+on the target layer (ViTs: ``blocks[-1].norm1``; CNNs: the last feature stage) switches
+autograd on for the rest of that forward and makes the layer's output a leaf that requires
+grad: the trunk runs without recording anything, the tail (one block and the head, for a ViT)
+records a small graph, and the logits come out of the same forward. The gradient is then taken
+with respect to that leaf only (``torch.autograd.grad``), so no parameter gradient is ever
+computed. The CAM arithmetic itself is a few lines per method here (:data:`CAM_METHODS`), the
+formulas of pytorch-grad-cam 1.5; the tests check the maps equal the library's own (which is a
+test dependency only).
 
 **Hooks and threads.** Hooks live inside a ``with`` block and are removed on exit, exceptions
 included. They act only for the thread that registered them, and autograd's mode is
@@ -43,6 +45,8 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
+
+from mirage_demo.models import features_and_logits
 
 __all__ = [
     "ATTENTION_METHODS",
@@ -246,6 +250,7 @@ class Trace:
     method: str
     logits: torch.Tensor  # (B, num_classes), detached
     input_size: tuple[int, int]
+    features: torch.Tensor | None = None  # (B, D) penultimate features, detached
     activation: torch.Tensor | None = None  # target layer's output (a grad leaf for CAMs)
     output: torch.Tensor | None = None  # logits still attached to the tail's graph
     attentions: list[torch.Tensor] = field(default_factory=list)  # (B, N, N) per block
@@ -329,11 +334,12 @@ class Explainer:
                 hooks.append((block.attn.qkv, keep_attention))
 
         with torch.inference_mode(False), torch.no_grad(), _thread_hooks(hooks):
-            output = self.model(x)
+            features, output = features_and_logits(self.model, x)
         if wants_grad and trace.activation is None:
             raise RuntimeError("the target layer was not run by the model's forward")
         trace.output = output if output.requires_grad else None
         trace.logits = output.detach()
+        trace.features = features.detach()
         return trace
 
     def heatmaps(

@@ -9,7 +9,9 @@ Images go through the checkpoint's own preprocessing (``config.preprocessing``:
 :meth:`~mirage_demo.data.Preprocessing.read_resized` then ``normalize``). Probabilities are
 ``softmax(logits / temperature)`` with the checkpoint's calibrated temperature; with ``tta=True``
 the logits are the mean over the image and its horizontal flip. Every result carries the
-quality check of :mod:`mirage_demo.quality` in ``warnings``.
+quality check of :mod:`mirage_demo.quality` in ``warnings`` and, when the checkpoint carries
+them (:mod:`mirage_demo.uncertainty`), its prediction set at ``level`` (default 90%) and whether
+the scan is unlike the training scans, both from the same forward pass.
 
 A :class:`Predictor` keeps no per-call state, so one instance may serve several threads: the
 model stays in eval mode, hooks are registered per call for the calling thread only and always
@@ -30,7 +32,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
+from mirage_demo.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint_dir,
+)
 from mirage_demo.data import (
     ImageReadError,
     ImageSource,
@@ -46,7 +53,9 @@ from mirage_demo.explain import (
     canonical_method,
     render_overlay,
 )
+from mirage_demo.models import features_and_logits
 from mirage_demo.quality import QualityReport, assess, full_scale_of, rgb_of
+from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -62,7 +71,9 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-m
 
 @dataclass
 class Prediction:
-    """One image's class probabilities, the quality check's warnings and timings (seconds)."""
+    """One image's class probabilities, the quality check's warnings and timings (seconds);
+    the prediction set at ``level`` and the out-of-distribution score and flag (None when the
+    checkpoint has no uncertainty statistics)."""
 
     label: str
     index: int
@@ -73,10 +84,22 @@ class Prediction:
     image_size: tuple[int, int]  # (height, width) of the input image
     timing: dict[str, float] = field(default_factory=dict)
     source: str | None = None
+    prediction_set: list[str] | None = None  # most probable first
+    level: float | None = None
+    ood_score: float | None = None
+    out_of_distribution: bool | None = None
 
     @property
     def confidence(self) -> float:
         return self.probabilities[self.label]
+
+    def record(self) -> dict[str, Any]:
+        """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
+        ``label``, ``probabilities``, ``prediction_set``, ``level``, ``out_of_distribution``,
+        ``ood_score`` (the last four None without uncertainty statistics), ``warnings``."""
+        keys = ("label", "probabilities", "prediction_set", "level")
+        keys += ("out_of_distribution", "ood_score", "warnings")
+        return {"file": self.source, **{key: getattr(self, key) for key in keys}}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
@@ -85,6 +108,10 @@ class Prediction:
             "label": self.label,
             "probabilities": self.probabilities,
             "warnings": list(self.warnings),
+            "prediction_set": self.prediction_set,
+            "level": self.level,
+            "out_of_distribution": self.out_of_distribution,
+            "ood_score": self.ood_score,
             "logits": self.logits,
             "quality": self.quality.to_dict(),
             "image_size": list(self.image_size),
@@ -122,7 +149,8 @@ class _Loaded:
 
 class Predictor:
     """A classifier, its class names, preprocessing and temperature: predictions and
-    explanations for single images or batches."""
+    explanations for single images or batches; with ``uncertainty``, each answer's prediction
+    set (at ``level``, or the level a call asks for) and out-of-distribution flag."""
 
     def __init__(
         self,
@@ -135,6 +163,8 @@ class Predictor:
         target_layer: nn.Module | None = None,
         colormap: str = "jet",
         opacity: float = 0.5,
+        uncertainty: Uncertainty | None = None,
+        level: float = DEFAULT_LEVEL,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
@@ -152,6 +182,8 @@ class Predictor:
         self.opacity = opacity
         self.explainer = Explainer(model, target_layer=target_layer)
         self.config: CheckpointConfig | None = None
+        self.uncertainty = uncertainty
+        self.level = check_level(level)
 
     @classmethod
     def from_pretrained(
@@ -167,9 +199,17 @@ class Predictor:
                 f"the bundled demo model is missing: expected a checkpoint directory at "
                 f"{DEFAULT_CHECKPOINT}; pass a checkpoint directory or Hub repo id instead"
             )
-        model, config = load_checkpoint(source, device=device)
+        directory = resolve_checkpoint_dir(source)
+        model, config = load_checkpoint(directory, device=device)
+        width = getattr(model, "num_features", None)
+        uncertainty = load_uncertainty(directory, config, feature_dim=width)
         predictor = cls(
-            model, config.class_names, config.preprocessing, config.temperature, **kwargs
+            model,
+            config.class_names,
+            config.preprocessing,
+            config.temperature,
+            uncertainty=uncertainty,
+            **kwargs,
         )
         predictor.config = config
         return predictor
@@ -186,9 +226,12 @@ class Predictor:
     # ----------------------------------------------------------------------------------------
     # Prediction
 
-    def predict(self, image: ImageSource, *, name: str | None = None) -> Prediction:
+    def predict(
+        self, image: ImageSource, *, name: str | None = None, level: float | None = None
+    ) -> Prediction:
         """Classify one image (a path, the file's bytes, a PIL image or an array)."""
-        return self.predict_batch([image], batch_size=1, names=[name] if name else None)[0]
+        names = [name] if name else None
+        return self.predict_batch([image], batch_size=1, names=names, level=level)[0]
 
     def predict_batch(
         self,
@@ -198,6 +241,7 @@ class Predictor:
         names: Sequence[str | None] | None = None,
         on_error: Literal["raise", "return"] = "raise",
         progress: Callable[[int, int], None] | None = None,
+        level: float | None = None,
     ) -> list[Prediction | ImageReadError]:
         """Classify images (paths, file bytes, PIL images or arrays) in batches, in order.
 
@@ -205,10 +249,12 @@ class Predictor:
         ``on_error="return"`` its error (``.name``, ``.reason``) takes its place in the result
         list and the others go on; an :class:`ImageReadError` given as an input is passed
         through the same way (e.g. a member that could not be taken out of an archive).
-        ``progress(done, total)`` is called before each batch and once at the end.
+        ``progress(done, total)`` is called before each batch and once at the end; ``level``:
+        the prediction sets' (default: the predictor's).
         """
         if on_error not in ("raise", "return"):
             raise ValueError("on_error must be 'raise' or 'return'")
+        level = self.level if level is None else check_level(level)
         images = list(images)
         names = list(names) if names is not None else [None] * len(images)
         if len(names) != len(images):
@@ -231,34 +277,52 @@ class Predictor:
             if not chunk:
                 continue
             began = time.perf_counter()
-            logits = self._logits(torch.stack([loaded.tensor for _, loaded in chunk]))
+            logits, features = self._outputs(torch.stack([loaded.tensor for _, loaded in chunk]))
             seconds = (time.perf_counter() - began) / len(chunk)
-            for (index, loaded), row in zip(chunk, logits, strict=True):
-                results[index] = self._prediction(row, loaded, {"model_s": seconds})
+            for i, (index, loaded) in enumerate(chunk):
+                timing = {"model_s": seconds}
+                results[index] = self._prediction(logits[i], features[i], loaded, timing, level)
         if progress is not None:
             progress(len(images), len(images))
         return results
 
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` for ``(B, 1, H, W)`` [0, 1] images (mean over views with TTA)."""
+    def _outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, K)`` and penultimate features ``(B, D)`` for ``(B, 1, H, W)`` [0, 1]
+        images, from one forward pass (means over the views with TTA)."""
         x = self.preprocessing.normalize(images).to(self.device)
+        views = torch.cat([x, x.flip(-1)]) if self.tta else x
         with torch.inference_mode():
-            if not self.tta:
-                return self.model(x).float().cpu()
-            both = self.model(torch.cat([x, x.flip(-1)]))
-            return both.view(2, x.shape[0], -1).mean(0).float().cpu()
+            features, logits = features_and_logits(self.model, views)
+        outputs = (logits.float().cpu(), features.float().cpu())
+        return tuple(t.view(len(views) // len(x), len(x), -1).mean(0) for t in outputs)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities: ``softmax(logits / temperature)``."""
         return torch.softmax(logits.float() / self.temperature, dim=-1)
 
     def _prediction(
-        self, logits: torch.Tensor, loaded: _Loaded, timing: dict[str, float]
+        self,
+        logits: torch.Tensor,
+        features: torch.Tensor,
+        loaded: _Loaded,
+        timing: dict[str, float],
+        level: float,
     ) -> Prediction:
         probs = self.probabilities(logits).tolist()
         index = int(np.argmax(probs))
         timing = {"load_s": loaded.seconds, **timing}
         timing["total_s"] = sum(timing.values())
+        trust: dict[str, Any] = {}
+        if self.uncertainty is not None:
+            sets, scores, flags = self.uncertainty.assess(
+                np.array([probs]), features[None].numpy(), level
+            )
+            trust = dict(
+                prediction_set=sets[0],
+                level=level,
+                ood_score=round(float(scores[0]), 3),
+                out_of_distribution=bool(flags[0]),
+            )
         return Prediction(
             label=self.class_names[index],
             index=index,
@@ -269,6 +333,7 @@ class Predictor:
             image_size=tuple(loaded.display.shape),
             timing=timing,
             source=loaded.name,
+            **trust,
         )
 
     # ----------------------------------------------------------------------------------------
@@ -283,6 +348,7 @@ class Predictor:
         name: str | None = None,
         colormap: str | None = None,
         opacity: float | None = None,
+        level: float | None = None,
     ) -> Explanation:
         """Predict and explain one image with one forward pass.
 
@@ -297,8 +363,10 @@ class Predictor:
         views = torch.cat([x, x.flip(-1)]) if self.tta else x
         trace = self.explainer.trace(views, method)
         logits = trace.logits.float().cpu().mean(0)
+        features = trace.features.float().cpu().mean(0)
         model_s = time.perf_counter() - began
-        prediction = self._prediction(logits, loaded, {"model_s": model_s})
+        level = self.level if level is None else check_level(level)
+        prediction = self._prediction(logits, features, loaded, {"model_s": model_s}, level)
         if target_index is None:
             target_index = prediction.index
         began = time.perf_counter()
@@ -364,3 +432,11 @@ class Predictor:
         tensor = self.preprocessing.read_resized(gray, label)
         display = minmax(torch.from_numpy(gray)).numpy()
         return _Loaded(tensor, display, quality, label, time.perf_counter() - began)
+
+
+def check_level(level: float) -> float:
+    """A prediction sets' level, strictly between 0 and 1 (a one-line error otherwise)."""
+    level = float(level)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"the prediction sets' level must be between 0 and 1, got {level}")
+    return level

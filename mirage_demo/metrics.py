@@ -490,12 +490,14 @@ def write_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
     tta: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``predictions.csv`` and the three figures; returns the metrics.
 
     ``probs`` are the calibrated probabilities (after ``temperature``); ``files`` names each
     image (e.g. its path relative to the data folder); ``tta``: the probabilities average each
-    scan with its mirror image (recorded as ``"tta": "horizontal flip"``).
+    scan with its mirror image (recorded as ``"tta": "horizontal flip"``); ``extra``: more
+    top-level entries for ``metrics.json`` (e.g. ``"uncertainty"``).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -513,6 +515,7 @@ def write_report(
     )
     if tta:
         metrics["tta"] = "horizontal flip"
+    metrics.update(extra or {})
     atomic_write_text(
         directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n"
     )
@@ -549,6 +552,20 @@ def csv_text(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
 
 
+#: The predictions file's columns for a checkpoint's uncertainty (:mod:`mirage_demo.uncertainty`).
+UNCERTAINTY_COLUMNS = ("prediction_set", "out_of_distribution", "ood_score")
+
+
+def _uncertainty_cells(entry: dict[str, Any] | None) -> list[str]:
+    if not entry or entry.get("prediction_set") is None:
+        return [""] * len(UNCERTAINTY_COLUMNS)
+    return [
+        csv_text("|".join(entry["prediction_set"])),
+        str(int(bool(entry["out_of_distribution"]))),
+        f"{entry['ood_score']:.3f}",
+    ]
+
+
 def write_predictions_csv(
     path: str | Path,
     class_names: Sequence[str],
@@ -558,20 +575,31 @@ def write_predictions_csv(
     true: Sequence[str] | None = None,
     warnings: Sequence[Sequence[str]] | None = None,
     errors: Sequence[str | None] | None = None,
+    uncertainty: Sequence[dict[str, Any] | None] | None = None,
 ) -> Path:
     """Write a predictions file (atomically): one row per image, in order.
 
     Columns: ``file``, ``true`` (only when ``true`` is given), ``predicted``,
-    ``prob_<CLASS>`` for each class (6 decimals), then ``warnings`` (joined with ``"; "``) and
-    ``error`` when those are given. A row whose ``probs`` is ``None`` (an image that could not
-    be read) leaves ``predicted`` and the probabilities empty.
+    ``prob_<CLASS>`` for each class (6 decimals), then, when ``uncertainty`` is given (each
+    row's ``prediction_set``, ``out_of_distribution`` and ``ood_score``, or None),
+    ``prediction_set`` (class names joined with ``"|"``), ``out_of_distribution`` (0/1) and
+    ``ood_score``, then ``warnings`` (joined with ``"; "``) and ``error`` when those are given.
+    A row whose ``probs`` is ``None`` (an image that could not be read) leaves ``predicted``
+    and the probabilities empty.
     """
-    columns = {"probabilities": probs, "true": true, "warnings": warnings, "errors": errors}
+    columns = {
+        "probabilities": probs,
+        "true": true,
+        "warnings": warnings,
+        "errors": errors,
+        "uncertainty": uncertainty,
+    }
     for what, column in columns.items():
         if column is not None and len(column) != len(files):
             raise ValueError(f"{len(column)} {what} for {len(files)} files")
     header = ["file", *(["true"] if true is not None else []), "predicted"]
     header += [f"prob_{c}" for c in class_names]
+    header += list(UNCERTAINTY_COLUMNS) if uncertainty is not None else []
     header += ["warnings"] if warnings is not None else []
     header += ["error"] if errors is not None else []
     buffer = io.StringIO()
@@ -584,6 +612,8 @@ def write_predictions_csv(
         else:
             values = np.asarray(probs[i], dtype=np.float64)
             row += [csv_text(class_names[int(values.argmax())]), *(f"{p:.6f}" for p in values)]
+        if uncertainty is not None:
+            row += _uncertainty_cells(uncertainty[i])
         if warnings is not None:
             row.append(csv_text("; ".join(warnings[i])))
         if errors is not None:

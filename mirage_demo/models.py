@@ -44,6 +44,7 @@ __all__ = [
     "checkpoint_filter_fn",
     "configure_finetuning",
     "create_classifier",
+    "features_and_logits",
     "is_mirage",
     "load_mirage_state_dict",
     "optimizer_param_groups",
@@ -357,6 +358,13 @@ def create_classifier(
             overlay["input_size"] = input_size
         kwargs["pretrained_cfg_overlay"] = overlay
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate features ``(B, D)`` (timm's pre-logits: pooled, after the final norm) and
+    the logits ``(B, K)`` from one forward pass, the same as ``model(x)``."""
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return features.flatten(1), model.get_classifier()(features)
 
 
 def _source_input_size(name: str, weights: Path) -> tuple[int, ...] | None:

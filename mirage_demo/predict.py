@@ -2,16 +2,19 @@
 
 ::
 
-    python -m mirage_demo.predict [--checkpoint DIR_OR_HUB_ID] [--json] [--tta]
+    python -m mirage_demo.predict [--checkpoint DIR_OR_HUB_ID] [--json] [--tta] [--level 0.9]
                                   [--explain METHOD --out DIR] IMAGES_OR_FOLDERS...
 
-One line per image: ``file  LABEL  probability  warnings``, or with ``--json`` one JSON object
-``{"file", "label", "probabilities", "warnings"}``. An unreadable file gives a line with an
-``"error"`` and the run goes on. Each folder (searched recursively) also gets a CSV
-``<folder>-predictions.csv`` in ``--out`` (default: the current directory), in the one
-predictions format (:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes
-an overlay PNG per image into ``--out``. Exit status: 0 when every image was classified,
-1 when any failed, 2 when the checkpoint or the arguments are unusable.
+One line per image: ``file LABEL probability set warnings``, or with ``--json`` one JSON object
+``{"file", "label", "probabilities", "prediction_set", "level", "out_of_distribution",
+"ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.record`) (the set at
+``--level``, and whether the scan is unlike the training scans: None for a checkpoint without
+uncertainty statistics). An unreadable file gives a line with an ``"error"`` and the run goes
+on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
+``--out`` (default: the current directory), in the one predictions format
+(:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes an overlay PNG per
+image into ``--out``. Exit status: 0 when every image was classified, 1 when any failed, 2 when
+the checkpoint or the arguments are unusable.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import METHODS
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.metrics import write_predictions_csv
+from mirage_demo.uncertainty import DEFAULT_LEVEL
 
 __all__ = ["main"]
 
@@ -51,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", help="class to explain (default: the predicted one)")
     parser.add_argument("--out", type=Path, help="folder for overlays and CSV files")
     parser.add_argument("--tta", action="store_true", help="average with the flipped image")
+    parser.add_argument(
+        "--level",
+        type=float,
+        default=DEFAULT_LEVEL,
+        help="the prediction sets' level (default 0.9: each set holds the true class of about "
+        "90%% of scans like the validation scans)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     return parser
@@ -86,20 +97,22 @@ def _emit(record: dict, as_json: bool, out: TextIO) -> None:
         out.write(f"{record['file']}\tERROR\t{record['error']}\n")
     else:
         probability = record["probabilities"][record["label"]]
-        warnings = "; ".join(record["warnings"])
-        out.write(f"{record['file']}\t{record['label']}\t{probability:.3f}\t{warnings}\n")
+        shown = record["prediction_set"]
+        shown = "{" + ", ".join(shown) + "}" if shown is not None else "-"
+        warnings = record["warnings"] + (
+            ["unlike the training scans"] * bool(record["out_of_distribution"])
+        )
+        out.write(
+            f"{record['file']}\t{record['label']}\t{probability:.3f}\t{shown}\t"
+            f"{'; '.join(warnings)}\n"
+        )
     out.flush()
 
 
 def _record(file: Path, result: Prediction | Exception) -> dict:
     if isinstance(result, Exception):
         return {"file": str(file), "error": str(result)}
-    return {
-        "file": str(file),
-        "label": result.label,
-        "probabilities": result.probabilities,
-        "warnings": result.warnings,
-    }
+    return {**result.record(), "file": str(file)}
 
 
 def _unique(path: Path, taken: set[Path]) -> Path:
@@ -123,6 +136,7 @@ def _write_csvs(rows: dict[Path, list[dict]], class_names: list[str], out_dir: P
             [_probabilities(r, class_names) for r in records],
             warnings=[r.get("warnings", []) for r in records],
             errors=[r.get("error") for r in records],
+            uncertainty=records,
         )
         print(f"wrote {path}", file=sys.stderr)
 
@@ -137,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.explain and args.out is None:
         _parser().error("--explain needs --out DIR for the overlays")
     try:
-        predictor = Predictor.from_pretrained(args.checkpoint, device=args.device, tta=args.tta)
+        predictor = Predictor.from_pretrained(
+            args.checkpoint, device=args.device, tta=args.tta, level=args.level
+        )
         target = predictor.class_index(args.target) if args.target is not None else None
         if args.explain:
             predictor.explainer.check_method(args.explain)

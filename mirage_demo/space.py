@@ -34,6 +34,7 @@ from typing import Any
 
 from mirage_demo.checkpoint import (
     CONFIG_NAME,
+    UNCERTAINTY_NAME,
     WEIGHTS_NAME,
     CheckpointConfig,
     CheckpointError,
@@ -63,8 +64,9 @@ REQUIREMENTS = "requirements.txt"  # staged through space_requirements()
 #: spaces-zerogpu.md, 2026-08-22). A Space whose requirements admit none is refused at build
 #: ("No candidate PyTorch version found for ZeroGPU").
 ZEROGPU_TORCH = {"2.8.0": "0.23.0", "2.9.1": "0.24.1", "2.10.0": "0.25.0", "2.11.0": "0.26.0"}
-#: The files of a checkpoint directory the app reads (weights, config, report, card).
-SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, *REPORT_FILES, "README.md"})
+#: The files of a checkpoint directory the app reads (weights, config, uncertainty statistics,
+#: report, card).
+SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"})
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
 DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: the hardware free accounts may use for Gradio
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

@@ -38,11 +38,14 @@ copy, and one batched forward for the deletions. Test-time augmentation is not u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,83 +131,123 @@ def compare_methods(
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    began = time.perf_counter()
-    target_index = None if target is None else predictor.class_index(target)
+    timing: dict[str, float] = {}
     loaded = predictor._load(image, name)
-    x = predictor.preprocessing.normalize(loaded.tensor[None])
-    explainer = predictor.explainer
-    methods = list(explainer.methods)
-    traces = _traces(explainer, x, methods)
-    logits = next(iter(traces.values())).logits.float().cpu()[0]
-    prediction = predictor._prediction(logits, loaded, {})
-    if target_index is None:
-        target_index = prediction.index
-    input_size = tuple(x.shape[-2:])
-    display_size = loaded.display.shape
-    maps_shown, maps_in = _maps(explainer, traces, target_index, display_size, input_size)
-    del traces
-    seconds_maps = time.perf_counter() - began
-
-    began = time.perf_counter()
-    random_maps = smooth_random_maps(random_masks, input_size, seed)
-    drops = deletion_scores(
-        predictor,
-        loaded.tensor,
-        [maps_in[m] for m in methods] + list(random_maps),
-        target_index,
-        fraction,
-    )
-    drop_of = dict(zip(methods, drops[: len(methods)], strict=True))
-    random_drop = float(np.mean(drops[len(methods) :])) if random_masks else 0.0
-    seconds_deletion = time.perf_counter() - began
-
-    began = time.perf_counter()
-    randomized = randomized_explainer(predictor, seed)
-    random_traces = _traces(randomized, x, methods)
-    randomized_shown, randomized_in = _maps(
-        randomized, random_traces, target_index, display_size, input_size
-    )
-    del random_traces
-    seconds_sanity = time.perf_counter() - began
-
-    began = time.perf_counter()
-    alpha = predictor.opacity if opacity is None else opacity
-    scores = []
-    for method in methods:
-        scores.append(
-            MethodScore(
-                method=method,
-                class_specific=method not in CLASS_AGNOSTIC_METHODS,
-                heatmap=maps_shown[method].astype(np.float32),
-                overlay=render_overlay(
-                    loaded.display, maps_shown[method], predictor.colormap, alpha
-                ),
-                faithfulness=drop_of[method] - random_drop,
-                drop=drop_of[method],
-                random_drop=random_drop,
-                randomized_heatmap=randomized_shown[method].astype(np.float32),
-                randomized_overlay=render_overlay(
-                    loaded.display, randomized_shown[method], predictor.colormap, alpha
-                ),
-                similarity=rank_similarity(maps_in[method], randomized_in[method]),
-            )
-        )
-    timing = {
-        "load_s": loaded.seconds,
-        "maps_s": seconds_maps,
-        "deletion_s": seconds_deletion,
-        "sanity_s": seconds_sanity,
-        "render_s": time.perf_counter() - began,
-    }
+    timing["load_s"] = loaded.seconds
+    with _timed(timing, "maps_s"):
+        maps = _explained(predictor, loaded, target)
+    with _timed(timing, "deletion_s"):
+        drops, random_drop = _deletions(predictor, loaded, maps, fraction, random_masks, seed)
+    with _timed(timing, "sanity_s"):
+        randomized = _randomized_maps(predictor, maps, seed)
+    with _timed(timing, "render_s"):
+        alpha = predictor.opacity if opacity is None else opacity
+        scores = [
+            _score(predictor, loaded.display, maps, randomized, drops, random_drop, m, alpha)
+            for m in maps.methods
+        ]
     timing["total_s"] = sum(timing.values())
     return Comparison(
-        prediction=prediction,
-        target=predictor.class_names[target_index],
-        target_index=target_index,
+        prediction=maps.prediction,
+        target=predictor.class_names[maps.target],
+        target_index=maps.target,
         fraction=fraction,
         scores=scores,
         image=loaded.display,
         timing=timing,
+    )
+
+
+@contextlib.contextmanager
+def _timed(timing: dict[str, float], key: str) -> Iterator[None]:
+    began = time.perf_counter()
+    yield
+    timing[key] = time.perf_counter() - began
+
+
+@dataclass
+class _Maps:
+    """Every method's map of one scan for one class, at the scan's and the input's size."""
+
+    prediction: Prediction
+    target: int
+    methods: list[str]
+    x: torch.Tensor  # the model input (1, C, H, W)
+    shown: dict[str, np.ndarray]
+    at_input: dict[str, np.ndarray]
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(the scan's size, the model input's size)."""
+        first = next(iter(self.shown.values()))
+        return first.shape, tuple(self.x.shape[-2:])
+
+
+def _explained(predictor: Predictor, loaded: Any, target: int | str | None) -> _Maps:
+    """The prediction and every method's map, from one trace per family of methods."""
+    x = predictor.preprocessing.normalize(loaded.tensor[None])
+    explainer = predictor.explainer
+    methods = list(explainer.methods)
+    traces = _traces(explainer, x, methods)
+    trace = next(iter(traces.values()))
+    logits, features = trace.logits.float().cpu()[0], trace.features.float().cpu()[0]
+    prediction = predictor._prediction(logits, features, loaded, {}, predictor.level)
+    index = prediction.index if target is None else predictor.class_index(target)
+    input_size = tuple(x.shape[-2:])
+    shown, at_input = _maps(explainer, traces, index, loaded.display.shape, input_size)
+    return _Maps(prediction, index, methods, x, shown, at_input)
+
+
+def _deletions(
+    predictor: Predictor,
+    loaded: Any,
+    maps: _Maps,
+    fraction: float,
+    random_masks: int,
+    seed: int,
+) -> tuple[dict[str, float], float]:
+    """Each map's probability drop, and the mean drop for the random parts."""
+    random_maps = smooth_random_maps(random_masks, maps.sizes[1], seed)
+    parts = [maps.at_input[m] for m in maps.methods] + list(random_maps)
+    drops = deletion_scores(predictor, loaded.tensor, parts, maps.target, fraction)
+    drop_of = dict(zip(maps.methods, drops[: len(maps.methods)], strict=True))
+    random_drop = float(np.mean(drops[len(maps.methods) :])) if random_masks else 0.0
+    return drop_of, random_drop
+
+
+def _randomized_maps(predictor: Predictor, maps: _Maps, seed: int) -> _Maps:
+    """The same maps on the model with its last block and classifier re-drawn."""
+    randomized = randomized_explainer(predictor, seed)
+    traces = _traces(randomized, maps.x, maps.methods)
+    display_size, input_size = maps.sizes
+    shown, at_input = _maps(randomized, traces, maps.target, display_size, input_size)
+    return replace(maps, shown=shown, at_input=at_input)
+
+
+def _score(
+    predictor: Predictor,
+    display: np.ndarray,
+    maps: _Maps,
+    randomized: _Maps,
+    drops: dict[str, float],
+    random_drop: float,
+    method: str,
+    alpha: float,
+) -> MethodScore:
+    def overlay(heatmap: np.ndarray) -> Image.Image:
+        return render_overlay(display, heatmap, predictor.colormap, alpha)
+
+    return MethodScore(
+        method=method,
+        class_specific=method not in CLASS_AGNOSTIC_METHODS,
+        heatmap=maps.shown[method].astype(np.float32),
+        overlay=overlay(maps.shown[method]),
+        faithfulness=drops[method] - random_drop,
+        drop=drops[method],
+        random_drop=random_drop,
+        randomized_heatmap=randomized.shown[method].astype(np.float32),
+        randomized_overlay=overlay(randomized.shown[method]),
+        similarity=rank_similarity(maps.at_input[method], randomized.at_input[method]),
     )
 
 
@@ -294,7 +337,7 @@ def deletion_scores(
     masks = torch.from_numpy(np.stack([top_mask(m, fraction) for m in maps]))[:, None]
     deleted = torch.where(masks, blurred[None], image[None])
     batch = torch.cat([image[None], deleted])
-    logits = predictor._logits(batch)
+    logits, _ = predictor._outputs(batch)
     probs = predictor.probabilities(logits)[:, target]
     return (probs[0] - probs[1:]).tolist()
 

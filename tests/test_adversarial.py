@@ -688,6 +688,8 @@ def test_names_are_escaped_and_csv_cells_neutralised(app_server, tmp_path):
         "file",
         "prediction",
         *(f"p({c})" for c in CLASSES),
+        "90% set",
+        "unlike training scans",
         "warnings / errors",
     ]
 

@@ -388,6 +388,8 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
         "p(CALM)",
         "p(SPOTS)",
         "p(WAVES)",
+        "90% set",
+        "unlike training scans",
         "warnings / errors",
     ]
     registry.directory(), registry.report(), registry.config()
@@ -428,4 +430,5 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_open",  # the Model tab's explorer
         "on_open",  # the explorer of evaluated scans
         "on_predict",
+        "on_record",  # /predict_json
     ]

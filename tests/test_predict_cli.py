@@ -47,7 +47,17 @@ def test_json_lines_for_good_files_and_exit_zero(checkpoint, scans, capsys):
     assert code == 0
     assert [line["file"] for line in lines] == [str(f) for f in files]
     for line in lines:
-        assert set(line) == {"file", "label", "probabilities", "warnings"}
+        assert set(line) == {
+            "file",
+            "label",
+            "probabilities",
+            "prediction_set",
+            "level",
+            "out_of_distribution",
+            "ood_score",
+            "warnings",
+        }
+        assert line["prediction_set"] is None  # this checkpoint has no uncertainty statistics
         assert line["label"] in CLASSES
         assert set(line["probabilities"]) == set(CLASSES)
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -85,7 +95,17 @@ def test_folder_gives_a_csv_too(checkpoint, scans, tmp_path, capsys):
     with (out / "scans-predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["file"] for r in rows] == [line["file"] for line in lines]
-    assert set(rows[0]) == {"file", "predicted", "prob_NORMAL", "prob_LESION", "warnings", "error"}
+    assert list(rows[0]) == [
+        "file",
+        "predicted",
+        "prob_NORMAL",
+        "prob_LESION",
+        "prediction_set",
+        "out_of_distribution",
+        "ood_score",
+        "warnings",
+        "error",
+    ]
     bad = [r for r in rows if r["error"]]
     assert len(bad) == 1 and bad[0]["file"].endswith("corrupt.jpeg")
     assert "scans-predictions.csv" in err
@@ -109,8 +129,9 @@ def test_plain_text_output(checkpoint, scans, capsys):
     code = predict.main(["--checkpoint", str(checkpoint), str(scans / "LESION" / "LESION-1.png")])
     out = capsys.readouterr().out
     assert code == 0
-    file, label, probability, _ = out.rstrip("\n").split("\t")
+    file, label, probability, shown, _ = out.rstrip("\n").split("\t")
     assert file.endswith("LESION-1.png") and label in CLASSES and 0.5 <= float(probability) <= 1
+    assert shown == "-"  # no prediction set: this checkpoint has no uncertainty statistics
 
 
 def test_unusable_checkpoint_or_arguments_exit_two(tmp_path, checkpoint, capsys):

@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train.train as trainer
-from mirage_demo.checkpoint import load_checkpoint, save_checkpoint
+from mirage_demo.checkpoint import UNCERTAINTY_NAME, load_checkpoint, save_checkpoint
+from mirage_demo.inference import Predictor
 from mirage_demo.metrics import REPORT_FILES
 from train import evaluate
 from train.config import UsageError, check_resumable, parse_config
@@ -119,6 +120,13 @@ def test_trains_learns_and_writes_a_complete_checkpoint(trained):
     assert metrics["temperature"] == pytest.approx(config.temperature)
     assert metrics["overall"]["accuracy"]["value"] > 0.9
     assert metrics["bootstrap"] == {"n": 100, "seed": 0}
+    # prediction sets and the out-of-distribution flag: fitted, stored, measured on test
+    assert (out / UNCERTAINTY_NAME).is_file()
+    assert config.uncertainty["sets"]["calibration_per_class"] == [5, 5, 5]  # the val split
+    assert config.uncertainty["fitted_on"] == {"train": 36, "val": 15}
+    found = metrics["uncertainty"]
+    assert found["level"] == 0.9 and set(found["per_class"]) == set(CLASSES)
+    assert found["images"] == 15 and 1 <= found["mean_set_size"] <= 3
     with open(out / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 15 and rows[0]["file"].startswith("test/BOTTOM/")
@@ -156,6 +164,42 @@ def test_evaluate_reproduces_the_test_metrics(trained, tmp_path, capsys):
     assert (tmp_path / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
     for name in REPORT_FILES:
         assert (tmp_path / name).is_file()
+
+
+def test_evaluate_fits_uncertainty_for_an_older_checkpoint(trained, tmp_path, capsys):
+    data, out = trained
+    older = tmp_path / "older"
+    older.mkdir()
+    shutil.copy(out / "model.safetensors", older)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("uncertainty")
+    (older / "config.json").write_text(json.dumps(config))
+    args = ["--checkpoint", older, "--data", data, "--out", tmp_path / "report"]
+    code, _, _ = run_evaluate(capsys, *args)
+    assert code == 0 and "uncertainty" not in json.loads(
+        (tmp_path / "report/metrics.json").read_text()
+    )
+    assert Predictor.from_pretrained(older).uncertainty is None  # serves without them
+
+    code, printed, _ = run_evaluate(capsys, *args, "--fit-uncertainty")
+    assert code == 0 and "out-of-distribution flag stored" in printed
+    assert (older / UNCERTAINTY_NAME).is_file()
+    fitted = json.loads((older / "config.json").read_text())["uncertainty"]
+    assert fitted == json.loads((out / "config.json").read_text())["uncertainty"]  # as train's
+    report = json.loads((tmp_path / "report/metrics.json").read_text())["uncertainty"]
+    assert report == json.loads((out / "metrics.json").read_text())["uncertainty"]
+    assert Predictor.from_pretrained(older).uncertainty is not None
+
+    code, _, err = run_evaluate(
+        capsys, "--checkpoint", "someone/model", "--data", data, "--fit-uncertainty"
+    )
+    assert code == 2 and err.count("\n") == 1
+
+
+def run_evaluate(capsys, *args):
+    code = evaluate.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_evaluate_with_tta_gives_the_predictors_mirrored_probabilities(trained, tmp_path):

@@ -1,12 +1,18 @@
 """Evaluate a fine-tuned checkpoint on a dataset split and write its report.
 
     python -m train.evaluate --checkpoint DIR_OR_HUB_ID --data DIR [--split test] [--out DIR]
+        [--fit-uncertainty]
 
 The report (``metrics.json``, ``predictions.csv``, figures; see :mod:`mirage_demo.metrics`)
-goes into ``--out``, by default the checkpoint directory itself. The split is rebuilt exactly
-as in training (from the checkpoint's typed split record, ``config.split``), images go
-through the app's preprocessing, and probabilities are calibrated with the checkpoint's
-temperature, so evaluating a run's own checkpoint reproduces its ``metrics.json``.
+goes into ``--out``, by default the checkpoint directory itself. ``--fit-uncertainty`` first
+fits the prediction sets and the out-of-distribution flag (:mod:`mirage_demo.uncertainty`) on
+the train and val splits and stores them in the (local) checkpoint directory; a checkpoint
+that has them gets their coverage, set sizes and flag rate in ``metrics.json``.
+
+The split is rebuilt exactly as in training (from the checkpoint's typed split record,
+``config.split``), images go through the app's preprocessing, and probabilities are calibrated
+with the checkpoint's temperature, so evaluating a run's own checkpoint reproduces its
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mirage_demo.checkpoint import CheckpointError, load_checkpoint
-from mirage_demo.data import DataError, load_dataset
+import torch
+
+from mirage_demo.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint_dir,
+)
+from mirage_demo.data import DataError, DatasetSplits, load_dataset
 from mirage_demo.evaluation import collect_logits, evaluate_samples, summary
+from mirage_demo.uncertainty import (
+    Uncertainty,
+    fit_uncertainty,
+    load_uncertainty,
+    save_uncertainty,
+)
 from train.config import UsageError
 from train.distributed import resolve_device
 
@@ -58,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="average each scan's logits with its horizontal mirror's (as predict --tta)",
     )
+    parser.add_argument(
+        "--fit-uncertainty",
+        action="store_true",
+        help="first fit the prediction sets (on val) and the out-of-distribution flag (train "
+        "features, threshold on val) and store them in the checkpoint directory",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
-    model, config = load_checkpoint(args.checkpoint, device=device)
+    directory = resolve_checkpoint_dir(args.checkpoint)
+    model, config = load_checkpoint(directory, device=device)
     if config.split is None:
         log.warning("the checkpoint records no data split: using the default split settings")
     data = load_dataset(args.data, config.split, exclude=args.exclude)
@@ -76,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.split not in data.splits:
         raise UsageError(f"{args.data} has no {args.split} split (it has {', '.join(data.splits)})")
+    uncertainty = _uncertainty(args, model, config, data, device)
     out = args.out
     if out is None:
         local = Path(args.checkpoint).expanduser()
@@ -98,10 +125,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         progress=args.progress,
         tta=args.tta,
+        uncertainty=uncertainty,
     )
     print(summary(metrics))
     print(f"report written to {out}")
     return metrics
+
+
+def _uncertainty(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    config: CheckpointConfig,
+    data: DatasetSplits,
+    device: torch.device,
+) -> Uncertainty | None:
+    """The checkpoint's prediction sets and OOD flag: fitted now (``--fit-uncertainty``) or
+    as stored (None when it has none)."""
+    directory = resolve_checkpoint_dir(args.checkpoint)
+    if not args.fit_uncertainty:
+        return load_uncertainty(directory, config)
+    if not Path(args.checkpoint).expanduser().is_dir():
+        raise UsageError("--fit-uncertainty stores into the checkpoint: give a local directory")
+    missing = [s for s in ("train", "val") if not data.splits.get(s)]
+    if missing:
+        raise UsageError(f"--fit-uncertainty needs the {' and '.join(missing)} split(s)")
+    uncertainty = fit_uncertainty(
+        model,
+        config,
+        data.splits["train"],
+        data.splits["val"],
+        device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=args.progress,
+    )
+    save_uncertainty(directory, config, uncertainty)
+    print(f"prediction sets and out-of-distribution flag stored in {directory}")
+    return uncertainty
 
 
 def main(argv: list[str] | None = None) -> int:

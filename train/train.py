@@ -67,6 +67,7 @@ from mirage_demo.models import (
     pretrained_source,
     set_training_mode,
 )
+from mirage_demo.uncertainty import fit_uncertainty, save_uncertainty
 from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
 from train.distill import Teacher, distillation_loss
@@ -938,8 +939,9 @@ def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
 
 
 def _finish(run: Run) -> dict[str, Any]:
-    """Calibrate the best model on val, then write the report on test (val if none): both
-    from the image files, as the app and ``train.evaluate`` see them."""
+    """Calibrate the best model on val, fit its prediction sets and out-of-distribution flag
+    (train and val), then write the report on test (val if none): all from the image files, as
+    the app and ``train.evaluate`` see them."""
     config, data, out, device = run.config, run.data, run.out, run.dist.device
     model, checkpoint = load_checkpoint(out, device=device)
     val_loader = make_loader(
@@ -959,6 +961,17 @@ def _finish(run: Run) -> dict[str, Any]:
         "val_nll_after": nll(logits, labels, temperature),
     }
     save_checkpoint(out, model, checkpoint, getattr(torch, config.save_dtype))
+    uncertainty = fit_uncertainty(
+        model,
+        checkpoint,
+        data.splits["train"],
+        data.splits["val"],
+        device,
+        batch_size=EVAL_BATCH_SIZE,
+        workers=run.workers,
+        progress=config.progress,
+    )
+    save_uncertainty(out, checkpoint, uncertainty)
     split = "test" if data.splits.get("test") else "val"
     if split == "val":
         print("warning: no test split: the report is on the validation split", flush=True)
@@ -974,6 +987,7 @@ def _finish(run: Run) -> dict[str, Any]:
         workers=run.workers,
         n_bootstrap=config.bootstrap,
         progress=config.progress,
+        uncertainty=uncertainty,
     )
     best = checkpoint.training.get("best_epoch")
     print(f"best model: epoch {best}, temperature {temperature:.3f}; report on the {split} split:")

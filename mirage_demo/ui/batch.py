@@ -13,6 +13,7 @@ from mirage_demo.inference import Prediction
 from mirage_demo.metrics import write_predictions_csv
 from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
+from mirage_demo.uncertainty import DEFAULT_LEVEL
 from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
 
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
@@ -26,7 +27,17 @@ UNREADABLE = "unreadable"
 
 def batch_header(class_names: Sequence[str]) -> list[str]:
     """The batch table's columns (the CSV download has the one predictions format)."""
-    return ["file", "prediction", *[f"p({c})" for c in class_names], "warnings / errors"]
+    probabilities = [f"p({c})" for c in class_names]
+    trust = [f"{DEFAULT_LEVEL:.0%} set", "unlike training scans"]
+    return ["file", "prediction", *probabilities, *trust, "warnings / errors"]
+
+
+def _trust_cells(result: Prediction) -> list[str]:
+    """The set and out-of-distribution columns ("n/a": the checkpoint has neither)."""
+    if result.prediction_set is None:
+        return ["n/a", "n/a"]
+    flag = f"yes ({result.ood_score:.1f})" if result.out_of_distribution else "no"
+    return [", ".join(result.prediction_set), flag]
 
 
 def classify_batch(
@@ -72,9 +83,10 @@ def classify_batch(
     for name, result in zip(names, results, strict=True):
         if isinstance(result, Prediction):
             probs = [round(result.probabilities[c], 4) for c in classes]
-            rows.append([name, result.label, *probs, "; ".join(result.warnings)])
+            trust = _trust_cells(result)
+            rows.append([name, result.label, *probs, *trust, "; ".join(result.warnings)])
         else:
-            rows.append([name, UNREADABLE, *[None] * len(classes), result.reason])
+            rows.append([name, UNREADABLE, *[None] * (len(classes) + 2), result.reason])
     csv_path = output_file("oct-predictions", ".csv")
     write_predictions_csv(
         csv_path,
@@ -86,6 +98,7 @@ def classify_batch(
         ],
         warnings=[r.warnings if isinstance(r, Prediction) else [] for r in results],
         errors=[None if isinstance(r, Prediction) else r.reason for r in results],
+        uncertainty=[r.to_dict() if isinstance(r, Prediction) else None for r in results],
     )
     failed = sum(not isinstance(r, Prediction) for r in results)
     counts = {c: sum(row[1] == c for row in rows) for c in classes}

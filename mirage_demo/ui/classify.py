@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -13,7 +14,7 @@ from PIL import Image
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.explain import render_overlay
-from mirage_demo.inference import Explanation
+from mirage_demo.inference import Explanation, Prediction
 from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (
     METHOD_LABELS,
@@ -25,63 +26,94 @@ from mirage_demo.ui.context import (
     image_file,
     reference_line,
     timing_line,
+    trust_markdown,
     unreadable,
     upload_path,
     warnings_markdown,
 )
 from mirage_demo.ui.registry import ModelRegistry
+from mirage_demo.uncertainty import DEFAULT_LEVEL
 
 __all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan", "reblend"]
 
 EMPTY_INFO = "Upload a scan or pick an example."
 STATE_SIDE = 1024  # the overlay and the per-session state: at most this many pixels a side
+MIN_LEVEL, MAX_LEVEL = 0.5, 0.99  # the prediction sets' levels a user may pick
+
+
+def _answer_text(prediction: Prediction, device: str, what: str = "Prediction") -> str:
+    return (
+        warnings_markdown(prediction)
+        + trust_markdown(prediction)
+        + timing_line(prediction, what, device)
+    )
 
 
 def predict_scan(
-    registry: ModelRegistry, upload: Any, model_name: str | None = None
+    registry: ModelRegistry,
+    upload: Any,
+    model_name: str | None = None,
+    level: float = DEFAULT_LEVEL,
 ) -> tuple[dict[str, float], str]:
-    """``/predict``: class probabilities and a short text (warnings, timing)."""
+    """``/predict``: class probabilities and a short text (warnings, the prediction set and
+    the unlike-the-training-scans check, timing)."""
+    prediction = _predict(registry, upload, model_name, level)
+    return prediction.probabilities, _answer_text(prediction, str(registry.get(model_name).device))
+
+
+def predict_record(
+    registry: ModelRegistry,
+    upload: Any,
+    model_name: str | None = None,
+    level: float = DEFAULT_LEVEL,
+) -> dict[str, Any]:
+    """``/predict_json``: the CLI's ``--json`` record (label, probabilities, prediction set,
+    out-of-distribution flag and score, warnings)."""
+    return _predict(registry, upload, model_name, level).record()
+
+
+def _predict(
+    registry: ModelRegistry, upload: Any, model_name: str | None, level: Any
+) -> Prediction:
     predictor = registry.get(model_name)
     path = upload_path(upload)
-    name = display_name(upload, path)
     try:
-        prediction = predictor.predict(path, name=name)
+        return predictor.predict(path, name=display_name(upload, path), level=checked_level(level))
     except ImageReadError as err:
         raise unreadable(err) from err
-    info = warnings_markdown(prediction) + timing_line(
-        prediction, "Prediction", str(predictor.device)
-    )
-    return prediction.probabilities, info
 
 
 def predict_scans(
-    registry: ModelRegistry, uploads: list[Any], model_names: list[str | None]
+    registry: ModelRegistry,
+    uploads: list[Any],
+    model_names: list[str | None],
+    levels: list[float] | None = None,
 ) -> tuple[list[dict[str, float] | None], list[str]]:
     """Batched ``/predict`` (Gradio ``batch=True``): lists in, lists out, one model call per
-    model. An unreadable scan gets no probabilities and the reason in its text."""
+    model and level. An unreadable scan gets no probabilities and the reason in its text."""
     probabilities: list[dict[str, float] | None] = [None] * len(uploads)
     infos = [""] * len(uploads)
-    todo: dict[str | None, list[int]] = {}
+    todo: dict[tuple[str | None, float], list[int]] = {}
     for i, upload in enumerate(uploads):
         if upload is None:
             infos[i] = EMPTY_INFO
-        else:
-            todo.setdefault(model_names[i] if i < len(model_names) else None, []).append(i)
-    for name, indices in todo.items():
+            continue
+        name = model_names[i] if i < len(model_names) else None
+        level = checked_level(levels[i] if levels and i < len(levels) else DEFAULT_LEVEL)
+        todo.setdefault((name, level), []).append(i)
+    for (name, level), indices in todo.items():
         predictor = registry.get(name)
         paths = [upload_path(uploads[i]) for i in indices]
         names = [display_name(uploads[i], path) for i, path in zip(indices, paths, strict=True)]
         results = predictor.predict_batch(
-            paths, batch_size=len(paths), names=names, on_error="return"
+            paths, batch_size=len(paths), names=names, on_error="return", level=level
         )
         for i, result in zip(indices, results, strict=True):
             if isinstance(result, ImageReadError):
                 infos[i] = unreadable(result).message
             else:
                 probabilities[i] = result.probabilities
-                infos[i] = warnings_markdown(result) + timing_line(
-                    result, "Prediction", str(predictor.device)
-                )
+                infos[i] = _answer_text(result, str(predictor.device))
     return probabilities, infos
 
 
@@ -92,6 +124,7 @@ def explain_scan(
     method: str = "gradcam",
     target: str | None = PREDICTED,
     opacity: float = 0.5,
+    level: float = DEFAULT_LEVEL,
 ) -> tuple[Image.Image, dict[str, float], str, dict[str, Any]]:
     """``/explain``: the overlay, probabilities, a short text and the state to re-blend."""
     predictor = registry.get(model_name)
@@ -105,7 +138,9 @@ def explain_scan(
         )
     explained_class = None if target in (None, "", PREDICTED) else target
     try:
-        explanation = predictor.explain(path, method=method, target=explained_class, name=name)
+        explanation = predictor.explain(
+            path, method=method, target=explained_class, name=name, level=checked_level(level)
+        )
     except ImageReadError as err:
         raise unreadable(err) from err
     except ValueError as err:  # an unknown class: the text may echo what was sent
@@ -123,10 +158,22 @@ def explain_scan(
             example_label(path), prediction.label, prediction.confidence, predictor.class_names
         )
         + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
+        + trust_markdown(prediction)
         + timing_line(prediction, what, str(predictor.device))
     )
     state = overlay_state(explanation, predictor.colormap)
     return reblend(state, opacity), prediction.probabilities, info, state
+
+
+def checked_level(level: Any) -> float:
+    """The level a request asks for (a number between 0.5 and 0.99), or a one-line error."""
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not MIN_LEVEL <= value <= MAX_LEVEL:
+        raise gr.Error(f"The set's level must be a number from {MIN_LEVEL} to {MAX_LEVEL}.")
+    return value
 
 
 def overlay_state(explanation: Explanation, colormap: str) -> dict[str, Any]:
@@ -156,72 +203,130 @@ def reblend(state: dict[str, Any] | None, opacity: float) -> Any:
     return render_overlay(scan, heatmap, state["colormap"], alpha)
 
 
+@dataclass
+class ClassifyView:
+    """The Classify tab's components: the scan and its settings, the answer panel."""
+
+    scan: gr.Image
+    method: gr.Dropdown
+    target: gr.Dropdown
+    opacity: gr.Slider
+    level: gr.Slider
+    probabilities: gr.Label
+    overlay: gr.Image
+    info: gr.Markdown
+    state: gr.State
+    predict_button: gr.Button
+    record: gr.JSON  # /predict_json's answer (not shown)
+
+    @property
+    def explain_inputs(self) -> list[Any]:
+        return [self.scan, self.method, self.target, self.opacity, self.level]
+
+    @property
+    def explain_outputs(self) -> list[Any]:
+        return [self.overlay, self.probabilities, self.info, self.state]
+
+
 def build_classify_tab(ctx: AppContext) -> None:
-    """Upload or pick a scan; see the probabilities and an explanation overlay."""
-    registry = ctx.registry
-    config = registry.config()
+    """Upload or pick a scan; see the probabilities, how sure the model may be, and an
+    explanation overlay."""
     with gr.Tab("Classify", id="classify"):
-        with gr.Row():
-            with gr.Column(scale=1):
-                scan = gr.Image(
-                    type="filepath",
-                    image_mode=None,
-                    sources=["upload", "clipboard"],
-                    label="OCT B-scan (drop, paste or click to upload)",
-                    height=320,
+        view = _classify_layout(ctx)
+        build_compare_section(ctx, view.scan, view.target, PREDICTED)
+    _wire_explain(ctx, view)
+    _wire_predict(ctx, view)
+
+
+def _classify_layout(ctx: AppContext) -> ClassifyView:
+    """Left: the scan, the explanation settings, the set's level, the examples. Right: the
+    probabilities, the overlay, the text (warnings, the set, timing)."""
+    config = ctx.registry.config()
+    with gr.Row():
+        with gr.Column(scale=1):
+            scan = gr.Image(
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="OCT B-scan (drop, paste or click to upload)",
+                height=320,
+            )
+            with gr.Row():
+                # the model's own methods arrive with on_model (they need the model)
+                method = gr.Dropdown(
+                    [(label, m) for m, label in METHOD_LABELS.items()],
+                    value="gradcam",
+                    label="Explanation",
                 )
-                with gr.Row():
-                    # the model's own methods arrive with on_model (they need the model)
-                    method = gr.Dropdown(
-                        [(label, m) for m, label in METHOD_LABELS.items()],
-                        value="gradcam",
-                        label="Explanation",
-                    )
-                    target = gr.Dropdown(
-                        [PREDICTED, *config.class_names], value=PREDICTED, label="Explain class"
-                    )
+                target = gr.Dropdown(
+                    [PREDICTED, *config.class_names], value=PREDICTED, label="Explain class"
+                )
+            with gr.Row():
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
-                if ctx.examples:
-                    gr.Examples(
-                        examples=[[path] for path, _ in ctx.examples],
-                        example_labels=[cls for _, cls in ctx.examples],
-                        inputs=[scan],
-                        label="Real scans from Kermany et al. 2018 (CC BY 4.0)",
-                        examples_per_page=12,
-                    )
-            with gr.Column(scale=1):
-                probabilities = gr.Label(
-                    num_top_classes=config.num_classes,
-                    label="Class probabilities",
-                    elem_id="probabilities",
+                level = gr.Slider(
+                    MIN_LEVEL,
+                    MAX_LEVEL,
+                    value=DEFAULT_LEVEL,
+                    step=0.01,
+                    label="Prediction set level",
+                    info="how often the set should hold the true class",
+                    elem_id="level",
                 )
-                overlay = gr.Image(
-                    label="Where the model looked",
-                    elem_id="overlay",
-                    type="pil",
-                    interactive=False,
-                    height=320,
-                    buttons=["download", "fullscreen"],
+            if ctx.examples:
+                gr.Examples(
+                    examples=[[path] for path, _ in ctx.examples],
+                    example_labels=[cls for _, cls in ctx.examples],
+                    inputs=[scan],
+                    label="Real scans from Kermany et al. 2018 (CC BY 4.0)",
+                    examples_per_page=12,
                 )
-                info = gr.Markdown(EMPTY_INFO, elem_id="info")
-        build_compare_section(ctx, scan, target, PREDICTED)
-        state = gr.State(None, time_to_live=STATE_TTL_S)
-        predict_button = gr.Button("Predict only", visible=False)
+        with gr.Column(scale=1):
+            probabilities = gr.Label(
+                num_top_classes=config.num_classes,
+                label="Class probabilities",
+                elem_id="probabilities",
+            )
+            overlay = gr.Image(
+                label="Where the model looked",
+                elem_id="overlay",
+                type="pil",
+                interactive=False,
+                height=320,
+                buttons=["download", "fullscreen"],
+            )
+            info = gr.Markdown(EMPTY_INFO, elem_id="info")
+    return ClassifyView(
+        scan,
+        method,
+        target,
+        opacity,
+        level,
+        probabilities,
+        overlay,
+        info,
+        state=gr.State(None, time_to_live=STATE_TTL_S),
+        predict_button=gr.Button("Predict only", visible=False),
+        record=gr.JSON(visible=False),
+    )
+
+
+def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
+    """``/explain`` on every change of the scan or its settings (and of the model); the
+    opacity re-blends the session's overlay without the model."""
+    registry = ctx.registry
 
     @ctx.model_call
-    def on_explain(upload, name, method_name, target_name, alpha):
+    def on_explain(upload, name, method_name, target_name, alpha, level):
         if upload is None:  # cleared
             return None, None, EMPTY_INFO, None
-        picture, *rest = explain_scan(registry, upload, name, method_name, target_name, alpha)
+        picture, *rest = explain_scan(
+            registry, upload, name, method_name, target_name, alpha, level
+        )
         return image_file(picture), *rest
 
     def on_reblend(saved, alpha):
         picture = reblend(saved, alpha)
         return image_file(picture) if isinstance(picture, Image.Image) else picture
-
-    @ctx.model_call
-    def on_predict(upload, name):
-        return predict_scan(registry, upload, name)
 
     def on_model(name):
         predictor = registry.get(name)
@@ -233,43 +338,49 @@ def build_classify_tab(ctx: AppContext) -> None:
             gr.update(num_top_classes=len(predictor.class_names)),
         )
 
-    explain_inputs = [scan, ctx.model, method, target, opacity]
-    explain_outputs = [overlay, probabilities, info, state]
+    inputs = [view.scan, ctx.model, *view.explain_inputs[1:]]
+    explain = dict(fn=on_explain, inputs=inputs, outputs=view.explain_outputs, preprocess=False)
     gr.on(
-        [scan.change, method.change, target.change],
-        on_explain,
-        inputs=explain_inputs,
-        outputs=explain_outputs,
+        [view.scan.change, view.method.change, view.target.change, view.level.release],
+        **explain,
         api_name="explain",
-        preprocess=False,
         trigger_mode="always_last",
         **ctx.model_events,
     )
-    opacity.release(
-        on_reblend, inputs=[state, opacity], outputs=[overlay], api_visibility="private"
+    view.opacity.release(
+        on_reblend,
+        inputs=[view.state, view.opacity],
+        outputs=[view.overlay],
+        api_visibility="private",
     )
+    changed = ctx.on_model(on_model, [view.method, view.target, view.probabilities])
+    changed.then(**explain, api_visibility="private", **ctx.model_events)
+
+
+def _wire_predict(ctx: AppContext, view: ClassifyView) -> None:
+    """The API's ``/predict`` (probabilities and text; batched when ``--max-batch`` allows)
+    and ``/predict_json`` (the CLI's record); the page itself explains."""
+    registry = ctx.registry
+
+    @ctx.model_call
+    def on_predict(upload, name, level):
+        return predict_scan(registry, upload, name, level)
+
+    @ctx.model_call
+    def on_record(upload, name, level):
+        return predict_record(registry, upload, name, level)
+
+    events: dict[str, Any] = {"fn": on_predict}
     if ctx.max_batch > 1:  # Gradio hands over up to max_batch waiting requests at once
 
         @ctx.model_call
-        def on_predict_batch(uploads, names):
-            return predict_scans(registry, uploads, names)
+        def on_predict_batch(uploads, names, levels):
+            return predict_scans(registry, uploads, names, levels)
 
-        predict_events = {"fn": on_predict_batch, "batch": True, "max_batch_size": ctx.max_batch}
-    else:
-        predict_events = {"fn": on_predict}
-    predict_button.click(
-        inputs=[scan, ctx.model],
-        outputs=[probabilities, info],
-        api_name="predict",
-        preprocess=False,
-        **predict_events,
-        **ctx.model_events,
+        events = {"fn": on_predict_batch, "batch": True, "max_batch_size": ctx.max_batch}
+    inputs = [view.scan, ctx.model, view.level]
+    common = dict(inputs=inputs, preprocess=False, **ctx.model_events)
+    view.predict_button.click(
+        outputs=[view.probabilities, view.info], api_name="predict", **events, **common
     )
-    ctx.on_model(on_model, [method, target, probabilities]).then(
-        on_explain,
-        inputs=explain_inputs,
-        outputs=explain_outputs,
-        preprocess=False,
-        api_visibility="private",
-        **ctx.model_events,
-    )
+    view.predict_button.click(on_record, outputs=[view.record], api_name="predict_json", **common)

@@ -90,7 +90,13 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
 
     try:
         metrics, upload = evaluate_upload(
-            predictor.model, config, uploads, out, device=predictor.device, on_batch=on_batch
+            predictor.model,
+            config,
+            uploads,
+            out,
+            device=predictor.device,
+            on_batch=on_batch,
+            uncertainty=predictor.uncertainty,
         )
         scans = scan_set_from_predictions(
             out / "predictions.csv", upload.root, config.class_names, "your scans"

@@ -17,7 +17,14 @@ import pandas as pd
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
-from mirage_demo.ui.context import STATE_TTL_S, AppContext, image_file, method_name, picture
+from mirage_demo.ui.context import (
+    STATE_TTL_S,
+    AppContext,
+    image_file,
+    method_name,
+    picture,
+    trust_markdown,
+)
 
 __all__ = [
     "ExplorerState",
@@ -157,7 +164,7 @@ def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tu
             f" (On the picture shown here, a downsized copy, it now says {now.label} "
             f"{now.confidence:.0%}.)"
         )
-    return explanation.overlay, text
+    return explanation.overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
 
 
 @dataclass

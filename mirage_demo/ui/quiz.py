@@ -19,6 +19,7 @@ from mirage_demo.ui.context import (
     output_file,
     picture,
 )
+from mirage_demo.uncertainty import OOD_NOTE
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -63,12 +64,28 @@ def quiz_answer(predictor: Any, quiz: Quiz | None, choice: str | None):
         f"## Reference: {item.reference}\n"
         f"- **You said {choice}**: {you}.\n"
         f"- **The model said {item.model_answer}** ({confidence:.0%}): {model}.\n\n"
+        f"{unsure_line(explanation.prediction)}"
         f"The map ({method_name(method)}) shows where the model looked for "
         f"{item.model_answer}."
     )
     if quiz.finished:
         feedback += "\n\n" + quiz_summary(quiz)
     return explanation.overlay, feedback, quiz_score(quiz)
+
+
+def unsure_line(prediction: Any) -> str:
+    """After the answer: whether the model was unsure (a set of 2+ classes) or the scan is
+    unlike its training scans; nothing for a checkpoint without prediction sets."""
+    if prediction.prediction_set is None:
+        return ""
+    names = ", ".join(prediction.prediction_set)
+    if len(prediction.prediction_set) > 1:
+        text = f"**The model was unsure here**: its {prediction.level:.0%} set is {{{names}}}."
+    else:
+        text = f"The model was sure here: its {prediction.level:.0%} set is {{{names}}}."
+    if prediction.out_of_distribution:
+        text += f" This scan is {OOD_NOTE}."
+    return text + "\n\n"
 
 
 def quiz_next(quiz: Quiz | None):

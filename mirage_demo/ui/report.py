@@ -15,6 +15,7 @@ from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.ui.context import DISCLAIMER, AppContext
 from mirage_demo.ui.explore import build_model_explorer
 from mirage_demo.ui.registry import ModelRegistry
+from mirage_demo.uncertainty import GUARANTEE
 
 __all__ = [
     "REPORT_FIGURES",
@@ -131,7 +132,54 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
             )
             + " |"
         )
+    return "\n".join(lines) + "\n\n" + uncertainty_markdown(metrics)
+
+
+def uncertainty_markdown(metrics: dict[str, Any]) -> str:
+    """The prediction sets' coverage and size per class and the share of scans flagged as
+    unlike the training scans, on the report's split (or that the checkpoint has none)."""
+    found = metrics.get("uncertainty")
+    if not found:
+        return (
+            "### How sure the model may be\nNot available for this checkpoint: fit its prediction "
+            "sets and out-of-distribution check with `python -m train.evaluate --checkpoint DIR "
+            "--data DATA --fit-uncertainty`."
+        )
+    level = found["level"]
+    lines = [
+        f"### How sure the model may be: its {level:.0%} prediction sets",
+        GUARANTEE.format(level=level),
+        "",
+        f"On the {metrics.get('split', 'test')} split: the set held the true class for "
+        f"**{found['coverage']:.1%}** of scans, with **{found['mean_set_size']:.2f}** classes on "
+        f"average; **{found['flagged']:.1%}** of scans were flagged as unlike the training scans "
+        f"(set to {found['ood_false_alarm_target']:.0%} on the validation split); "
+        f"{_share(found['mistakes_warned'])} of the model's {found['mistakes']} mistakes carried "
+        "a warning (a set of 2+ classes or the flag).",
+        "",
+        "| Class | Images | Coverage | Mean set size | Flagged unlike training |",
+        "|---|---|---|---|---|",
+    ]
+    for cls, values in found["per_class"].items():
+        lines.append(
+            f"| {cls} | {values['images']} | {_share(values['coverage'])} | "
+            f"{_number(values['mean_set_size'])} | {_share(values['flagged'])} |"
+        )
+    if found.get("pooled_classes"):
+        lines += [
+            "",
+            f"Calibrated together, their validation scans pooled (too few of each): "
+            f"{', '.join(found['pooled_classes'])}.",
+        ]
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def model_report(
