@@ -94,7 +94,7 @@ def weights_digest(model: nn.Module) -> str:
             continue
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}\0{value.dtype}\0{tuple(value.shape)}\n".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -4,6 +4,7 @@ file format into a temporary Hugging Face cache, driven through every consumer, 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,8 +14,9 @@ import torch
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from mirage_demo import predict
-from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint
+from mirage_demo import predict, space
+from mirage_demo.bundled_probe import bundled_probe
+from mirage_demo.checkpoint import CheckpointConfig, CheckpointError, load_checkpoint, push_to_hub
 from mirage_demo.data import DataError, Preprocessing, Sample
 from mirage_demo.inference import Predictor
 from mirage_demo.models import create_classifier
@@ -26,7 +28,9 @@ from mirage_demo.probe import (
     pooled_features,
     weights_digest,
 )
+from mirage_demo.ui import app as ui_app
 from tests import mirage_reference as ref
+from tests.test_space import read_front_matter
 from tests.test_train import make_bands
 from train import evaluate
 from train.train import main as train_main
@@ -189,6 +193,7 @@ def hub_mirage(tmp_path_factory):
     weights = add_random_mirage_base(cache)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        patch.setenv("HF_HUB_CACHE", str(cache))  # for python -m train in a subprocess
         yield weights
 
 
@@ -296,3 +301,119 @@ def test_a_backbone_record_is_data_never_a_location(backbone, message):
     config["backbone"] = backbone
     with pytest.raises(CheckpointError, match=message):
         CheckpointConfig.from_dict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# The app's probe (python app.py --probe), the Space (deploy --probe), push_to_hub
+
+
+@pytest.fixture(scope="module")
+def app_probe(hub_mirage, bands, tmp_path_factory):
+    """:func:`bundled_probe` on a small synthetic probe set, its test scans ``bands/test``."""
+    root = tmp_path_factory.mktemp("probes")
+    options = dict(probe_set=bands, test_set=bands / "test", root=root)
+    options["train_args"] = ["--img-size", "64", "--bootstrap", "50", "--threads", "1"]
+    lines: list[str] = []
+    path = bundled_probe("mirage_base", log=lines.append, **options)
+    return path, options, lines
+
+
+@pytest.mark.slow  # MIRAGE-Base
+def test_the_apps_probe_is_fitted_once_then_cached(app_probe, monkeypatch):
+    path, options, lines = app_probe
+    assert path.name == "MIRAGE-Base-probe"
+    assert any("Fitting a probe on mirage_base_patch32_512" in line for line in lines)
+    config = json.loads((path / "config.json").read_text())
+    assert config["backbone"]["weights"] == "mirage_base_patch32_512.mirage"
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_images"] == 15  # the test scans
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr("subprocess.Popen", no_fitting)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "/nonexistent")  # and no network needed
+    assert bundled_probe("mirage_base", **options) == path
+
+
+def stop_before_serving(registry, **options):
+    raise SystemExit((registry.names, options.get("notice")))
+
+
+@pytest.mark.slow  # MIRAGE-Base
+def test_app_serves_the_probe_first(app_probe, monkeypatch):
+    _path, options, _ = app_probe
+    monkeypatch.setattr(ui_app, "bundled_probe", functools.partial(bundled_probe, **options))
+    monkeypatch.setattr(ui_app, "build_app", stop_before_serving)
+    with pytest.raises(SystemExit) as stopped:
+        ui_app.main(["--probe", "mirage_base"])
+    names, notice = stopped.value.code
+    assert names[0] == "MIRAGE-Base-probe" and "demo-model (bundled)" in names
+    assert notice is None
+
+
+@pytest.mark.slow  # MIRAGE-Base
+def test_app_without_the_backbone_serves_the_bundled_models_with_a_notice(
+    app_probe, tmp_path, monkeypatch
+):
+    path, options, _ = app_probe
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(ui_app, "build_app", stop_before_serving)
+    # not fitted yet (another probe set) and offline: the probe cannot be had
+    fresh = functools.partial(bundled_probe, **{**options, "root": tmp_path / "probes"})
+    monkeypatch.setattr(ui_app, "bundled_probe", fresh)
+    with pytest.raises(SystemExit) as stopped:
+        ui_app.main(["--probe", "mirage_base"])
+    names, notice = stopped.value.code
+    assert "MIRAGE-Base-probe" not in names and names[0] == "demo-model (bundled)"
+    assert "j-morano/MIRAGE-Base" in notice and "not in the Hugging Face cache" in notice
+    # fitted earlier, but the backbone is gone (a Space whose download failed)
+    with pytest.raises(SystemExit) as stopped:
+        ui_app.main(["--checkpoint", str(path)])
+    names, notice = stopped.value.code
+    assert "MIRAGE-Base-probe" not in names and "hf download j-morano/MIRAGE-Base" in notice
+
+
+@pytest.mark.slow  # MIRAGE-Base
+def test_space_dry_run_stages_the_head_and_preloads_the_backbone(app_probe, tmp_path, monkeypatch):
+    _path, options, _ = app_probe
+    import mirage_demo.bundled_probe as module
+
+    monkeypatch.setattr(module, "bundled_probe", functools.partial(bundled_probe, **options))
+    out = tmp_path / "space"
+    assert space.main(["deploy", "you/oct", "--probe", "mirage_base", "--dry-run", str(out)]) == 0
+    meta = read_front_matter(out / "README.md")
+    assert meta["preload_from_hub"] == [f"j-morano/MIRAGE-Base model.safetensors {REVISION}"]
+    assert "j-morano/MIRAGE-Base" in meta["models"]
+    assert meta["license"] == "cc-by-nc-nd-4.0"
+    served = out / "checkpoints" / "MIRAGE-Base-probe"
+    assert set(load_file(str(served / "model.safetensors"))) == HEAD_KEYS
+    assert not (out / "assets" / "probe-set").exists()  # fitted here: not needed there
+    big = [p for p in out.rglob("*.safetensors") if p.stat().st_size > 50_000_000]
+    assert big == []  # no MIRAGE weights anywhere in the Space
+
+
+@pytest.mark.slow  # MIRAGE-Base
+def test_push_to_hub_uploads_kilobytes(app_probe, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    path, _, _ = app_probe
+    directory = tmp_path / "probe"
+    shutil.copytree(path, directory)
+    uploaded: dict[str, int] = {}
+
+    class Recording(huggingface_hub.HfApi):
+        def create_repo(self, *args, **kwargs):
+            return None
+
+        def upload_folder(self, *, folder_path, **kwargs):
+            for file in Path(folder_path).rglob("*"):
+                uploaded[file.name] = file.stat().st_size
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recording)
+    push_to_hub(directory, "you/mirage-probe")
+    assert uploaded["model.safetensors"] < 64_000
+    assert sum(uploaded.values()) < 1_000_000
+    assert "only the classifier" in (directory / "README.md").read_text()
