@@ -9,6 +9,14 @@ gets its own parameters and the whole batch is warped by one ``grid_sample``. On
 costs next to nothing, so data loader workers only copy cached pixels; parameters are drawn
 from an explicit generator, so a run is reproducible and resumable.
 
+Other OCT devices differ in what MIRAGE's recipe leaves alone: how the retina curves and tilts,
+the scan's width and aspect ratio, contrast and gamma, intensity offset, sharpness, speckle and
+noise level. :meth:`BatchAugmentation.device_shift` adds those (all off by default, so the
+defaults stay MIRAGE's recipe): curvature bends every column up or down by a parabola across
+the width, ``aspect`` stretches the width against the height, then intensity (gamma, contrast
+about the mean, brightness, offset), a Gaussian blur and multiplicative speckle plus additive
+noise, each of random strength per image.
+
 One deliberate difference: on the one-pixel seam where bilinear sampling straddles the image
 border, ``fill`` acts as plain padding (torchvision weights the image by its coverage twice).
 """
@@ -41,6 +49,36 @@ class BatchAugmentation:
     shear: float = 5.0
     brightness: float = 0.2
     fill: float = 1.0
+    curvature: float = 0.0  # columns shift by up to this share of the height at the edges
+    aspect: float = 1.0  # width stretched by a factor in [1/aspect, aspect] (log-uniform)
+    gamma: float = 1.0  # x ** g, g in [1/gamma, gamma] (log-uniform)
+    contrast: float = 0.0  # (x - mean) * c + mean, c in [1 - contrast, 1 + contrast]
+    offset: float = 0.0  # + o, o in [-offset, offset]
+    blur: float = 0.0  # Gaussian sigma in [0, blur] pixels of the model input
+    speckle: float = 0.0  # x * (1 + s * N(0, 1)), s in [0, speckle]
+    noise: float = 0.0  # + n * N(0, 1), n in [0, noise]
+
+    @classmethod
+    def device_shift(cls, fill: float = 1.0) -> BatchAugmentation:
+        """MIRAGE's recipe plus what differs between OCT devices (the ranges are a guess at
+        the spread of commercial devices, wide enough to cover it, not fitted to any)."""
+        return cls(
+            fill=fill,
+            curvature=0.08,
+            aspect=1.3,
+            gamma=1.5,
+            contrast=0.3,
+            offset=0.08,
+            blur=1.2,
+            speckle=0.25,
+            noise=0.06,
+        )
+
+    @property
+    def shifts_device(self) -> bool:
+        return (self.curvature, self.aspect, self.gamma) != (0.0, 1.0, 1.0) or any(
+            (self.contrast, self.offset, self.blur, self.speckle, self.noise)
+        )
 
     def torchvision(self, fill: float | None = None) -> list[Callable[[Any], Any]]:
         """The same recipe as torchvision transforms of one image at a time (tensor or PIL;
@@ -68,7 +106,7 @@ class BatchAugmentation:
         def uniform(low: float, high: float) -> torch.Tensor:
             return torch.rand(batch, generator=generator, dtype=torch.float64) * (high - low) + low
 
-        return {
+        params = {
             "flip": torch.rand(batch, generator=generator) < self.flip,
             "angle": uniform(-self.degrees, self.degrees),
             "tx": uniform(-self.translate * width, self.translate * width).round(),
@@ -77,6 +115,21 @@ class BatchAugmentation:
             "shear": uniform(-self.shear, self.shear),
             "brightness": uniform(1 - self.brightness, 1 + self.brightness),
         }
+        if not self.shifts_device:  # MIRAGE's recipe draws exactly what it always drew
+            return params
+        log_aspect, log_gamma = math.log(self.aspect), math.log(self.gamma)
+        params |= {
+            "curvature": uniform(-self.curvature, self.curvature),
+            "aspect": uniform(-log_aspect, log_aspect).exp(),
+            "gamma": uniform(-log_gamma, log_gamma).exp(),
+            "contrast": uniform(1 - self.contrast, 1 + self.contrast),
+            "offset": uniform(-self.offset, self.offset),
+            "blur": uniform(0.0, self.blur),
+            "speckle": uniform(0.0, self.speckle),
+            "noise": uniform(0.0, self.noise),
+            "noise_seed": torch.randint(0, 2**62, (1,), generator=generator),
+        }
+        return params
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -91,12 +144,60 @@ class BatchAugmentation:
         theta = inverse_affine(params).to(device=images.device, dtype=images.dtype)
         # flip first: sample the input at x -> -x, i.e. negate the x row of the map
         theta[:, 0, :] *= torch.where(params["flip"], -1.0, 1.0).to(theta)[:, None]
+        shifted = "curvature" in params
+        if shifted:  # the width stretched by `aspect`: the input sampled at x / aspect
+            theta[:, 0, :] /= params["aspect"].to(theta)[:, None]
         grid = _affine_grid(theta, height, width)
+        if shifted:
+            grid = _bend(grid, params["curvature"].to(grid))
         warped = F.grid_sample(
             images - self.fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
         factor = params["brightness"].to(device=images.device, dtype=images.dtype)
-        return ((warped + self.fill) * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        out = ((warped + self.fill) * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+        return _device_intensity(out, params) if shifted else out
+
+
+def _per_image(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
+
+
+def _bend(grid: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+    """Shift each output column's sampling row by a parabola across the width (zero mean):
+    the retina bends by up to ``curvature`` of the height at the edges."""
+    x = grid[..., 0].detach().clamp(-1.0, 1.0)
+    bend = curvature.view(-1, 1, 1) * 2.0 * (x.square() - 1.0 / 3.0)
+    return torch.stack([grid[..., 0], grid[..., 1] + bend], dim=-1)
+
+
+def _device_intensity(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gamma, contrast about each image's mean, offset, blur, then speckle and noise."""
+    x = images.clamp(1e-6, 1.0).pow(_per_image(params["gamma"], images))
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    x = (x - mean) * _per_image(params["contrast"], x) + mean + _per_image(params["offset"], x)
+    x = _gaussian_blur(x, params["blur"])
+    generator = torch.Generator(device=x.device).manual_seed(int(params["noise_seed"]))
+    speckle = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x = (
+        x * (1 + _per_image(params["speckle"], x) * speckle)
+        + _per_image(params["noise"], x) * noise
+    )
+    return x.clamp_(0.0, 1.0)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """Separable Gaussian blur with each image's own ``sigma`` (0: unchanged)."""
+    batch, chans, height, width = images.shape
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    s = sigma.to(device=images.device, dtype=images.dtype).clamp(min=1e-3).view(-1, 1)
+    kernel = torch.exp(-0.5 * (offsets / s).square())
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(chans, dim=0)
+    x = images.reshape(1, batch * chans, height, width)
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel.view(-1, 1, 1, 2 * radius + 1), groups=batch * chans)
+    x = F.conv2d(x, kernel.view(-1, 1, 2 * radius + 1, 1), groups=batch * chans)
+    return x.view(batch, chans, height, width)
 
 
 def inverse_affine(params: dict[str, torch.Tensor]) -> torch.Tensor:

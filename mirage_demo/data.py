@@ -377,6 +377,7 @@ class DatasetSplits:
     class_names: list[str]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    near_copies: Any = None  # mirage_demo.nearcopies.NearCopyGroups, when grouped
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class in ``split``."""
@@ -518,7 +519,10 @@ class SplitSpec:
 
     ``val_fraction`` of ``train`` becomes ``val`` when there is no ``val/`` folder; a flat
     dataset also loses ``test_fraction`` to ``test``; both patient-disjoint with ``seed``.
-    ``exclude`` (image files or folders) leaves those images and their patients out. Fractions
+    ``exclude`` (image files or folders) leaves those images and their patients out.
+    ``near_copies``: images whose thumbnails correlate at least this much, mirrored or not,
+    join one group first (:mod:`mirage_demo.nearcopies`; ``None``: off, as in records written
+    before it existed). Fractions
     are checked where they are used (a dataset with a ``val/`` folder never uses
     ``val_fraction``).
     """
@@ -527,6 +531,7 @@ class SplitSpec:
     test_fraction: float = 0.15
     seed: int = 0
     exclude: tuple[str, ...] = ()
+    near_copies: float | None = 0.95
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -540,6 +545,11 @@ class SplitSpec:
         if not all(isinstance(e, (str, Path)) for e in exclude):
             raise DataError(f"split exclude must be a list of paths, not {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(str(e) for e in exclude))
+        near = self.near_copies
+        if near is not None and (
+            isinstance(near, bool) or not isinstance(near, (int, float)) or not 0 < near <= 1
+        ):
+            raise DataError(f"split near_copies must be a correlation in (0, 1], not {near!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "exclude": list(self.exclude)}
@@ -552,7 +562,7 @@ class SplitSpec:
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise DataError(f"unknown split settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return cls(**{"near_copies": None, **data})  # older records: no grouping
 
 
 def load_dataset(
@@ -582,6 +592,8 @@ def load_dataset(
     data = discover_dataset(root)
     if spec.exclude:
         _exclude(data, spec.exclude)
+    if spec.near_copies is not None:
+        _group_near_copies(data, spec.near_copies)
     if "all" in data.splits:
         fractions = {"test": spec.test_fraction, "val": spec.val_fraction}
         parts = patient_split(data.splits.pop("all"), fractions, spec.seed)
@@ -595,7 +607,10 @@ def load_dataset(
         data.notes.append(f"no val/ folder: carved {spec.val_fraction:.0%} of train as val")
     shared = _shared_patients(data.splits)
     if shared:
-        data.notes.append(f"{len(shared)} patients appear in more than one split")
+        data.notes.append(
+            f"{len(shared)} patients or near-copy groups appear in more than one of the "
+            "given split folders"
+        )
     return data
 
 
@@ -625,13 +640,28 @@ def _exclude(data: DatasetSplits, references: Sequence[str | Path]) -> None:
     )
 
 
+def _group_near_copies(data: DatasetSplits, threshold: float) -> None:
+    """Merge the groups of near-copies across all of ``data``'s samples (in place)."""
+    from mirage_demo.nearcopies import group_near_copies
+
+    names = list(data.splits)
+    samples = [s for name in names for s in data.splits[name]]
+    merged, found = group_near_copies(samples, threshold)
+    start = 0
+    for name in names:
+        count = len(data.splits[name])
+        data.splits[name] = merged[start : start + count]
+        start += count
+    data.near_copies = found
+    data.notes.append(found.note())
+
+
 def _shared_patients(splits: dict[str, list[Sample]]) -> set[str]:
     seen: dict[str, str] = {}
     shared = set()
     for split, samples in splits.items():
         for sample in samples:
-            is_patient = sample.group.startswith("patient:")
-            if is_patient and seen.setdefault(sample.group, split) != split:
+            if seen.setdefault(sample.group, split) != split:
                 shared.add(sample.group)
     return shared
 

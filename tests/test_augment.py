@@ -81,3 +81,54 @@ def test_identity_parameters_change_nothing():
     torch.testing.assert_close(theta, torch.eye(2, 3).expand(2, 2, 3))
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     torch.testing.assert_close(F.grid_sample(images, grid, align_corners=False), images)
+
+
+def _identity_params(aug, batch, height, width):
+    """Parameters that leave MIRAGE's recipe a no-op, so one device change is seen alone."""
+    params = aug.sample(batch, height, width, torch.Generator().manual_seed(0))
+    params |= {
+        "flip": torch.zeros(batch, dtype=torch.bool),
+        "angle": torch.zeros(batch, dtype=torch.float64),
+        "tx": torch.zeros(batch, dtype=torch.float64),
+        "ty": torch.zeros(batch, dtype=torch.float64),
+        "scale": torch.ones(batch, dtype=torch.float64),
+        "shear": torch.zeros(batch, dtype=torch.float64),
+        "brightness": torch.ones(batch, dtype=torch.float64),
+    }
+    for key, neutral in (("curvature", 0), ("aspect", 1), ("gamma", 1), ("contrast", 1)):
+        params[key] = torch.full((batch,), float(neutral), dtype=torch.float64)
+    for key in ("offset", "blur", "speckle", "noise"):
+        params[key] = torch.zeros(batch, dtype=torch.float64)
+    return params
+
+
+def test_mirage_recipe_is_unchanged_by_the_device_options():
+    recipe = BatchAugmentation()
+    assert not recipe.shifts_device
+    assert set(recipe.sample(2, 8, 8)) == {
+        "flip", "angle", "tx", "ty", "scale", "shear", "brightness",
+    }  # fmt: skip
+    assert BatchAugmentation.device_shift().shifts_device
+
+
+def test_device_shift_with_neutral_parameters_is_the_identity():
+    aug = BatchAugmentation.device_shift(fill=1.0)
+    images = torch.rand(3, 1, 24, 40) * 0.9 + 0.05
+    out = aug.apply(images, _identity_params(aug, 3, 24, 40))
+    torch.testing.assert_close(out, images, atol=2e-3, rtol=0)
+
+
+def test_curvature_bends_a_flat_layer_and_noise_is_seeded():
+    aug = BatchAugmentation.device_shift(fill=0.0)
+    images = torch.zeros(1, 1, 64, 64)
+    images[:, :, 30:34, :] = 1.0  # one bright horizontal layer
+    params = _identity_params(aug, 1, 64, 64)
+    params["curvature"] = torch.tensor([0.15], dtype=torch.float64)
+    bent = aug.apply(images, params)[0, 0]
+    rows = (bent * torch.arange(64.0)[:, None]).sum(0) / bent.sum(0)  # the layer's row per column
+    assert rows[32] - rows[0] > 3 and rows[32] - rows[-1] > 3  # edges moved against the centre
+    g = torch.Generator().manual_seed(3)
+    noisy = aug(torch.full((2, 1, 32, 32), 0.5), g)
+    again = aug(torch.full((2, 1, 32, 32), 0.5), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy, again)
+    assert noisy.min() >= 0 and noisy.max() <= 1 and noisy.std() > 0

@@ -30,6 +30,7 @@ class TrainConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
     exclude: list[str] = field(default_factory=list)
+    near_copies: float = 0.95
     cache: bool = True
     cache_dir: str | None = None
     skip_unreadable: bool = False
@@ -58,6 +59,7 @@ class TrainConfig:
     clip_grad: float | None = None
     balance: str = "loss"
     augment: bool = True
+    shift_augment: bool = False
     aug_fill: float = 1.0
     patience: int = 10
     select: str = "balanced_accuracy"
@@ -85,7 +87,8 @@ class TrainConfig:
     def split(self) -> SplitSpec:
         """The data split these options ask for (stored in the checkpoint as is)."""
         exclude = tuple(self.exclude)
-        return SplitSpec(self.val_fraction, self.test_fraction, self.split_seed, exclude)
+        near = self.near_copies or None
+        return SplitSpec(self.val_fraction, self.test_fraction, self.split_seed, exclude, near)
 
     @property
     def base_lr(self) -> float:
@@ -158,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="leave these images (a file or folder; repeatable), and all images of their "
         "patients, out of every split, e.g. --exclude assets/examples",
+    )
+    g.add_argument(
+        "--near-copies",
+        type=float,
+        metavar="R",
+        help=_help(
+            "keep images whose 64x64 thumbnails correlate at least R (mirrored or not) on one "
+            "side of every split; 0 = off",
+            "near_copies",
+        ),
     )
     g.add_argument(
         "--cache",
@@ -268,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--augment", action=flag, help="flip, affine, intensity augmentation (default: on)"
+    )
+    g.add_argument(
+        "--shift-augment",
+        action=flag,
+        help="also simulate other OCT devices: retinal curvature, aspect ratio, contrast and "
+        "gamma, intensity offset, blur, speckle and noise (default: off)",
     )
     g.add_argument(
         "--aug-fill",
@@ -396,6 +415,7 @@ def _validate(config: TrainConfig) -> None:
         (config.patience >= 0, "--patience must be 0 (off) or more"),
         (config.bootstrap >= 0, "--bootstrap must be 0 or more"),
         (0 <= config.aug_fill <= 1, "--aug-fill must be in [0, 1]"),
+        (0 <= config.near_copies <= 1, "--near-copies must be in [0, 1] (0 = off)"),
         (0 <= config.distill_weight <= 1, "--distill-weight must be in [0, 1]"),
         (config.distill_temperature > 0, "--distill-temperature must be positive"),
         (

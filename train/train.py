@@ -374,6 +374,14 @@ def _datasets(
     )
 
 
+def _augmentation(config: TrainConfig) -> BatchAugmentation | None:
+    if not config.augment:
+        return None
+    if config.shift_augment:
+        return BatchAugmentation.device_shift(fill=config.aug_fill)
+    return BatchAugmentation(fill=config.aug_fill)
+
+
 def cpu_computes_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) through oneDNN."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -518,7 +526,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
         scaler=optimisation.scaler,
         criterion=optimisation.criterion,
         teacher=teacher,
-        augment=BatchAugmentation(fill=config.aug_fill) if config.augment else None,
+        augment=_augmentation(config),
         amp_dtype=amp_dtype,
         sampler=loaders.sampler,
         train_loader=loaders.train,
@@ -723,6 +731,7 @@ def _derived_facts(
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
         "trainable_parameters": trainable,
         "images": {split: data.counts(split) for split in data.splits},
+        "near_copies": data.near_copies.to_dict() if data.near_copies else None,
         "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
     }
 
