@@ -28,6 +28,7 @@ trained on (when it was trained on this data with those settings); ``--train-per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,21 +47,18 @@ from mirage_demo.models import create_classifier
 from mirage_demo.probe import cached_features, fit_probe
 
 REPO = Path(__file__).resolve().parent.parent
-SPLIT_CONFIG = REPO / "train" / "configs" / "demo-model-features.yaml"
+SPLIT_CONFIG = REPO / "train" / "configs" / "demo-model.yaml"
 PER_CLASS = ("1", "2", "5", "10", "20", "50", "all")
 
 
 def split_from(config_file: Path) -> SplitSpec:
-    """The split settings of a ``python -m train`` YAML config."""
-    options = yaml.safe_load(config_file.read_text()) or {}
-    return SplitSpec(
-        options.get("val_fraction", 0.15),
-        options.get("test_fraction", 0.15),
-        options.get("split_seed", 0),
-        tuple(
-            str(REPO / e) if not Path(e).is_absolute() else e for e in options.get("exclude", [])
-        ),
-    )
+    """The split settings of a ``python -m train`` YAML config (paths relative to the
+    repository, as the configs write them)."""
+    from train.config import parse_config
+
+    spec = parse_config(["--config", str(config_file)])[0].split
+    exclude = tuple(e if Path(e).is_absolute() else str(REPO / e) for e in spec.exclude)
+    return dataclasses.replace(spec, exclude=exclude)
 
 
 def subsample(samples: list[Sample], per_class: int | None, seed: int) -> list[Sample]:

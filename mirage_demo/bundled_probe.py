@@ -11,11 +11,22 @@ without a network. The key covers the backbone, the probe set's manifest and the
 
 Fitting runs the trainer, so it needs this repository's ``train/`` (a staged Space has none:
 there the head comes fitted, and the Space preloads only the backbone).
+
+The probe set itself is built from the real scans with::
+
+    python -m mirage_demo.bundled_probe --data DATA      # rewrites assets/probe-set/
+
+from the *training* split of the bundled demo models (``train/configs/demo-model.yaml``'s
+split settings: patient- and near-copy-disjoint from their test scans, examples excluded), one
+image per patient or near-copy group, none a near-copy of a bundled test scan or example, the
+same number per class (the rare classes as well represented as the common ones), downsized.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,8 +35,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from mirage_demo.cache import default_cache_dir
-from mirage_demo.data import IMAGE_SUFFIXES
+from mirage_demo.data import IMAGE_SUFFIXES, Sample, SplitSpec, load_dataset, patient_id
 from mirage_demo.models import WeightsUnavailableError, hub_weights, registered_hub_weights
 
 __all__ = [
@@ -39,6 +52,10 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROBE_SET = REPO_ROOT / "assets" / "probe-set"
 TEST_SCANS = REPO_ROOT / "assets" / "test-scans" / "images"
+EXAMPLES = REPO_ROOT / "assets" / "examples"
+SPLIT_CONFIG = REPO_ROOT / "train" / "configs" / "demo-model.yaml"
+MAX_WIDTH = 512  # the backbone's input side; B-scans are wider than tall
+JPEG_QUALITY = 80
 #: ``--probe`` names: (timm architecture, the checkpoint's name in the app's picker)
 PROBE_BACKBONES = {
     "mirage_base": ("mirage_base_patch32_512", "MIRAGE-Base-probe"),
@@ -153,3 +170,108 @@ def bundled_probe(
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return final
+
+
+# --------------------------------------------------------------------------------------------
+# Building the probe set (python -m mirage_demo.bundled_probe --data DATA)
+
+
+def split_settings(config_file: Path = SPLIT_CONFIG) -> SplitSpec:
+    """The split of a ``python -m train`` YAML config (its paths relative to the repository)."""
+    import yaml
+
+    options = yaml.safe_load(config_file.read_text()) or {}
+    exclude = tuple(str(REPO_ROOT / e) for e in options.get("exclude", []))
+    return SplitSpec(
+        val_fraction=options.get("val_fraction", 0.15),
+        test_fraction=options.get("test_fraction", 0.15),
+        seed=options.get("split_seed", 0),
+        exclude=exclude,
+        near_copies=options.get("near_copies", 0.95) or None,
+    )
+
+
+def _near_references(
+    candidates: list[Sample], references: list[Path], threshold: float
+) -> set[int]:
+    """Indices of ``candidates`` that are near-copies (mirrored or not) of a reference image."""
+    from mirage_demo.nearcopies import near_copy_pairs, thumbnails
+
+    rows = thumbnails([s.path for s in candidates] + references)
+    pairs = near_copy_pairs(rows, threshold)
+    n = len(candidates)
+    return {i for i, j, _ in pairs if i < n <= j}
+
+
+def build_probe_set(
+    data: str | Path,
+    out: Path = PROBE_SET,
+    per_class: tuple[int, int] = (60, 15),
+    seed: int = 0,
+    split: SplitSpec | None = None,
+) -> dict:
+    """Write ``out/{train,val}/<CLASS>/*.jpg`` and ``out/manifest.json``; returns the manifest."""
+    from mirage_demo.testscans import ATTRIBUTION, downsized
+
+    split = split or split_settings()
+    dataset = load_dataset(data, split)
+    candidates = list(dataset.splits["train"])
+    references = _images(TEST_SCANS) + _images(EXAMPLES)
+    near = _near_references(candidates, references, split.near_copies or 0.95)
+    patients = {patient_id(p) for p in references} - {None}  # bundled copies keep the names
+    near |= {i for i, s in enumerate(candidates) if patient_id(s.path) in patients}
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[Sample]] = {"train": [], "val": []}
+    for k in range(len(dataset.class_names)):
+        groups: dict[str, Sample] = {}
+        for i in rng.permutation(len(candidates)):
+            sample = candidates[i]
+            if sample.label == k and i not in near:
+                groups.setdefault(sample.group, sample)  # one image per patient or group
+        pool = list(groups.values())
+        need = sum(per_class)
+        if len(pool) < need:
+            raise ValueError(f"{dataset.class_names[k]}: {len(pool)} usable groups, {need} needed")
+        chosen["val"] += pool[: per_class[1]]
+        chosen["train"] += pool[per_class[1] : need]
+    shutil.rmtree(out, ignore_errors=True)
+    entries = []
+    for part, samples in chosen.items():
+        for sample in sorted(samples, key=lambda s: str(s.path)):
+            cls = dataset.class_names[sample.label]
+            target = out / part / cls / f"{sample.path.stem}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            downsized(sample.path, MAX_WIDTH).save(target, quality=JPEG_QUALITY, optimize=True)
+            source = hashlib.sha256(sample.path.read_bytes()).hexdigest()
+            entries.append({"image": target.relative_to(out).as_posix(), "class": cls,
+                            "split": part, "file": f"{cls}/{sample.path.name}",
+                            "source_sha256": source})  # fmt: skip
+    manifest = {
+        "description": "Labelled scans the app fits its MIRAGE probe on (python app.py --probe)",
+        "license": "CC BY 4.0",
+        "attribution": ATTRIBUTION,
+        "selection": {"split": split.to_dict(), "per_class": list(per_class), "seed": seed},
+        "scans": entries,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mirage_demo.bundled_probe",
+        description="Rebuild assets/probe-set/ from the real scans (see the module's docstring).",
+    )
+    parser.add_argument("--data", required=True, help="the labelled scans (<CLASS>/*)")
+    parser.add_argument("--train-per-class", type=int, default=60)
+    parser.add_argument("--val-per-class", type=int, default=15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    manifest = build_probe_set(args.data, per_class=(args.train_per_class, args.val_per_class))
+    size = sum(p.stat().st_size for p in PROBE_SET.rglob("*") if p.is_file())
+    print(f"{len(manifest['scans'])} scans, {size / 2**20:.1f} MiB in {PROBE_SET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

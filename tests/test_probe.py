@@ -38,6 +38,7 @@ from train.train import main as train_main
 TINY = ["--model", "mirage_tiny_patch32_512", "--model-kwargs", "{depth: 2}", "--img-size", "64"]
 FAST = ["--workers", "0", "--bootstrap", "100", "--threads", "1", "--no-progress"]
 REVISION = "1" * 40
+REPO = Path(__file__).resolve().parents[1]
 HEAD_KEYS = {"norm.weight", "norm.bias", "head.weight", "head.bias"}
 
 
@@ -417,3 +418,55 @@ def test_push_to_hub_uploads_kilobytes(app_probe, tmp_path, monkeypatch):
     assert uploaded["model.safetensors"] < 64_000
     assert sum(uploaded.values()) < 1_000_000
     assert "only the classifier" in (directory / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped probe set, and a probe on real scans
+
+
+def test_the_probe_set_is_balanced_small_and_disjoint_from_test_scans_and_examples():
+    from mirage_demo.bundled_probe import EXAMPLES, PROBE_SET, TEST_SCANS, _images
+    from mirage_demo.data import patient_id
+    from mirage_demo.nearcopies import near_copy_pairs, thumbnails
+
+    manifest = json.loads((PROBE_SET / "manifest.json").read_text())
+    images = _images(PROBE_SET)
+    assert sorted(p.relative_to(PROBE_SET).as_posix() for p in images) == sorted(
+        s["image"] for s in manifest["scans"]
+    )
+    assert sum(p.stat().st_size for p in images) < 15 * 2**20
+    counts: dict[tuple[str, str], int] = {}
+    for scan in manifest["scans"]:
+        counts[scan["split"], scan["class"]] = counts.get((scan["split"], scan["class"]), 0) + 1
+    assert len(set(counts.values())) == 1 and len(counts) == 8  # train/val x 4 classes, equal
+    references = _images(TEST_SCANS) + _images(EXAMPLES)
+    shared = {patient_id(p) for p in images} & {patient_id(p) for p in references} - {None}
+    assert shared == set()
+    rows = thumbnails(images + references)
+    near = [(i, j) for i, j, _ in near_copy_pairs(rows, 0.95) if i < len(images) <= j]
+    assert near == []
+    assert manifest["license"] == "CC BY 4.0" and "Kermany" in manifest["attribution"]
+    assert "probe-set" in (REPO / "assets" / "ATTRIBUTION.md").read_text()
+
+
+@pytest.mark.slow  # 525 real scans through a ResNet-18 at 384
+def test_a_probe_on_the_bundled_resnet18_features_learns_real_scans(tmp_path, capsys):
+    from mirage_demo.bundled_probe import PROBE_SET, TEST_SCANS, _link_tree
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        _link_tree(PROBE_SET / split, data / split)
+    _link_tree(TEST_SCANS, data / "test")
+    weights = REPO / "assets" / "demo-model" / "model.safetensors"
+    code, _, err = run_train(
+        capsys, "--mode", "probe", "--model", "resnet18", "--weights", weights,
+        "--img-size", 384, "--data", data, "--out", tmp_path / "out",
+        "--cache-dir", tmp_path / "cache", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    balanced = metrics["overall"]["balanced_accuracy"]
+    assert balanced["ci95"][0] > 0.4  # chance: 0.25
+    assert metrics["overall"]["macro_auroc"]["value"] > 0.85
+    for cls, entry in metrics["per_class"].items():
+        assert entry["sensitivity"]["value"] > 0, cls  # every class is found
