@@ -42,6 +42,7 @@ from mirage_demo.checkpoint import (
     resolve_checkpoint_dir,
 )
 from mirage_demo.metrics import REPORT_FILES, load_report
+from mirage_demo.models import registered_hub_weights
 
 __all__ = [
     "DEFAULT_HARDWARE",
@@ -59,6 +60,7 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: What a Space needs from this repository; nothing of train/, tests/ or benchmarks/.
 STAGED_PATHS = ("app.py", "mirage_demo", "assets", "LICENSE")
+UNSTAGED_PATHS = ("assets/probe-set",)  # what a probe is fitted on: never needed on a Space
 REQUIREMENTS = "requirements.txt"  # staged through space_requirements()
 #: The PyTorch versions ZeroGPU installs, each with its torchvision (the Hub's ZeroGPU page,
 #: spaces-zerogpu.md, 2026-08-22). A Space whose requirements admit none is refused at build
@@ -205,6 +207,8 @@ def stage(
         _copy_tree(REPO_ROOT / name, directory / name)
     requirements = (REPO_ROOT / REQUIREMENTS).read_text(encoding="utf-8")
     (directory / REQUIREMENTS).write_text(space_requirements(requirements), encoding="utf-8")
+    for name in UNSTAGED_PATHS:
+        shutil.rmtree(directory / name, ignore_errors=True)
     for checkpoint in checkpoints:
         if checkpoint.local and checkpoint.served_as().startswith("checkpoints/"):
             assert checkpoint.directory is not None
@@ -293,9 +297,15 @@ def front_matter(checkpoints: Sequence[ServedCheckpoint], hardware: str) -> dict
         meta["models"] = list(dict.fromkeys(models))
     # Built into the image: no download at start-up. Pinned revisions are left to the app
     # (the cache it fills at first start serves them afterwards).
-    if preload := [s for s in hub if "@" not in s]:
-        meta["preload_from_hub"] = preload
-    if hub:
+    preload = [s for s in hub if "@" not in s]
+    # a probe's frozen backbone: its repo (derived from the registry), file and commit
+    backbones = [c.config.backbone for c in checkpoints if c.config and c.config.backbone]
+    for ref in backbones:
+        _, repo_id, filename = registered_hub_weights(ref.weights)
+        preload.append(f"{repo_id} {filename} {ref.revision}")
+    if preload:
+        meta["preload_from_hub"] = list(dict.fromkeys(preload))
+    if hub or backbones:
         meta["startup_duration_timeout"] = "1h"  # room for a first download of a large model
     licenses = {
         str(c.config.source_weights.get("license"))
@@ -401,18 +411,20 @@ def deploy(
     token: str | None = None,
     api_factory: Callable[..., Any] | None = None,
     log: Callable[[str], None] = print,
+    probe: str | None = None,
 ) -> str:
     """Check everything, stage, create or update the Space; returns its URL.
 
     ``api_factory(token=...)`` builds the client (default :class:`huggingface_hub.HfApi`);
-    tests pass a recording stand-in.
+    tests pass a recording stand-in. ``probe`` (e.g. ``"mirage_base"``): the app's probe on
+    that backbone, fitted here if not cached, is served first; only its head is uploaded.
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     check_space_id(repo_id)
     _check_hardware(hardware)
-    served = check_checkpoints(checkpoints)
+    served = check_checkpoints(with_probe(checkpoints, probe, log))
     token = token or get_token()
     if not token:
         raise DeployError(
@@ -441,6 +453,21 @@ def deploy(
                 f"the Hub refused the deployment of {repo_id}: {_one_line(err)}{hint}"
             ) from err
     return url
+
+
+def with_probe(
+    checkpoints: Sequence[str], probe: str | None, log: Callable[[str], None] = print
+) -> list[str]:
+    """``checkpoints`` with the app's probe on ``probe``'s backbone first (fitted on this
+    machine if it is not cached; see :mod:`mirage_demo.bundled_probe`)."""
+    if not probe:
+        return list(checkpoints)
+    from mirage_demo.bundled_probe import ProbeUnavailableError, bundled_probe
+
+    try:
+        return [str(bundled_probe(probe, log=log)), *checkpoints]
+    except ProbeUnavailableError as err:
+        raise DeployError(f"--probe {probe}: {err}") from err
 
 
 def _one_line(err: Exception) -> str:
@@ -514,6 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Space hardware (default {DEFAULT_HARDWARE}: ZeroGPU, free accounts; cpu-basic "
         "and the GPUs need a paid plan)",
     )
+    run.add_argument(
+        "--probe",
+        metavar="BACKBONE",
+        help="serve MIRAGE itself, first: a probe on mirage_base's (or mirage_large's) frozen "
+        "features, fitted here on the app's bundled scans if not cached; the Space gets the "
+        "head (kilobytes) and preloads the backbone from the Hub",
+    )
     run.add_argument("--private", action="store_true", help="create the Space private")
     run.add_argument(
         "--dry-run", metavar="DIR", type=Path, help="only write the staged folder to DIR (offline)"
@@ -521,12 +555,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.dry_run is None:
-            url = deploy(args.repo_id, args.checkpoint, args.hardware, args.private)
+            url = deploy(
+                args.repo_id, args.checkpoint, args.hardware, args.private, probe=args.probe
+            )
             print(f"Space: {url} (it builds for a few minutes, then serves the app)")
             return 0
         check_space_id(args.repo_id)
         _check_hardware(args.hardware)
-        served = check_checkpoints(args.checkpoint, offline=True)
+        served = check_checkpoints(with_probe(args.checkpoint, args.probe), offline=True)
         staged = stage(args.dry_run, served, args.hardware)
     except DeployError as err:
         print(f"error: {err}", file=sys.stderr)

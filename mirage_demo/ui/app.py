@@ -8,12 +8,15 @@ Building reads checkpoint configs and reports only; models load on first use.
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
 
+from mirage_demo.bundled_probe import ProbeUnavailableError, bundled_probe
 from mirage_demo.checkpoint import CheckpointError
 from mirage_demo.ui.batch import build_batch_tab
 from mirage_demo.ui.classify import build_classify_tab
@@ -85,16 +88,20 @@ def build_app(
     tabs: Sequence[TabBuilder] = TABS,
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
     max_batch: int = 1,
+    notice: str | None = None,
 ) -> gr.Blocks:
     """The app around a :class:`ModelRegistry`: header, model picker, then ``tabs``.
 
     ``wrap_model_call`` decorates every handler that runs a model (e.g. ``spaces.GPU``);
-    ``max_batch`` > 1 lets Gradio batch waiting ``/predict`` requests. Serve it with
+    ``max_batch`` > 1 lets Gradio batch waiting ``/predict`` requests; ``notice`` is shown
+    under the header (e.g. why a model asked for is not served). Serve it with
     :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
     """
     config = registry.config(registry.default)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
+        if notice:
+            gr.Markdown(f"**Note:** {html.escape(notice)}", elem_classes="disclaimer")
         with gr.Row(equal_height=True):
             model = gr.Dropdown(
                 registry.names,
@@ -155,21 +162,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--share", action="store_true", help="also serve on a public gradio.live link"
     )
+    parser.add_argument(
+        "--probe",
+        metavar="BACKBONE",
+        help="also serve MIRAGE itself, first in the picker: a linear probe on the frozen "
+        "features of mirage_base (or mirage_large), fitted on the app's bundled labelled "
+        "scans at first start (downloads the backbone; minutes on a CPU), then cached",
+    )
     args = parser.parse_args(argv)
+    notices: list[str] = []
+    sources = list(args.checkpoint)
+    if args.probe:
+        try:
+            sources.insert(0, str(bundled_probe(args.probe)))
+        except ProbeUnavailableError as err:
+            notices.append(f"The MIRAGE probe is not served: {err}.")
     try:
         registry = ModelRegistry(  # on ZeroGPU small models run on the CPU, asking no GPU
-            available_models(args.checkpoint),
+            available_models(sources),
             device=resolve_device(args.device),
             small_on_cpu=ZERO_GPU,
         )
+        registry = without_missing_backbones(registry, notices)
         if ZERO_GPU:  # models are placed (on emulated CUDA) before ZeroGPU packs them at launch
             registry.preload()
-        demo = build_app(registry, max_batch=args.max_batch)
+        for notice in notices:
+            print(f"warning: {notice}", file=sys.stderr)
+        demo = build_app(registry, max_batch=args.max_batch, notice=" ".join(notices) or None)
         registry.get(registry.default)  # a broken default model stops here, not on first use
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")
     setup_queue(demo, args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, **LAUNCH_OPTIONS)
+
+
+def without_missing_backbones(registry: ModelRegistry, notices: list[str]) -> ModelRegistry:
+    """``registry`` without the probes whose backbone cannot be had here (offline and not
+    cached, a failed download), each with a line in ``notices``; the others serve as usual."""
+    keep = []
+    for name in registry.names:
+        if len(registry.names) > 1 and registry.config(name).backbone is not None:
+            try:
+                registry.get(name)
+            except gr.Error as err:
+                notices.append(f"{html.unescape(err.message)} Serving the other models.")
+                continue
+        keep.append(registry.choices[name])
+    if len(keep) == len(registry.names):
+        return registry
+    return ModelRegistry(keep, device=registry.device)
 
 
 def setup_queue(
