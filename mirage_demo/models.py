@@ -367,7 +367,11 @@ def create_classifier(
 
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The penultimate features ``(B, D)`` (timm's pre-logits: pooled, after the final norm) and
-    the logits ``(B, K)`` from one forward pass, the same as ``model(x)``."""
+    the logits ``(B, K)`` from one forward pass, the same as ``model(x)``. A model without
+    timm's ``forward_features``/``forward_head``/``get_classifier`` gives ``(B, 0)`` features."""
+    if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")):
+        logits = model(x)
+        return logits.new_zeros(len(x), 0), logits
     features = model.forward_head(model.forward_features(x), pre_logits=True)
     return features.flatten(1), model.get_classifier()(features)
 

@@ -53,6 +53,7 @@ def trained(tmp_path_factory) -> Path:
     """A local checkpoint as ``python -m train`` leaves it: with resume state and logs."""
     directory = tiny_checkpoint(tmp_path_factory.mktemp("runs") / "my-model")
     (directory / "train_state.pt").write_bytes(b"resume state: never published")
+    (directory / "uncertainty.safetensors").write_bytes(b"served: staged by name")
     (directory / "history.csv").write_text("epoch,loss\n1,1.0\n")
     (directory / "train_config.yaml").write_text("epochs: 1\n")
     (directory / "tensorboard").mkdir()
@@ -115,6 +116,7 @@ def test_dry_run_stages_the_app_and_nothing_of_training(tmp_path, trained, capsy
         "checkpoints/my-model/config.json",
         "checkpoints/my-model/metrics.json",
         "checkpoints/my-model/confusion_matrix.png",
+        "checkpoints/my-model/uncertainty.safetensors",
     } <= files
     training = [
         f
