@@ -30,11 +30,18 @@ from torch import nn
 import mirage_demo
 from mirage_demo.data import DataError, Preprocessing, SplitSpec
 from mirage_demo.fileio import atomic_write, atomic_write_text
-from mirage_demo.models import create_classifier
+from mirage_demo.models import (
+    WeightsUnavailableError,
+    classifier_parameter_names,
+    create_classifier,
+    hub_weights,
+    registered_hub_weights,
+)
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "BackboneRef",
     "CheckpointConfig",
     "CheckpointError",
     "load_checkpoint",
@@ -50,6 +57,7 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "mirage-demo-checkpoint"
 FORMAT_VERSION = 1
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+_HEX = {"revision": re.compile(r"^[0-9a-f]{40}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
 MAX_CONFIG_BYTES = 1_000_000  # a config.json is a few KB; refuse anything absurd unread
 
 #: Architecture arguments a checkpoint may pass to ``timm.create_model``, with the values
@@ -82,6 +90,50 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong."""
 
 
+@dataclass(frozen=True)
+class BackboneRef:
+    """The frozen backbone of a head-only (probe) checkpoint, named by architecture: timm's
+    registry says which Hub repo and file hold its weights (``weights`` is ``architecture.tag``);
+    the checkpoint pins the commit and the file's SHA-256. Never a URL or a repo id: loading
+    derives the repo from the registry, so a config.json cannot make the app fetch anything else.
+    """
+
+    weights: str
+    revision: str
+    sha256: str
+
+    @property
+    def repo_id(self) -> str:
+        return registered_hub_weights(self.weights)[1]
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, architecture: str) -> BackboneRef:
+        """From untrusted JSON: exactly these keys, hex digests, weights registered on the Hub
+        for ``architecture``."""
+        allowed = "a mapping of weights, revision (40 hex digits) and sha256 (64 hex digits)"
+        if not isinstance(data, dict) or set(data) != set(cls.__dataclass_fields__):
+            raise _bad("backbone", allowed, data)
+        for key, pattern in _HEX.items():
+            if not isinstance(data[key], str) or not pattern.match(data[key]):
+                raise _bad(f"backbone.{key}", allowed, data[key])
+        weights = data["weights"]
+        valid = isinstance(weights, str) and weights.partition(".")[0] == architecture
+        try:
+            valid = valid and registered_hub_weights(weights)[0] == weights
+        except ValueError:
+            valid = False
+        if not valid:
+            raise _bad(
+                "backbone.weights",
+                f"'{architecture}.<tag>' with Hub weights in timm's registry",
+                weights,
+            )
+        return cls(weights, data["revision"], data["sha256"])
+
+
 @dataclass
 class CheckpointConfig:
     """Everything needed to rebuild, run and describe a fine-tuned model."""
@@ -96,6 +148,8 @@ class CheckpointConfig:
     split: SplitSpec | None = None
     #: free-form provenance (resolved options, image counts, best epoch...): read by people
     training: dict[str, Any] = field(default_factory=dict)
+    #: a probe's frozen backbone, fetched from the Hub on load (``None``: all weights here)
+    backbone: BackboneRef | None = None
     description: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
     library_version: str = mirage_demo.__version__
@@ -108,6 +162,7 @@ class CheckpointConfig:
         data = asdict(self)
         data["preprocessing"] = self.preprocessing.to_dict()
         data["split"] = None if self.split is None else self.split.to_dict()
+        data["backbone"] = None if self.backbone is None else self.backbone.to_dict()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
@@ -123,6 +178,8 @@ class CheckpointConfig:
         except (DataError, TypeError, ValueError, AttributeError) as err:
             reason = " ".join(str(err).split())[:200]
             raise CheckpointError(f"{CONFIG_NAME} has an unusable split record: {reason}") from err
+        if data.get("backbone") is not None:
+            fields["backbone"] = BackboneRef.from_dict(data["backbone"], fields["architecture"])
         return cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
 
 
@@ -302,17 +359,24 @@ def save_checkpoint(
     """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each atomically).
 
     ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights at that precision, to
-    halve the file; :func:`load_checkpoint` always computes in float32.
+    halve the file; :func:`load_checkpoint` always computes in float32. With
+    ``config.backbone`` (a probe) only the classifier is written: the backbone's weights are
+    fetched from the Hub on load, never copied.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    kept = set(classifier_parameter_names(model)) if config.backbone else None
     state = {}
     for key, value in model.state_dict().items():
+        if kept is not None and key not in kept:
+            continue
         value = value.detach().cpu()
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         state[key] = value.contiguous()
     meta = {"format": "pt", "architecture": config.architecture}
+    if config.backbone:
+        meta["head_only"] = config.backbone.weights
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2) + "\n")
     return directory
@@ -415,6 +479,8 @@ def load_checkpoint(
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model = model_from_config(config, device="meta")  # weights come from the file: allocate once
     check_input_size(model, config)
+    if config.backbone is not None:
+        return _load_probe(config, state, weights).to(device).eval(), config
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -430,6 +496,51 @@ def load_checkpoint(
         )
     model.load_state_dict(state, assign=True)
     return model.to(device).eval(), config
+
+
+def _load_probe(
+    config: CheckpointConfig, head: dict[str, torch.Tensor], weights: Path
+) -> nn.Module:
+    """A probe checkpoint's model: its frozen backbone from the Hugging Face cache (the commit
+    and SHA-256 it was fitted on, checked), then its classifier from ``weights``."""
+    ref = config.backbone
+    assert ref is not None
+    try:
+        found = hub_weights(ref.weights, ref.revision)
+    except WeightsUnavailableError as err:
+        raise CheckpointError(f"this probe's backbone cannot be loaded: {err}") from err
+    if found.sha256 != ref.sha256:
+        raise CheckpointError(
+            f"the backbone {found.repo_id} at {ref.revision[:12]} in the Hugging Face cache has "
+            f"SHA-256 {found.sha256[:12]}..., this probe was fitted on {ref.sha256[:12]}...: "
+            "delete the cached copy and download it again"
+        )
+    kwargs = {"in_chans": config.preprocessing.in_chans, **config.model_kwargs}
+    try:
+        model = create_classifier(
+            config.architecture, config.num_classes, weights=found.path, **kwargs
+        )
+    except (ValueError, RuntimeError, OSError) as err:
+        raise CheckpointError(
+            f"the backbone {found.path} does not load ({str(err).splitlines()[0][:200]})"
+        ) from err
+    expected = {
+        k: v for k, v in model.state_dict().items() if k in classifier_parameter_names(model)
+    }
+    problems = [f"missing {k}" for k in expected if k not in head]
+    problems += [f"unexpected {k}" for k in head if k not in expected]
+    problems += [
+        f"{k} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+        for k, v in head.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"the classifier in {weights} does not fit {config.architecture} with "
+            f"{config.num_classes} classes: " + "; ".join(problems[:5])
+        )
+    model.load_state_dict(head, strict=False)
+    return model
 
 
 def push_to_hub(
@@ -464,5 +575,12 @@ def hub_model_card(config: CheckpointConfig) -> str:
         f"- mirage-demo\n---\n\n# {config.architecture} OCT classifier\n\n"
         f"Classes: {', '.join(config.class_names)}.\n\n"
         f"Source weights: {source.get('name', 'none (trained from scratch)')}.\n\n"
-        f"{config.description}\n\nA teaching and research model, not a medical device.\n"
+        + (
+            f"A linear probe: this repository holds only the classifier; the frozen backbone "
+            f"is [{config.backbone.repo_id}](https://huggingface.co/{config.backbone.repo_id}) "
+            f"at commit {config.backbone.revision}, downloaded on load.\n\n"
+            if config.backbone
+            else ""
+        )
+        + f"{config.description}\n\nA teaching and research model, not a medical device.\n"
     )

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -41,9 +43,12 @@ from torch import nn
 __all__ = [
     "MIRAGE_LICENSE",
     "FinetuneMode",
+    "HubWeights",
+    "WeightsUnavailableError",
     "checkpoint_filter_fn",
     "configure_finetuning",
     "create_classifier",
+    "hub_weights",
     "is_mirage",
     "load_mirage_state_dict",
     "optimizer_param_groups",
@@ -374,6 +379,65 @@ def _source_input_size(name: str, weights: Path) -> tuple[int, ...] | None:
             return None
         shape = handle.get_slice(key).get_shape()
     return (int(shape[1]), *cfg.input_size[1:]) if len(shape) == 4 else None
+
+
+class WeightsUnavailableError(ValueError):
+    """A registered architecture's weights cannot be had here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """A registered architecture's weights file, as stored in the Hugging Face cache."""
+
+    name: str  # the registry's ``architecture.tag``
+    repo_id: str  # from the registry, never from a checkpoint
+    filename: str
+    revision: str  # the Hub commit the file belongs to
+    path: Path
+    sha256: str
+
+
+def registered_hub_weights(name: str) -> tuple[str, str, str]:
+    """``(architecture.tag, repo id, file name)`` of the Hub weights timm's registry names for
+    ``name`` (an architecture, or ``architecture.tag``); ``ValueError`` when it names none."""
+    try:
+        cfg = resolve_pretrained_cfg(name)
+    except Exception as err:  # timm raises RuntimeError or KeyError for unknown names
+        raise ValueError(f"{name!r} is not a registered timm architecture") from err
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"timm's registry names no Hugging Face Hub weights for {name!r}")
+    repo_id = str(cfg.hf_hub_id).partition("@")[0]
+    return f"{cfg.architecture}.{cfg.tag}", repo_id, cfg.hf_hub_filename or "model.safetensors"
+
+
+def hub_weights(name: str, revision: str | None = None) -> HubWeights:
+    """The registry's Hub weights for ``name``, fetched through the Hugging Face cache like
+    ``pretrained=True`` (offline with ``HF_HUB_OFFLINE=1`` once cached), with their commit and
+    SHA-256. Not cached and the Hub unreachable: :class:`WeightsUnavailableError`, one line
+    naming the repo to download."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    tagged, repo_id, filename = registered_hub_weights(name)
+    pinned = f" --revision {revision}" if revision else ""
+    try:
+        path = Path(hf_hub_download(repo_id, filename, revision=revision))
+    except LocalEntryNotFoundError as err:
+        raise WeightsUnavailableError(
+            f"the weights of {tagged} ({repo_id}) are not in the Hugging Face cache and the Hub "
+            f"cannot be reached (offline?): download them once with network access, e.g. "
+            f"`hf download {repo_id} {filename}{pinned}`"
+        ) from err
+    except HfHubHTTPError as err:
+        reason = " ".join(str(err).split())[:200]
+        raise WeightsUnavailableError(f"cannot download {repo_id}: {reason}") from err
+    parts = path.parts
+    commit = parts[parts.index("snapshots") + 1] if "snapshots" in parts else (revision or "")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return HubWeights(tagged, repo_id, filename, commit, path, digest.hexdigest())
 
 
 def pretrained_source(name: str) -> dict[str, Any]:

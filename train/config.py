@@ -42,6 +42,7 @@ class TrainConfig:
     img_size: int | None = None
     mode: str = "full"
     last_k: int = 2
+    probe_c: list[float] = field(default_factory=list)
     drop_path: float = 0.1
     grad_checkpointing: bool = False
     # optimisation
@@ -202,8 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--mode",
-        choices=["linear", "last-k", "full"],
-        help=_help("what to train: head only, last k blocks + head, everything", "mode"),
+        choices=["linear", "last-k", "full", "probe"],
+        help=_help(
+            "what to train: head only, last k blocks + head, everything, or a logistic-"
+            "regression probe on frozen features cached on disk (seconds once embedded)",
+            "mode",
+        ),
+    )
+    g.add_argument(
+        "--probe-c",
+        type=float,
+        action="append",
+        metavar="C",
+        help="--mode probe: a regularisation strength to try (repeatable; the best on the "
+        "validation split is kept; default: 1e-4 to 10 in decades)",
     )
     g.add_argument("--last-k", type=int, help=_help("blocks trained in --mode last-k", "last_k"))
     g.add_argument("--drop-path", type=float, help=_help("stochastic depth rate", "drop_path"))
@@ -385,7 +398,11 @@ def _validate(config: TrainConfig) -> None:
         (0 <= config.aug_fill <= 1, "--aug-fill must be in [0, 1]"),
         (0 <= config.distill_weight <= 1, "--distill-weight must be in [0, 1]"),
         (config.distill_temperature > 0, "--distill-temperature must be positive"),
-        (config.mode in ("linear", "last-k", "full"), "--mode must be linear, last-k or full"),
+        (
+            config.mode in ("linear", "last-k", "full", "probe"),
+            "--mode must be linear, last-k, full or probe",
+        ),
+        (all(c > 0 for c in config.probe_c), "--probe-c must be positive"),
         (
             config.balance in ("loss", "sampler", "sqrt", "none"),
             "--balance must be loss, sampler, sqrt or none",

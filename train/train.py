@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -73,6 +73,9 @@ from train.distill import Teacher, distillation_loss
 from train.distributed import Dist, setup
 from train.evaluate import collect_logits, evaluate_samples, summary
 from train.state import STATE_NAME, get_rng_state, load_state, save_state, set_rng_state
+
+if TYPE_CHECKING:
+    from train.probe import ProbeRun
 
 __all__ = ["TrainingDivergedError", "main", "train"]
 
@@ -310,6 +313,9 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
         if config.pretrained or config.weights
         else "trained from scratch"
     )
+    if config.mode == "probe":
+        start = "pretrained" if config.pretrained or config.weights else "randomly initialised"
+        how = f"frozen ({start} weights), a linear probe fitted"
     taught = f", distilled from {Path(config.teacher).name}" if config.teacher else ""
     classes = ", ".join(class_names)
     return f"{config.model} {how}{taught} on {len(class_names)} OCT classes ({classes})."
@@ -407,6 +413,10 @@ def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
 def train(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, Any] | None:
     """Run training end to end; returns the test metrics on rank 0 (``None`` elsewhere)."""
     explicit = set(explicit or ())
+    if config.mode == "probe":
+        from train.probe import probe
+
+        return probe(config, explicit)
     config, state = _prepare_out(config, explicit)
     dist = setup(config.device)
     try:
@@ -759,17 +769,23 @@ def _restore_state(run: Run, state: dict) -> None:
 
 def _write_run_files(run: Run, derived: dict[str, Any]) -> None:
     """``train_config.yaml`` (the resolved options) and the TensorBoard writer (rank 0)."""
-    config, out = run.config, run.out
+    config = run.config
+    write_resolved_options(config, run.out, derived)
+    if config.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        run.writer = SummaryWriter(str(run.out / "tensorboard"), purge_step=run.progress.epoch + 1)
+
+
+def write_resolved_options(config: TrainConfig, out: Path, derived: dict[str, Any]) -> None:
+    """``train_config.yaml``: the resolved options (``--config`` reuses them), derived facts
+    as comments."""
     out.mkdir(parents=True, exist_ok=True)
     resolved = yaml.safe_dump({**config.to_dict(), "resume": False}, sort_keys=False)
     derived_yaml = yaml.safe_dump(derived, sort_keys=False)
     comment = "".join(f"# {line}\n" for line in derived_yaml.splitlines())
     text = f"# python -m train --config this-file (resolved options)\n{comment}{resolved}"
     atomic_write(out / "train_config.yaml", lambda tmp: Path(tmp).write_text(text))
-    if config.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.writer = SummaryWriter(str(out / "tensorboard"), purge_step=run.progress.epoch + 1)
 
 
 def train_one_epoch(run: Run, epoch: int) -> tuple[float, int, float]:
@@ -928,7 +944,7 @@ def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
         _say(dist, f"early stopping: no better model for {config.patience} epochs")
 
 
-def _finish(run: Run) -> dict[str, Any]:
+def _finish(run: Run | ProbeRun) -> dict[str, Any]:
     """Calibrate the best model on val, then write the report on test (val if none): both
     from the image files, as the app and ``train.evaluate`` see them."""
     config, data, out, device = run.config, run.data, run.out, run.dist.device
@@ -967,7 +983,8 @@ def _finish(run: Run) -> dict[str, Any]:
         progress=config.progress,
     )
     best = checkpoint.training.get("best_epoch")
-    print(f"best model: epoch {best}, temperature {temperature:.3f}; report on the {split} split:")
+    which = f"best model: epoch {best}" if best else "probe"
+    print(f"{which}, temperature {temperature:.3f}; report on the {split} split:")
     print(summary(metrics))
     print(f"checkpoint and report written to {out}", flush=True)
     return metrics
