@@ -1,11 +1,11 @@
 """Where a model places scans: its penultimate features drawn in two dimensions.
 
 :func:`compute_feature_map` embeds a :class:`~mirage_demo.testscans.ScanSet` with the model's
-frozen features (one forward each, no augmentation), then projects them to 2-D by PCA and by
-t-SNE (scikit-learn). :func:`plot_feature_map` draws one projection (colour: the reference
-class; a cross: the model's answer was wrong) and returns each point's pixel position in the
-picture, so a click on the picture finds its scan (:func:`nearest_point`).
-:func:`cached_feature_map` computes a map once per model and scan set.
+pooled features (:func:`mirage_demo.probe.embed`: what a probe is fitted on), then projects them
+to 2-D by PCA and by t-SNE (scikit-learn). :func:`plot_feature_map` draws one projection
+(colour: the reference class; a cross: the model's answer was wrong) and returns each point's
+pixel position in the picture, so a click on the picture finds its scan
+(:func:`nearest_point`). :func:`cached_feature_map` computes a map once per model and scan set.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,18 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirage_demo.data import FileImages, Preprocessing, Sample
-from mirage_demo.evaluation import collect_logits, make_loader
+from mirage_demo.data import Preprocessing, Sample
+from mirage_demo.probe import FeatureCache, embed, weights_digest
 from mirage_demo.testscans import ScanEntry, ScanSet
 
 __all__ = [
     "PROJECTIONS",
     "FeatureMap",
     "cached_feature_map",
-    "checkpoint_digest",
     "compute_feature_map",
+    "feature_map_key",
     "nearest_point",
-    "penultimate_features",
     "plot_feature_map",
     "project",
 ]
@@ -48,36 +47,6 @@ MIN_TSNE_POINTS = 6
 CACHE_SIZE = 8  # feature maps kept in memory (a few hundred points each: kilobytes)
 # Colour-blind-safe colours (Okabe-Ito), one per class; the wrong answers get a cross
 CLASS_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
-
-
-class PreLogits(nn.Module):
-    """A timm classifier's penultimate features: ``forward_head(forward_features(x),
-    pre_logits=True)`` (pooled, before the last linear layer)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
-
-
-def penultimate_features(
-    model: nn.Module,
-    samples: Sequence[Sample],
-    preprocessing: Preprocessing,
-    device: torch.device,
-    *,
-    batch_size: int = 32,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(features (n, D) float32, indices into samples)`` of the readable ``samples``,
-    decoded and batched as evaluation does (:func:`~mirage_demo.evaluation.collect_logits`)."""
-    loader = make_loader(FileImages(samples, preprocessing), batch_size, 0, device)
-    features, _, indices = collect_logits(
-        PreLogits(model), loader, preprocessing, device, progress=False, on_batch=on_batch
-    )
-    return features, indices
 
 
 def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
@@ -130,13 +99,12 @@ def compute_feature_map(
     preprocessing: Preprocessing,
     scans: ScanSet,
     device: torch.device,
-    on_batch: Callable[[int, int], None] | None = None,
 ) -> FeatureMap:
     """Embed ``scans`` (unreadable images left out) and project them by every method."""
     index = {name: i for i, name in enumerate(scans.class_names)}
     samples = [Sample(e.image, index[e.true], e.file) for e in scans.entries]
     start = time.perf_counter()
-    features, kept = penultimate_features(model, samples, preprocessing, device, on_batch=on_batch)
+    features, kept = embed(model, samples, preprocessing, device, progress=False)
     seconds = {"embedding": time.perf_counter() - start}
     coords = {}
     for method in PROJECTIONS:
@@ -210,24 +178,12 @@ def nearest_point(pixels: np.ndarray, x: float, y: float, radius: float = 15.0) 
 # One map per model and scan set
 
 
-def checkpoint_digest(directory: str | Path) -> str:
-    """SHA-256 over a checkpoint's ``config.json`` and weights files (what its features
-    depend on)."""
-    digest = hashlib.sha256()
-    directory = Path(directory)
-    for path in [*sorted(directory.glob("*.safetensors")), directory / "config.json"]:
-        if path.is_file():
-            digest.update(path.name.encode())
-            with open(path, "rb") as stream:
-                for block in iter(lambda: stream.read(2**20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def scan_set_digest(scans: ScanSet) -> str:
-    """SHA-256 of a scan set's files, images, labels and predictions."""
+def feature_map_key(model: nn.Module, preprocessing: Preprocessing, scans: ScanSet) -> str:
+    """What a feature map depends on: the backbone's weights and preprocessing (as the probe's
+    feature cache keys them) and the scans with their labels and predictions."""
     rows = [(e.file, str(e.image), e.true, e.predicted) for e in scans.entries]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]
+    return f"{FeatureCache.key(weights_digest(model), preprocessing)}-{digest}"
 
 
 _cache: OrderedDict[str, FeatureMap] = OrderedDict()

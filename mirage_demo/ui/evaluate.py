@@ -18,6 +18,7 @@ from mirage_demo.testscans import scan_set_from_predictions
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
+from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 
 __all__ = ["build_evaluate_tab", "evaluate_scans"]
@@ -135,6 +136,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
             numbers = gr.JSON(elem_id="evaluate-json")
         gr.Markdown("### Explore your scans")
         views = explorer_views(ctx, "evaluate")
+        build_feature_map(ctx, "evaluate-map", source=views.state)
 
     @ctx.model_call(duration=batch_gpu_seconds)  # as /batch: a base plus per image
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
