@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, TypeVar, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGE_SUFFIXES",
+    "MAX_JPEG_SCANS",
     "DataError",
     "DatasetSplits",
     "FileImages",
@@ -39,7 +41,9 @@ __all__ = [
     "class_counts",
     "class_weights",
     "collate_skip_unreadable",
+    "decoded_bytes",
     "discover_dataset",
+    "image_header",
     "load_dataset",
     "open_image",
     "patient_id",
@@ -51,10 +55,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
+#: The only formats PIL may open (those of IMAGE_SUFFIXES): no other plugin runs, and some
+#: (ICO, EPS) decode or run programs inside ``Image.open``.
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
 SPLIT_NAMES = ("train", "val", "test")
 MAX_PIXELS = 64_000_000  # a B-scan is ~0.5 MP; refuse decompression bombs early
 MAX_WORK_PIXELS = 2048 * 2048  # larger images are decoded reduced to at most this
 MAX_DECODE_BYTES = 192 * 2**20  # decoded pixels a file may need before it is reduced
+MAX_JPEG_SCANS = 64  # a progressive JPEG has ~10 scans; each is a pass over every pixel
+_T = TypeVar("_T")
 #: What every reader accepts: a path, the file's bytes, a PIL image or an array.
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
 
@@ -89,27 +98,54 @@ def open_image(
     """Decode an image at a bounded cost: the loaded first frame, EXIF orientation applied,
     at most :data:`MAX_WORK_PIXELS` (larger images are decoded reduced).
 
-    The one place images are opened (app, CLI, evaluation, training). JPEGs decode directly at
-    1/2, 1/4 or 1/8 scale (``draft``); other formats are refused above
-    :data:`MAX_DECODE_BYTES` of decoded pixels, then reduced. Unreadable input raises
-    :class:`ImageReadError` naming the image and the reason.
+    The one place images are opened (app, CLI, evaluation, training). Everything
+    :func:`image_header` refuses is refused before decoding; JPEGs decode directly at 1/2, 1/4
+    or 1/8 scale (``draft``); other formats are refused above :data:`MAX_DECODE_BYTES` of
+    decoded pixels, then reduced. Unreadable input raises :class:`ImageReadError` naming the
+    image and the reason.
     """
     label = name or _label_of(source)
-    opened = None
+    if isinstance(source, Image.Image):  # opened by the caller: checked here, unless loaded
+        _guarded(lambda: _check_header(source, label), label)
+        return _guarded(lambda: _bounded(source, label), label)
+    image = _guarded(lambda: _opened(source, label), label)
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            image = opened = Image.open(io.BytesIO(source))
-        else:
-            image = opened = Image.open(source)
-        result = _bounded(image, label)
-        if opened is not None and result is not opened:
-            opened.close()
-        return result
+        result = _guarded(lambda: _bounded(image, label), label)
     except ImageReadError:
-        if opened is not None:
-            opened.close()
+        image.close()
+        raise
+    if result is not image:
+        image.close()
+    return result
+
+
+def image_header(source: str | Path | bytes | BinaryIO, name: str | None = None) -> Image.Image:
+    """``source`` opened, its header read and checked, no pixel decoded (close it after use).
+
+    Only :data:`IMAGE_FORMATS` are tried; over :data:`MAX_PIXELS`, and a JPEG with more than
+    :data:`MAX_JPEG_SCANS` scans (each one a pass over every pixel, ~10 bytes each), raise
+    :class:`ImageReadError`, as does anything that is not such an image."""
+    label = name or _label_of(source)
+    return _guarded(lambda: _opened(source, label), label)
+
+
+def _opened(source: str | Path | bytes | BinaryIO, label: str) -> Image.Image:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    image = Image.open(source, formats=IMAGE_FORMATS)
+    try:
+        _check_header(image, label)
+    except ImageReadError:
+        image.close()
+        raise
+    return image
+
+
+def _guarded(work: Callable[[], _T], label: str) -> _T:
+    """``work()``, PIL's errors turned into :class:`ImageReadError` naming ``label``."""
+    try:
+        return work()
+    except ImageReadError:
         raise
     except FileNotFoundError as err:
         raise ImageReadError(label, "file not found") from err
@@ -118,25 +154,59 @@ def open_image(
     except UnidentifiedImageError as err:
         raise ImageReadError(label, "not a readable image (unknown format)") from err
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
-        if opened is not None:
-            opened.close()
         raise ImageReadError(label, f"corrupt or truncated image ({err})") from err
 
 
-def _bounded(image: Image.Image, label: str) -> Image.Image:
-    """:func:`open_image`'s work on an opened image (errors are PIL's own)."""
+def _check_header(image: Image.Image, label: str) -> None:
+    """What an opened image may cost to decode, from its header alone."""
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageReadError(
             label,
             f"{width}x{height} pixels is too large (limit {MAX_PIXELS // 1_000_000} megapixels)",
         )
+    limit = _scan_limit(image) if getattr(image, "fp", None) is not None else None
+    if limit is not None:  # not loaded yet
+        scans = _count_in(image.fp, b"\xff\xda")
+        if scans > limit:
+            raise ImageReadError(label, f"a JPEG of {scans:,} scans (limit {limit:,})")
+
+
+def _scan_limit(image: Image.Image) -> int | None:
+    """The most JPEG scans an image may hold: per JPEG stream (a TIFF's strips or tiles
+    each hold one), or None for a format without JPEG data."""
+    if image.format in ("JPEG", "MPO"):
+        return MAX_JPEG_SCANS
+    if image.format == "TIFF" and image.info.get("compression") in ("jpeg", "tiff_jpeg"):
+        streams = image.tag_v2.get(324) or image.tag_v2.get(273) or (0,)  # tiles or strips
+        return MAX_JPEG_SCANS * len(streams)
+    return None
+
+
+def _count_in(stream: BinaryIO, marker: bytes, chunk: int = 2**20) -> int:
+    """Occurrences of a two-byte ``marker`` in the whole ``stream``, read 1 MB at a time; its
+    position is kept. An SOS marker (``FFDA``) never occurs inside entropy-coded data (a 0xFF
+    there is followed by 0x00 or a restart marker), so the count bounds a JPEG's scans."""
+    position = stream.tell()
+    stream.seek(0)
+    count, carry = 0, b""
+    while block := stream.read(chunk):
+        count += (carry + block).count(marker)
+        carry = block[-1:]
+    stream.seek(position)
+    return count
+
+
+def _bounded(image: Image.Image, label: str) -> Image.Image:
+    """:func:`open_image`'s work on an image whose header passed :func:`_check_header`
+    (errors are PIL's own)."""
+    width, height = image.size
     if getattr(image, "tell", lambda: 0)() != 0:
         image.seek(0)  # animated: the first frame
     factor = max(1, math.ceil(math.sqrt(width * height / MAX_WORK_PIXELS)))
     if factor > 1 and image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale
         image.draft(image.mode, (width // factor, height // factor))
-    decoded = image.width * image.height * _bytes_per_pixel(image.mode)
+    decoded = decoded_bytes(image)
     if decoded > MAX_DECODE_BYTES:
         raise ImageReadError(
             label,
@@ -185,6 +255,11 @@ def _reducible(image: Image.Image) -> Image.Image:
     if image.mode in ("P", "PA"):
         return image.convert("RGBA")
     return image.convert("L" if image.mode == "1" else "RGB")
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """Bytes PIL holds for ``image``'s pixels at its current size (known from the header)."""
+    return image.width * image.height * _bytes_per_pixel(image.mode)
 
 
 def _bytes_per_pixel(mode: str) -> int:

@@ -16,6 +16,8 @@ of a request does not depend on what the archive claims.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
@@ -39,9 +41,11 @@ from mirage_demo.data import (
     Preprocessing,
     Sample,
     collate_skip_unreadable,
+    decoded_bytes,
+    image_header,
 )
 from mirage_demo.metrics import softmax, write_report
-from mirage_demo.uploads import RequestBudget, expand_uploads
+from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
 
 __all__ = [
     "LabelledUpload",
@@ -56,6 +60,8 @@ __all__ = [
 
 
 MAX_UPLOAD_FILES = 1000
+MAX_FILE_OVERHEAD = 2**20  # bytes an unpacked image may hold beyond its pixels (metadata)
+MAX_NAME_BYTES = 120  # of an unpacked image's file name, before its suffix
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,85 +268,117 @@ def labelled_upload(
     ``<CLASS>/<image>``, or an image whose ``name`` is ``<CLASS>/<image>``.
 
     The class is an image's parent folder (for a file without one, the class in a Kermany-style
-    name, ``CNV-1016042-1.jpeg``). Zips are read by :mod:`mirage_demo.uploads` (streamed, with
-    byte caps per entry and per request: ``budget``); an entry that cannot be read (corrupt,
-    encrypted, a nested zip, over a limit) is left out and listed in ``skipped``. Classes the
-    checkpoint does not know, an image without a class folder, more than ``max_files`` images
-    and an upload with no usable image raise :class:`~mirage_demo.data.DataError`.
+    name, ``CNV-1016042-1.jpeg``). Every name is checked before anything is read: classes the
+    checkpoint does not know, an image without a class folder and more than ``max_files``
+    images raise :class:`~mirage_demo.data.DataError`. Zips are read by
+    :mod:`mirage_demo.uploads` (streamed, byte caps per entry and per request: ``budget``); an
+    image is written only when its header is one the app reads and the file is at most its
+    pixels' size plus :data:`MAX_FILE_OVERHEAD`, so what is kept on disk is bounded by what
+    can be evaluated. Entries left out are listed in ``skipped``; an upload with no usable
+    image raises :class:`~mirage_demo.data.DataError`.
     """
     root = Path(root)
     budget = budget or RequestBudget()
     known = {name: index for index, name in enumerate(class_names)}
-    entries: list[tuple[str, str, Path]] = []  # (shown name, class, unpacked path)
-    skipped: list[str] = []
-    unknown: set[str] = set()
-    unlabelled: list[str] = []
-
-    def place(shown: str) -> tuple[str, Path] | None:
-        parts = PurePosixPath(shown.replace("\\", "/")).parts
-        kermany = _KERMANY_NAME.match(PurePosixPath(parts[-1]).stem) if parts else None
-        if len(parts) >= 2:
-            cls, file_name = parts[-2], parts[-1]
-        elif kermany:  # a loose file named as Kermany's: CNV-1016042-1.jpeg
-            cls, file_name = kermany.group("cls"), parts[-1]
-        else:
-            unlabelled.append(shown)
-            return None
-        if cls not in known:
-            unknown.add(cls)
-            return None
-        target = root / cls / file_name
-        stem, suffix, n = target.stem, target.suffix, 1
-        while target.exists():
-            target, n = root / cls / f"{stem}-{n}{suffix}", n + 1
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return cls, target
-
-    zips = [str(name) for name, _ in uploads if str(name).lower().endswith(".zip")]
     with ExitStack() as stack:
         items = expand_uploads([(str(n), str(p)) for n, p in uploads], stack)
         if len(items) > max_files:
             raise DataError(f"more than {max_files} images in one upload")
-        for item in items:
-            inside = next((z for z in zips if item.name.startswith(z + "/")), None)
-            shown = item.name[len(inside) + 1 :] if inside else item.name
-            if inside is None and PurePosixPath(shown).suffix.lower() not in IMAGE_SUFFIXES:
-                skipped.append(f"{item.name}: {item.error or 'not an image or a .zip'}")
-                continue
-            if item.error is not None:
-                skipped.append(f"{item.name}: {item.error}")
-                continue
-            placed = place(shown)
-            if placed is None:
-                continue
-            cls, target = placed
+        labelled, skipped = _labelled(items, known)
+        samples: list[Sample] = []
+        taken: set[Path] = set()
+        for item, cls in labelled:
             try:
-                source = item.load(budget)
+                target = _unpack(item, root / cls, budget, taken)
             except ImageReadError as err:
                 skipped.append(f"{item.name}: {err.reason}")
                 continue
-            if isinstance(source, bytes):
-                target.write_bytes(source)
-            else:
-                shutil.copyfile(source, target)
-            entries.append((shown, cls, target))
+            samples.append(Sample(target, known[cls], target.stem))
+    if not samples:
+        reason = f" (left out: {skipped[0]})" if skipped else ""
+        raise DataError(
+            f"no labelled images found{reason}: upload a .zip laid out as <CLASS>/<image>"
+        )
+    return LabelledUpload(root, samples, skipped)
+
+
+def _labelled(
+    items: Sequence[UploadItem], known: dict[str, int]
+) -> tuple[list[tuple[UploadItem, str]], list[str]]:
+    """``([(item, class)], skipped)`` from the items' names alone (nothing is read); unknown
+    classes and images without one raise :class:`DataError`."""
+    labelled, skipped, unknown, unlabelled = [], [], set(), []
+    for item in items:
+        shown = item.member if item.member is not None else item.name
+        if item.error is None and item.member is None and not _is_image_name(shown):
+            skipped.append(f"{item.name}: not an image or a .zip")
+        elif item.error is not None:
+            skipped.append(f"{item.name}: {item.error}")
+        elif (cls := _class_of(shown)) is None:
+            unlabelled.append(shown)
+        elif cls not in known:
+            unknown.add(cls)
+        else:
+            labelled.append((item, cls))
     if unknown:
         raise DataError(
             f"classes the model does not know: {', '.join(sorted(unknown))} "
-            f"(it knows {', '.join(class_names)}); rename or remove those folders"
+            f"(it knows {', '.join(known)}); rename or remove those folders"
         )
     if unlabelled:
         raise DataError(
             f"{len(unlabelled)} image(s) without a class folder (e.g. {unlabelled[0]}): "
             "lay the scans out as <CLASS>/<image>"
         )
-    if not entries:
-        reason = f" (left out: {skipped[0]})" if skipped else ""
-        raise DataError(
-            f"no labelled images found{reason}: upload a .zip laid out as <CLASS>/<image>"
+    return labelled, skipped
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _class_of(name: str) -> str | None:
+    """An image's class: its parent folder, else the class of a Kermany-style file name."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if len(parts) >= 2:
+        return parts[-2]
+    kermany = _KERMANY_NAME.match(PurePosixPath(parts[-1]).stem) if parts else None
+    return kermany.group("cls") if kermany else None
+
+
+def _unpack(item: UploadItem, folder: Path, budget: RequestBudget, taken: set[Path]) -> Path:
+    """Write one labelled image into ``folder`` under a new, safe name; refuse (before
+    writing) what the app cannot read and a file much larger than its pixels."""
+    source = item.load(budget)
+    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+    with image_header(source, item.name) as header:
+        most = decoded_bytes(header) + MAX_FILE_OVERHEAD
+        width, height = header.size
+    if size > most:
+        raise ImageReadError(
+            item.name, f"skipped: {size:,} bytes, more than its {width}x{height} pixels need"
         )
-    samples = [Sample(target, known[cls], target.stem) for _, cls, target in entries]
-    return LabelledUpload(root, samples, skipped)
+    target = _new_path(folder, PurePosixPath(item.member or item.name).name, taken)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, bytes):
+        target.write_bytes(source)
+    else:
+        shutil.copyfile(source, target)
+    return target
+
+
+def _new_path(folder: Path, name: str, taken: set[Path]) -> Path:
+    """``folder/name`` made safe (no separators or control characters, no leading dot, at
+    most :data:`MAX_NAME_BYTES`), numbered if ``taken``; added to ``taken``."""
+    path = PurePosixPath(name)
+    stem = re.sub(r"[\x00-\x1f\\/]", "_", path.stem).lstrip(".")
+    stem = stem.encode()[:MAX_NAME_BYTES].decode(errors="ignore") or "image"
+    suffix = path.suffix.lower() if _is_image_name(name) else ""
+    target, n = folder / f"{stem}{suffix}", 1
+    while target in taken:
+        target, n = folder / f"{stem}-{n}{suffix}", n + 1
+    taken.add(target)
+    return target
 
 
 def evaluate_upload(

@@ -15,7 +15,6 @@ A :class:`RequestBudget` caps what one request may unpack and decode in all.
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from collections.abc import Callable, Sequence
@@ -23,14 +22,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
-
-from mirage_demo.data import IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError
+from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, image_header
 
 __all__ = [
     "MAX_MEMBER_BYTES",
     "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_ENTRIES",
     "MAX_REQUEST_PIXELS",
+    "MAX_REQUEST_ZIPS",
     "MAX_ZIP_ENTRIES",
     "RequestBudget",
     "UploadItem",
@@ -41,6 +40,8 @@ __all__ = [
 
 MAX_ZIP_ENTRIES = 2000  # entries of one zip (images, folders, anything)
 MAX_CENTRAL_DIRECTORY = 1 * 2**20  # bytes of a zip's table of contents (parsed in memory)
+MAX_REQUEST_ENTRIES = MAX_ZIP_ENTRIES  # entries of all zips of one request together
+MAX_REQUEST_ZIPS = 32  # zips opened by one request (each holds a file open)
 MAX_MEMBER_BYTES = 64 * 2**20  # one unpacked image file
 MAX_REQUEST_BYTES = 256 * 2**20  # unpacked from all zips of one request
 MAX_REQUEST_PIXELS = 500_000_000  # declared pixels of all images of one request
@@ -68,15 +69,14 @@ class RequestBudget:
 
         A header that cannot be read reserves nothing: the decoder reports why later."""
         try:
-            opened = io.BytesIO(source) if isinstance(source, bytes) else source
-            with Image.open(opened) as image:
+            with image_header(source) as image:
                 pixels = image.width * image.height
-        except Exception:  # unreadable: the decoder says why, once
+        except ImageReadError:  # unreadable: the decoder says why, once
             pixels = 0
-        if pixels > self.pixels_left and pixels <= MAX_PIXELS:
+        if pixels > self.pixels_left:
             total = MAX_REQUEST_PIXELS // 1_000_000
             return f"skipped: this batch reached its limit of {total} megapixels in all"
-        self.pixels_left -= min(pixels, self.pixels_left)
+        self.pixels_left -= pixels
         return None
 
 
@@ -88,6 +88,7 @@ class UploadItem:
     name: str
     reader: Callable[[RequestBudget], str | bytes] | None = None
     error: str | None = None
+    member: str | None = None  # its path inside the zip it comes from
 
     def load(self, budget: RequestBudget) -> str | bytes:
         """The image source (a path or the file's bytes) within ``budget``, or
@@ -148,21 +149,12 @@ class ZipUpload:
 
     def _item(self, info: zipfile.ZipInfo) -> UploadItem:
         name = f"{self.label}/{info.filename}"
-        suffix = PurePosixPath(info.filename).suffix.lower()
-        if suffix == ".zip":
-            return UploadItem(name, error="skipped: a zip inside a zip is not opened")
-        if info.flag_bits & 0x1:
-            return UploadItem(name, error="skipped: encrypted (password-protected) entry")
-        if info.compress_type not in _SUPPORTED_METHODS:
-            methods = " or ".join(_SUPPORTED_METHODS.values())
-            return UploadItem(
-                name,
-                error=f"skipped: compression method {info.compress_type} is not supported "
-                f"(use {methods})",
-            )
-        if info.file_size > MAX_MEMBER_BYTES:
-            return UploadItem(name, error=_too_big())
-        return UploadItem(name, reader=lambda budget: self._read(info, name, budget))
+        error = _unreadable_entry(info)
+        if error is not None:
+            return UploadItem(name, error=error, member=info.filename)
+        return UploadItem(
+            name, reader=lambda budget: self._read(info, name, budget), member=info.filename
+        )
 
     def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> bytes:
         """One member, streamed: at most its declared size, at most MAX_MEMBER_BYTES."""
@@ -190,19 +182,29 @@ class ZipUpload:
 
 def expand_uploads(uploads: Sequence[tuple[str, str]], stack: ExitStack) -> list[UploadItem]:
     """``(name, path)`` of uploaded files -> one item per image; zips are expanded (and kept
-    open on ``stack``), a zip that cannot be opened is one item with its error."""
+    open on ``stack``), a zip that cannot be opened is one item with its error.
+
+    A request opens at most :data:`MAX_REQUEST_ZIPS` zips of :data:`MAX_REQUEST_ENTRIES`
+    entries in all (counted from their end records first): one zip listed a thousand times
+    is opened a few times, the other listings are items with the reason."""
     items: list[UploadItem] = []
+    zips_left, entries_left = MAX_REQUEST_ZIPS, MAX_REQUEST_ENTRIES
     for name, path in uploads:
-        if name.lower().endswith(".zip"):
-            try:
-                upload = ZipUpload.open(path, name)
-            except ImageReadError as err:
-                items.append(UploadItem(name, error=err.reason))
-                continue
-            stack.callback(upload.close)
-            items += upload.items
-        else:
+        if not name.lower().endswith(".zip"):
             items.append(UploadItem(name, reader=lambda budget, path=path: path))
+            continue
+        entries = max(1, zip_entry_count(path))  # over MAX_ZIP_ENTRIES: refused on opening
+        if entries <= MAX_ZIP_ENTRIES and (zips_left == 0 or entries > entries_left):
+            items.append(UploadItem(name, error=_request_full()))
+            continue
+        zips_left, entries_left = zips_left - 1, max(0, entries_left - entries)
+        try:
+            upload = ZipUpload.open(path, name)
+        except ImageReadError as err:
+            items.append(UploadItem(name, error=err.reason))
+            continue
+        stack.callback(upload.close)
+        items += upload.items
     return items
 
 
@@ -246,6 +248,27 @@ def _is_listed(info: zipfile.ZipInfo) -> bool:
     if path.name.startswith("."):
         return False
     return path.suffix.lower() in (*IMAGE_SUFFIXES, ".zip")
+
+
+def _unreadable_entry(info: zipfile.ZipInfo) -> str | None:
+    """Why an entry is not read at all (a nested zip, encrypted, ...), or None."""
+    if PurePosixPath(info.filename).suffix.lower() == ".zip":
+        return "skipped: a zip inside a zip is not opened"
+    if info.flag_bits & 0x1:
+        return "skipped: encrypted (password-protected) entry"
+    if info.compress_type not in _SUPPORTED_METHODS:
+        methods = " or ".join(_SUPPORTED_METHODS.values())
+        return f"skipped: compression method {info.compress_type} is not supported (use {methods})"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return _too_big()
+    return None
+
+
+def _request_full() -> str:
+    return (
+        f"skipped: this request reached its limit of {MAX_REQUEST_ZIPS} zips and "
+        f"{MAX_REQUEST_ENTRIES:,} zip entries in all"
+    )
 
 
 def _too_big() -> str:

@@ -546,13 +546,17 @@ def app_server(tiny_ckpt):
         demo.close()
 
 
-def test_model_events_share_one_group_and_uploads_expire(app_server):
+def test_model_events_share_two_lanes_and_uploads_expire(app_server):
     from mirage_demo.ui import LAUNCH_OPTIONS
 
     _, _, demo = app_server
     fns = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
-    assert {"predict", "explain", "batch"} <= set(fns)
-    assert {fns[name].concurrency_id for name in ("predict", "explain", "batch")} == {"model"}
+    assert {"predict", "explain", "compare", "batch", "evaluate"} <= set(fns)
+    assert {fns[name].concurrency_id for name in ("predict", "explain", "compare")} == {"model"}
+    long_jobs = {
+        (fns[name].concurrency_id, fns[name].concurrency_limit) for name in ("batch", "evaluate")
+    }
+    assert long_jobs == {("long-jobs", 1)}
     assert demo.delete_cache is not None and demo.delete_cache[1] <= 3600
     assert LAUNCH_OPTIONS["max_file_size"] == "50mb"
     states = [b for b in demo.blocks.values() if type(b).__name__ == "State"]
@@ -739,3 +743,245 @@ def test_a_model_that_cannot_load_is_not_retried(tiny_ckpt, tmp_path, monkeypatc
             registry.get("bad")
     assert len(calls) <= 1
     assert registry.get("good").class_names == CLASSES
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 20: every request bounded in CPU time, memory and disk, whatever the upload
+
+
+def _decodes(monkeypatch) -> list:
+    """Every image PIL decodes from now on (``ImageFile.load`` calls)."""
+    from PIL import ImageFile
+
+    decoded, real = [], ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.format)
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return decoded
+
+
+def test_jpeg_scan_bomb_is_refused_before_decoding(monkeypatch):
+    from mirage_demo.data import ImageReadError, open_image
+    from tests.hostile_files import scan_bomb
+
+    decoded = _decodes(monkeypatch)
+    bomb = scan_bomb((256, 256), scans=5000)  # 50 KB; at 7999x7999, minutes of decoding
+    with pytest.raises(ImageReadError, match=r"^bomb.jpeg: a JPEG of 5,00\d scans \(limit 64\)"):
+        open_image(bomb, "bomb.jpeg")
+    assert decoded == []
+    from mirage_demo.data import MAX_JPEG_SCANS
+
+    long_but_legal = scan_bomb((256, 256), scans=MAX_JPEG_SCANS - 10)
+    assert open_image(long_but_legal).size == (256, 256) and decoded == ["JPEG"]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\nshowpage\n"
+
+
+@pytest.mark.parametrize("kind", ["ico", "eps"])
+def test_formats_the_app_does_not_read_are_never_opened(monkeypatch, kind):
+    from mirage_demo.data import ImageReadError, open_image
+    from mirage_demo.uploads import RequestBudget
+    from tests.hostile_files import ico_bomb
+
+    data = ico_bomb(3000) if kind == "ico" else EPS  # the ICO plugin decodes its PNG on open
+    decoded = _decodes(monkeypatch)
+    budget = RequestBudget()
+    assert budget.take_pixels(data) is None and budget.pixels_left == RequestBudget().pixels_left
+    with pytest.raises(ImageReadError, match=r"^scan.png: not a readable image \(unknown format"):
+        open_image(data, "scan.png")  # uploaded as .png
+    assert decoded == []
+
+
+def test_evaluate_writes_only_what_it_can_evaluate(tmp_path):
+    """Issue 20's disk amplification: zero-filled members (and a real scan followed by
+    megabytes of zeros) are refused before anything is written."""
+    from mirage_demo.evaluation import labelled_upload
+    from tests.hostile_files import real_scans, zeros_zip
+
+    archive = zeros_zip(tmp_path / "zeros.zip", members=3, member_mb=8)
+    padded = tmp_path / "CNV-1-1.jpeg"  # a real scan, then 8 MB of zeros
+    padded.write_bytes(next(iter(real_scans(1).values())) + bytes(8 * 2**20))
+    uploads = [("zeros.zip", str(archive)), ("CNV-1-1.jpeg", str(padded))]
+    upload = labelled_upload(uploads, CLASSES, tmp_path / "scans")
+    written = sum(p.stat().st_size for p in (tmp_path / "scans").rglob("*") if p.is_file())
+    assert len(upload.samples) == 4
+    assert written == sum(map(len, real_scans().values()))
+    reasons = sorted(entry.split(": ", 1)[1] for entry in upload.skipped)
+    assert reasons[:3] == ["not a readable image (unknown format)"] * 3, reasons
+    assert reasons[3].startswith("skipped: 8,") and "more than its 512x496 pixels" in reasons[3]
+
+
+def test_one_zip_listed_many_times_is_opened_once(app_server, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from mirage_demo.ui import classify_batch
+    from mirage_demo.uploads import ZipUpload
+    from tests.hostile_files import many_entries_zip
+
+    opened, real = [], ZipUpload.open.__func__
+
+    def counting(cls, *args, **kwargs):
+        opened.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ZipUpload, "open", classmethod(counting))
+    many = {"path": str(many_entries_zip(tmp_path / "many.zip")), "orig_name": "many.zip"}
+    with pytest.raises(gr.Error, match=r"files is too many for one batch \(limit 500\)"):
+        classify_batch(app_server[1], [many] * 200, "tiny")
+    assert len(opened) == 1  # 2,000 entries: the request's budget of entries
+
+    from mirage_demo.uploads import MAX_REQUEST_ZIPS
+
+    opened.clear()
+    small = _zip(tmp_path / "small.zip", {"a.png": _png_bytes(), "b.png": _png_bytes()})
+    payload = {"path": str(small), "orig_name": "small.zip"}
+    table, _, summary = classify_batch(app_server[1], [payload] * 40, "tiny")
+    assert len(opened) == MAX_REQUEST_ZIPS
+    assert f"{2 * MAX_REQUEST_ZIPS} classified" in summary
+    refused = [row for row in table if "limit of 32 zips" in row[-1]]
+    assert len(refused) == 40 - MAX_REQUEST_ZIPS
+
+
+def test_a_long_job_does_not_hold_up_one_scan(app_server, monkeypatch):
+    """/batch and /evaluate have their own lane: a /predict sent while one runs is answered
+    before it ends (the app serves one model call at a time here)."""
+    import threading
+
+    from gradio_client import Client, handle_file
+
+    import mirage_demo.ui.batch as batch
+
+    started, gate = threading.Event(), threading.Event()
+    real = batch.expand_uploads
+
+    def held(*args, **kwargs):  # a long job: it runs until the test lets it go
+        started.set()
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "expand_uploads", held)
+    url = app_server[0]
+    scan = handle_file(str(EXAMPLE))
+    try:
+        job = Client(url, verbose=False).submit([scan], api_name="/batch")
+        assert started.wait(30)
+        label, _ = Client(url, verbose=False).submit(scan, api_name="/predict").result(timeout=30)
+        assert len(label["confidences"]) == 4 and not job.done()
+    finally:
+        gate.set()
+    _, _, summary = job.result(timeout=60)
+    assert "1 classified" in summary
+
+
+def _labelled_zip(path: Path, names: list[str]) -> dict:
+    scan = EXAMPLE.read_bytes()
+    members = {name: (b"junk" if "junk" in name else scan) for name in names}
+    return {"path": str(_zip(path, members)), "orig_name": path.name}
+
+
+def test_names_are_escaped_in_evaluate_explorer_and_compare(app_server, tmp_path):
+    import shutil
+
+    import gradio as gr
+
+    from mirage_demo.ui.compare import compare_scan
+    from mirage_demo.ui.evaluate import evaluate_scans
+    from mirage_demo.ui.explore import explorer_cell, explorer_open
+
+    predictor = app_server[1].get("tiny")
+    bad = "<img src=x onerror=alert(1)>"
+    upload = _labelled_zip(
+        tmp_path / "scans.zip", [f"CNV/{bad}.jpeg", "DME/b.jpeg", f"DME/{bad}junk.png"]
+    )
+    result = evaluate_scans(predictor, [upload])
+    try:
+        assert "&lt;img src=x" in result["note"] and "<img" not in result["note"]
+        state = result["state"]
+        entry = next(e for e in state.scans.entries if bad in e.file)
+        row, column = CLASSES.index(entry.true), CLASSES.index(entry.predicted) + 1
+        explorer_cell(state, row, column)
+        _, caption = explorer_open(predictor, state, state.shown.index(entry))
+        assert "&lt;img src=x" in caption and "<img" not in caption
+    finally:
+        shutil.rmtree(result["folder"], ignore_errors=True)
+
+    unknown = _labelled_zip(tmp_path / "unknown.zip", [f"{bad}/a.jpeg"])
+    with pytest.raises(gr.Error) as info:
+        evaluate_scans(predictor, [unknown])
+    assert "&lt;img src=x" in info.value.message and "<img" not in info.value.message
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(gr.Error) as info:
+        compare_scan(predictor, str(junk), f"{bad}.png")
+    assert "&lt;img src=x" in info.value.message and "<img" not in info.value.message
+
+
+def test_evaluate_takes_long_names_and_leaves_nothing_when_it_fails(
+    app_server, tmp_path, monkeypatch
+):
+    import shutil
+
+    import mirage_demo.ui.evaluate as evaluate
+
+    predictor = app_server[1].get("tiny")
+    long_name = "CNV/" + "a" * 300 + ".jpeg"  # 305 bytes: over the file system's 255
+    result = evaluate.evaluate_scans(
+        predictor, [_labelled_zip(tmp_path / "long.zip", [long_name, "DME/b.jpeg"])]
+    )
+    try:
+        assert result["metrics"]["num_images"] == 2
+        files = [p for p in (result["folder"] / "scans").rglob("*") if p.is_file()]
+        assert len(files) == 2 and max(len(p.name.encode()) for p in files) <= 125
+    finally:
+        shutil.rmtree(result["folder"], ignore_errors=True)
+
+    folders = []
+
+    def failing(model, config, uploads, out, **kwargs):
+        folders.append(Path(out))
+        (Path(out) / "scans").mkdir()
+        raise RuntimeError("disk trouble")
+
+    monkeypatch.setattr(evaluate, "evaluate_upload", failing)
+    with pytest.raises(RuntimeError):
+        evaluate.evaluate_scans(predictor, [_labelled_zip(tmp_path / "b.zip", ["DME/b.jpeg"])])
+    assert folders and not folders[0].exists()
+
+
+def test_kept_evaluations_are_bounded_on_disk(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import mirage_demo.ui.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "EVALUATIONS_MAX_BYTES", 250)
+    now = time.time()
+    for age, size in ((4000, 10), (300, 100), (200, 100), (100, 100)):
+        folder = tmp_path / f"oct-eval-{age}"
+        folder.mkdir()
+        (folder / evaluate.SIZE_FILE).write_text(str(size))
+        os.utime(folder, (now - age, now - age))
+    evaluate._make_room(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oct-eval-100", "oct-eval-200"]
+
+
+def test_quiz_scans_do_not_give_their_class_away():
+    from mirage_demo.ui.quiz import quiz_next, quiz_start
+    from mirage_demo.ui.registry import ASSETS
+
+    quiz, image, _ = quiz_start(ASSETS / "demo-model", CLASSES, 4, seed=0)
+    shown = [image]
+    while True:
+        quiz.answer(CLASSES[0])
+        image, _ = quiz_next(quiz)
+        if image is None:
+            break
+        shown.append(image)
+    originals = {Path(item.image).name for item in quiz.round}
+    assert len(shown) == 4 and not originals & {Path(p).name for p in shown}
+    assert not [p for p in shown if any(c.lower() in Path(p).name.lower() for c in CLASSES)]

@@ -17,7 +17,12 @@ import gradio as gr
 from mirage_demo.checkpoint import CheckpointError
 from mirage_demo.ui.batch import build_batch_tab
 from mirage_demo.ui.classify import build_classify_tab
-from mirage_demo.ui.context import MODEL_CONCURRENCY_ID, AppContext, example_scans
+from mirage_demo.ui.context import (
+    LONG_JOBS_CONCURRENCY_ID,
+    MODEL_CONCURRENCY_ID,
+    AppContext,
+    example_scans,
+)
 from mirage_demo.ui.evaluate import build_evaluate_tab
 from mirage_demo.ui.learn import build_learn_tab
 from mirage_demo.ui.quiz import build_quiz_tab
@@ -39,6 +44,7 @@ TITLE = "MIRAGE OCT demo"
 MAX_FILE_SIZE = "50mb"  # one uploaded file (a scan is < 5 MB; a zip of 500 scans ~50 MB)
 MAX_QUEUE = 64  # requests waiting, all sessions together
 MAX_WAITING_PER_SESSION = 4  # requests waiting from one browser tab or API client
+MODEL_LANES = (MODEL_CONCURRENCY_ID, LONG_JOBS_CONCURRENCY_ID)  # the groups of model work
 DELETE_CACHE = (600, 3600)  # every 10 minutes, delete uploads and outputs older than 1 hour
 TabBuilder = Callable[[AppContext], None]
 #: The tabs, in order.
@@ -170,9 +176,10 @@ def setup_queue(
     max_size: int = MAX_QUEUE,
     per_session: int = MAX_WAITING_PER_SESSION,
 ) -> gr.Blocks:
-    """Queue ``demo``'s requests: ``concurrency`` model calls at once (one group for every
-    model event), at most ``max_size`` waiting in all and ``per_session`` per session, so
-    one client cannot fill the queue; the next request past a limit is refused at once."""
+    """Queue ``demo``'s requests: ``concurrency`` one-scan model calls at once (one group for
+    those events) beside one long job (``/batch``, ``/evaluate``: a group of its own), at most
+    ``max_size`` waiting in all and ``per_session`` model requests per session, so one client
+    cannot fill the queue; the next request past a limit is refused at once."""
     demo.queue(default_concurrency_limit=concurrency, max_size=max_size)
     queue = demo._queue  # Gradio has no per-session limit: wrap its queue's entry point
     push = queue.push
@@ -181,11 +188,10 @@ def setup_queue(
         session = getattr(body, "session_hash", None)
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
         # only model work counts: a page's own load events (a dozen, reading metadata) never do
-        if session is not None and getattr(fn, "concurrency_id", None) == MODEL_CONCURRENCY_ID:
-            model_queue = queue.event_queue_per_concurrency_id.get(MODEL_CONCURRENCY_ID)
+        if session is not None and getattr(fn, "concurrency_id", None) in MODEL_LANES:
+            lanes = [queue.event_queue_per_concurrency_id.get(lane) for lane in MODEL_LANES]
             waiting = sum(
-                event.session_hash == session
-                for event in (model_queue.queue if model_queue else [])
+                event.session_hash == session for lane in lanes if lane for event in lane.queue
             )
             if waiting >= per_session:
                 return (

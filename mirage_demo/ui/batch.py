@@ -143,6 +143,6 @@ def build_batch_tab(ctx: AppContext) -> None:
         inputs=[batch_files, ctx.model],
         outputs=[batch_table, batch_csv, batch_summary],
         api_name="batch",
-        **ctx.model_events,
+        **ctx.long_events,
     )
     ctx.model.change(on_model, inputs=[ctx.model], outputs=[batch_table], api_visibility="private")

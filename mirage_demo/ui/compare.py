@@ -4,6 +4,7 @@ score and a sanity check (:func:`mirage_demo.trust.compare_methods`; named endpo
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,13 @@ import gradio as gr
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.trust import compare_methods
-from mirage_demo.ui.context import AppContext, example_label, method_name, reference_line
+from mirage_demo.ui.context import (
+    AppContext,
+    example_label,
+    method_name,
+    reference_line,
+    unreadable,
+)
 
 __all__ = ["COMPARE_HEADERS", "build_compare_section", "compare_scan"]
 
@@ -43,9 +50,9 @@ def compare_scan(
     try:
         comparison = compare_methods(predictor, path, target=target, name=name)
     except ImageReadError as err:
-        raise gr.Error(f"Could not read {name}: {err}", title="Unreadable image") from err
+        raise unreadable(err) from err
     except ValueError as err:
-        raise gr.Error(str(err)) from err
+        raise gr.Error(html.escape(str(err))) from err
     maps, randomized, rows = [], [], []
     for score in comparison.scores:
         label = method_name(score.method)

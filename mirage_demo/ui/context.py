@@ -26,6 +26,7 @@ from mirage_demo.zerogpu import gpu_task
 __all__ = [
     "DISCLAIMER",
     "EXAMPLES_DIR",
+    "LONG_JOBS_CONCURRENCY_ID",
     "METHOD_LABELS",
     "MODEL_CONCURRENCY_ID",
     "PREDICTED",
@@ -59,6 +60,8 @@ METHOD_LABELS = {
 }
 PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
+#: /batch and /evaluate: their own lane, one at a time, so they never hold up one scan.
+LONG_JOBS_CONCURRENCY_ID = "long-jobs"
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included.
@@ -98,6 +101,11 @@ class AppContext:
     #: ``--concurrency`` model calls run at once, whichever tab they come from.
     model_events: dict[str, Any] = field(
         default_factory=lambda: {"concurrency_id": MODEL_CONCURRENCY_ID}
+    )
+    #: Options of the events that run a model on many images (``/batch``, ``/evaluate``):
+    #: their own group of one call at a time, beside the one-scan calls, never in front of them.
+    long_events: dict[str, Any] = field(
+        default_factory=lambda: {"concurrency_id": LONG_JOBS_CONCURRENCY_ID, "concurrency_limit": 1}
     )
 
     def model_call(

@@ -4,6 +4,7 @@ the explorer on those scans and their predictions as CSV."""
 
 from __future__ import annotations
 
+import html
 import shutil
 import tempfile
 import time
@@ -24,6 +25,8 @@ from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 __all__ = ["build_evaluate_tab", "evaluate_scans"]
 
 EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
+EVALUATIONS_MAX_BYTES = 2**30  # on disk for all kept evaluations; the oldest go first
+SIZE_FILE = "bytes.txt"  # an evaluation's size on disk, written when it is done
 
 
 def _uploads(files: Any) -> list[tuple[str, str]]:
@@ -40,26 +43,44 @@ def _uploads(files: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _clean_old(parent: Path) -> None:
+def _make_room(parent: Path) -> None:
+    """Delete evaluations older than :data:`EVALUATIONS_KEPT_S`, then the oldest until those
+    kept hold at most :data:`EVALUATIONS_MAX_BYTES` (each records its size when done)."""
+    kept = []
     for folder in parent.glob("oct-eval-*"):
         try:
-            if time.time() - folder.stat().st_mtime > EVALUATIONS_KEPT_S:
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
+            age = time.time() - folder.stat().st_mtime
+            size = int((folder / SIZE_FILE).read_text()) if (folder / SIZE_FILE).is_file() else 0
+        except (OSError, ValueError):
             continue
+        if age > EVALUATIONS_KEPT_S:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            kept.append((age, size, folder))
+    total = sum(size for _, size, _ in kept)
+    for _, size, folder in sorted(kept, key=lambda entry: -entry[0]):  # the oldest first
+        if total <= EVALUATIONS_MAX_BYTES:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str, Any]:
     """``/evaluate``: the report of ``train.evaluate`` on uploaded labelled scans.
 
     Returns ``metrics`` (the metrics.json content), ``folder`` (report files and unpacked
-    scans), ``csv`` (predictions.csv), ``figures`` and the explorer's ``state``.
+    scans), ``csv`` (predictions.csv), ``figures`` and the explorer's ``state``. A request
+    that fails leaves nothing on disk.
     """
     uploads = _uploads(files)
     if not uploads:
         raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
     parent = Path(tempfile.gettempdir())
-    _clean_old(parent)
+    _make_room(parent)
     out = Path(tempfile.mkdtemp(prefix="oct-eval-", dir=parent))
     config = predictor.config
 
@@ -71,29 +92,37 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
         metrics, upload = evaluate_upload(
             predictor.model, config, uploads, out, device=predictor.device, on_batch=on_batch
         )
+        scans = scan_set_from_predictions(
+            out / "predictions.csv", upload.root, config.class_names, "your scans"
+        )
+        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
     except DataError as err:
         shutil.rmtree(out, ignore_errors=True)
-        raise gr.Error(str(err), title="Cannot evaluate these scans") from err
-    scans = scan_set_from_predictions(
-        out / "predictions.csv", upload.root, config.class_names, "your scans"
-    )
+        raise gr.Error(html.escape(str(err)), title="Cannot evaluate these scans") from err
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
     state = ExplorerState(list(config.class_names), scans.matrix(), scans)
     figures = {name: str(out / name) for name in REPORT_FIGURES}
-    skipped = ""
-    if upload.skipped:
-        skipped = f" Left out: {len(upload.skipped)} ({upload.skipped[0]}"
-        skipped += ", ...)." if len(upload.skipped) > 1 else ")."
-    unreadable = len(upload.samples) - metrics["num_images"]
-    if unreadable:
-        skipped += f" Unreadable images left out: {unreadable}."
     return {
         "metrics": metrics,
         "folder": out,
         "csv": str(out / "predictions.csv"),
         "figures": figures,
         "state": state,
-        "note": f"{metrics['num_images']} labelled scans evaluated.{skipped}",
+        "note": _note(metrics["num_images"], len(upload.samples), upload.skipped),
     }
+
+
+def _note(evaluated: int, unpacked: int, skipped: list[str]) -> str:
+    """``N labelled scans evaluated.`` and what was left out (names escaped)."""
+    note = f"{evaluated} labelled scans evaluated."
+    if skipped:
+        note += f" Left out: {len(skipped)} ({html.escape(skipped[0])}"
+        note += ", ...)." if len(skipped) > 1 else ")."
+    if unpacked > evaluated:
+        note += f" Unreadable images left out: {unpacked - evaluated}."
+    return note
 
 
 EVALUATE_INTRO = (
@@ -159,7 +188,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         inputs=[files, ctx.model],
         outputs=[note, report, *figures, csv_file, numbers, *views.outputs],
         api_name="evaluate",
-        **ctx.model_events,
+        **ctx.long_events,
     )
 
     def on_model(name: str):

@@ -7,6 +7,7 @@ sentence saying why they cannot be shown) and in the Evaluate tab on uploaded la
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ def explorer_cell(
             state,
         )
     entries = state.scans.cell(true, predicted)
+    if entries and not entries[0].image.exists():
+        return [], "These scans are no longer kept: evaluate them again to explore them.", state
     state.cell, state.shown = (true, predicted), entries[:MAX_GALLERY]
     verdict = "right" if true == predicted else "wrong"
     noun = "scan" if len(entries) == 1 else "scans"
@@ -141,10 +144,11 @@ def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tu
     try:
         explanation = predictor.explain(entry.image, method=method, target=entry.predicted)
     except (ImageReadError, ValueError) as err:
-        raise gr.Error(f"Cannot open {entry.file}: {err}") from err
+        raise gr.Error(html.escape(f"Cannot open {entry.file}: {err}")) from err
     now = explanation.prediction
     text = (
-        f"**{entry.file}**: labelled **{entry.true}**; the model said **{entry.predicted}** "
+        f"**{html.escape(entry.file)}**: labelled **{entry.true}**; the model said "
+        f"**{entry.predicted}** "
         f"({entry.probabilities[entry.predicted]:.0%}). {method_name(method)} map for "
         f"{entry.predicted}."
     )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,14 @@ import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet, scan_set_for
-from mirage_demo.ui.context import STATE_TTL_S, AppContext, image_file, method_name, picture
+from mirage_demo.ui.context import (
+    STATE_TTL_S,
+    AppContext,
+    image_file,
+    method_name,
+    output_file,
+    picture,
+)
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -35,7 +43,7 @@ def quiz_start(directory: Path, class_names: list[str], size: int, seed: int | N
     if scans is None:
         return None, None, f"No labelled scans for this model: {message}"
     quiz = Quiz(quiz_items(scans), int(size), class_names=class_names, seed=seed)
-    return quiz, quiz.current.image, quiz_score(quiz)
+    return quiz, unnamed_copy(quiz.current.image), quiz_score(quiz)
 
 
 def quiz_answer(predictor: Any, quiz: Quiz | None, choice: str | None):
@@ -69,7 +77,15 @@ def quiz_next(quiz: Quiz | None):
         raise gr.Error("Start a round first.")
     if quiz.finished:
         return None, quiz_summary(quiz)
-    return quiz.current.image, ""
+    return unnamed_copy(quiz.current.image), ""
+
+
+def unnamed_copy(path: str) -> str:
+    """A copy of a scan to show, under a new name: its file name (``DME-30521-1.jpg``)
+    would give the answer away in the page."""
+    copy = output_file("scan", Path(path).suffix.lower())
+    shutil.copyfile(path, copy)
+    return str(copy)
 
 
 def quiz_summary(quiz: Quiz) -> str:
