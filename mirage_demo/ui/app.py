@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 
 from mirage_demo.checkpoint import CheckpointError
+from mirage_demo.ui.adapt import build_adapt_tab
 from mirage_demo.ui.batch import build_batch_tab
 from mirage_demo.ui.classify import build_classify_tab
 from mirage_demo.ui.context import (
@@ -52,6 +53,7 @@ TABS: tuple[TabBuilder, ...] = (
     build_classify_tab,
     build_model_tab,
     build_evaluate_tab,
+    build_adapt_tab,
     build_batch_tab,
     build_quiz_tab,
     build_learn_tab,
