@@ -168,7 +168,7 @@ def test_adapt_endpoint_gives_the_report_of_train_mode_probe(setup, adapted, tmp
     folds as train/ (val carved by the trainer) and this fold as test/: run the CLI on each,
     pool its test predictions, and the report is /adapt's."""
     _, checkpoint, _ = setup
-    note, report, _, _, metrics, curve, _ = adapted
+    note, report, _, _, metrics, curve = adapted[:6]
     fold_of = metrics["cross_validation"]["fold_of"]
     assert len(fold_of) == 2 * PER_CLASS and metrics["class_names"] == TWO
     sources = {p.name: p for cls in TWO for p in real_scans(cls, PER_CLASS)}

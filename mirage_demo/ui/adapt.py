@@ -6,8 +6,6 @@ then "Use it" (this session's picker serves it) and "Download" (its checkpoint).
 from __future__ import annotations
 
 import html
-import shutil
-import tempfile
 import uuid
 import zipfile
 from pathlib import Path
@@ -18,12 +16,11 @@ import numpy as np
 
 from mirage_demo.adapt import Adaptation, adapt_upload, plot_label_efficiency
 from mirage_demo.checkpoint import WEIGHTS_NAME, save_checkpoint
-from mirage_demo.data import DataError
 from mirage_demo.inference import Predictor
 from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import STATE_TTL_S, AppContext, output_file
-from mirage_demo.ui.evaluate import SIZE_FILE, _folder_bytes, _make_room, _uploads
+from mirage_demo.ui.evaluate import _uploads, job_folder
 from mirage_demo.ui.registry import SESSION_PREFIX
 from mirage_demo.ui.report import metrics_markdown
 
@@ -40,15 +37,12 @@ def adapt_scans(predictor: Any, name: str, files: Any, progress: Any = None) -> 
     uploads = _uploads(files)
     if not uploads:
         raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
-    parent = Path(tempfile.gettempdir())
-    _make_room(parent)
-    out = Path(tempfile.mkdtemp(prefix=ADAPT_PREFIX, dir=parent))
 
     def on_progress(done: int, total: int) -> None:
         if progress is not None:
             progress((done, total), desc="Computing features", unit="scans")
 
-    try:
+    with job_folder(ADAPT_PREFIX, "Cannot adapt to these scans") as out:
         adaptation = adapt_upload(
             predictor.model,
             predictor.preprocessing,
@@ -58,19 +52,8 @@ def adapt_scans(predictor: Any, name: str, files: Any, progress: Any = None) -> 
             device=predictor.device,
             on_progress=on_progress,
         )
-        plot_label_efficiency(
-            adaptation.curve,
-            full_point(adaptation),
-            len(adaptation.config.class_names),
-            out / CURVE_FILE,
-        )
-        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
-    except DataError as err:
-        shutil.rmtree(out, ignore_errors=True)
-        raise gr.Error(html.escape(str(err)), title="Cannot adapt to these scans") from err
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
+        classes = len(adaptation.config.class_names)
+        plot_label_efficiency(adaptation.curve, full_point(adaptation), classes, out / CURVE_FILE)
     return {
         "adaptation": adaptation,
         "folder": out,
