@@ -248,6 +248,9 @@ def plot_label_efficiency(
         )
     ax.axhline(1 / num_classes, ls="--", color="gray", label=f"chance (1/{num_classes})")
     ax.set_xscale("log")
+    ticks = [n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n <= 2 * full["per_class"]]
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.set_xlim(0.7, max([*ticks, full["per_class"]]) * 1.4)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("labelled scans per class used to fit the probe", fontsize=13)
     ax.set_ylabel("balanced accuracy (cross-validated)", fontsize=13)

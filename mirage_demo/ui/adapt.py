@@ -88,6 +88,11 @@ def _note(adaptation: Adaptation, name: str) -> str:
         f"{seconds['cross_validation']:.1f} s, label-efficiency curve "
         f"{seconds['label_efficiency']:.1f} s."
     )
+    if not adaptation.curve:
+        note += (
+            " Too few scans of some class in the training folds for a label-efficiency curve: "
+            "only the probe on all of them is shown."
+        )
     if upload.skipped:
         note += f" Left out: {len(upload.skipped)} ({html.escape(upload.skipped[0])}"
         note += ", ...)." if len(upload.skipped) > 1 else ")."
