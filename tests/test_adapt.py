@@ -187,8 +187,8 @@ def test_adapt_endpoint_gives_the_report_of_train_mode_probe(setup, adapted, tmp
             "--cache-dir", tmp_path / "cache", "--no-progress", "--bootstrap", 10,
         ]  # fmt: skip
         assert train_main([str(a) for a in args]) == 0
-        for row in read_predictions(out / "predictions.csv", TWO):
-            rows[row["file"]] = row
+        for row in read_predictions(out / "predictions.csv", TWO):  # file: test/<CLASS>/<name>
+            rows[row["file"].removeprefix("test/")] = row
     files = list(fold_of)
     labels = [TWO.index(rows[f]["true"]) for f in files]
     probs = np.array([[rows[f]["probabilities"][c] for c in TWO] for f in files])
@@ -244,9 +244,10 @@ def test_browser_adapts_to_a_zip_and_classifies_with_the_adapted_model(served, s
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            # wide enough for every tab in the bar (narrower, the last ones fold into a menu)
+            page = browser.new_page(viewport={"width": 1900, "height": 1000})
             page.goto(served[0])
-            page.get_by_role("tab", name="Adapt to your scans").click()
+            page.get_by_role("tab", name="Adapt to your scans").click(timeout=120_000)
             page.locator("#adapt-files input[type=file]").set_input_files(str(setup[2]))
             page.get_by_role("button", name="Adapt the model to these scans").click()
             expect(page.locator("#adapt-note")).to_contain_text("cross-validated", timeout=120_000)
