@@ -21,7 +21,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,8 @@ __all__ = [
 
 
 MAX_UPLOAD_FILES = 1000
+MAX_UPLOAD_CLASSES = 20  # an upload whose classes are its folders' names
+_CLASS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,39}")
 MAX_FILE_OVERHEAD = 2**20  # bytes an unpacked image may hold beyond its pixels (metadata)
 MAX_NAME_BYTES = 120  # of an unpacked image's file name, before its suffix
 
@@ -269,11 +271,12 @@ class LabelledUpload:
     root: Path
     samples: list[Sample]
     skipped: list[str]  # entries that are not images (named, with the reason)
+    class_names: list[str] = field(default_factory=list)  # what the sample labels index
 
 
 def labelled_upload(
     uploads: Sequence[tuple[str, str | Path]],
-    class_names: Sequence[str],
+    class_names: Sequence[str] | None,
     root: str | Path,
     *,
     max_files: int = MAX_UPLOAD_FILES,
@@ -290,15 +293,18 @@ def labelled_upload(
     image is written only when its header is one the app reads and the file is at most its
     pixels' size plus :data:`MAX_FILE_OVERHEAD`, so what is kept on disk is bounded by what
     can be evaluated. Entries left out are listed in ``skipped``; an upload with no usable
-    image raises :class:`~mirage_demo.data.DataError`.
+    image raises :class:`~mirage_demo.data.DataError`. ``class_names=None`` takes any classes:
+    the class folders' names, sorted (at most :data:`MAX_UPLOAD_CLASSES`, each a plain name).
     """
     root = Path(root)
     budget = budget or RequestBudget()
-    known = {name: index for index, name in enumerate(class_names)}
     with ExitStack() as stack:
         items = expand_uploads([(str(n), str(p)) for n, p in uploads], stack)
         if len(items) > max_files:
             raise DataError(f"more than {max_files} images in one upload")
+        if class_names is None:
+            class_names = _classes_named(items)
+        known = {name: index for index, name in enumerate(class_names)}
         labelled, skipped = _labelled(items, known)
         samples: list[Sample] = []
         taken: set[Path] = set()
@@ -314,7 +320,26 @@ def labelled_upload(
         raise DataError(
             f"no labelled images found{reason}: upload a .zip laid out as <CLASS>/<image>"
         )
-    return LabelledUpload(root, samples, skipped)
+    return LabelledUpload(root, samples, skipped, list(class_names))
+
+
+def _classes_named(items: Sequence[UploadItem]) -> list[str]:
+    """The classes an upload's image names give (sorted); a name that is not a plain folder
+    name, or more than :data:`MAX_UPLOAD_CLASSES` of them, raise :class:`DataError`."""
+    found = set()
+    for item in items:
+        shown = item.member if item.member is not None else item.name
+        if item.error is None and _is_image_name(shown) and (cls := _class_of(shown)):
+            found.add(cls)
+    bad = sorted(c for c in found if not _CLASS_NAME.fullmatch(c))
+    if bad:
+        raise DataError(
+            f"class folder {bad[0][:40]!r} is not a plain name (letters, digits, "
+            "space, . _ + -; at most 40 characters): rename it"
+        )
+    if len(found) > MAX_UPLOAD_CLASSES:
+        raise DataError(f"{len(found)} class folders: at most {MAX_UPLOAD_CLASSES}")
+    return sorted(found)
 
 
 def _labelled(

@@ -94,7 +94,8 @@ def weights_digest(model: nn.Module) -> str:
             continue
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}\0{value.dtype}\0{tuple(value.shape)}\n".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        flat = value.reshape(-1)  # a 0-d tensor (BatchNorm's counter) cannot be viewed as bytes
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 

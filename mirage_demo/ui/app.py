@@ -18,6 +18,7 @@ import gradio as gr
 
 from mirage_demo.bundled_probe import ProbeUnavailableError, bundled_probe
 from mirage_demo.checkpoint import CheckpointError
+from mirage_demo.ui.adapt import build_adapt_tab
 from mirage_demo.ui.batch import build_batch_tab
 from mirage_demo.ui.classify import build_classify_tab
 from mirage_demo.ui.context import (
@@ -55,6 +56,7 @@ TABS: tuple[TabBuilder, ...] = (
     build_classify_tab,
     build_model_tab,
     build_evaluate_tab,
+    build_adapt_tab,
     build_batch_tab,
     build_quiz_tab,
     build_learn_tab,

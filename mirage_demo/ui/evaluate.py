@@ -4,10 +4,12 @@ the explorer on those scans and their predictions as CSV."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,10 @@ from mirage_demo.testscans import scan_set_from_predictions
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
+from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 
-__all__ = ["build_evaluate_tab", "evaluate_scans"]
+__all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder"]
 
 EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
 REPORT_GPU_SECONDS = 10  # ZeroGPU time /evaluate adds to /batch's: bootstrap and figures
@@ -47,7 +50,7 @@ def _make_room(parent: Path) -> None:
     """Delete evaluations older than :data:`EVALUATIONS_KEPT_S`, then the oldest until those
     kept hold at most :data:`EVALUATIONS_MAX_BYTES` (each records its size when done)."""
     kept = []
-    for folder in parent.glob("oct-eval-*"):
+    for folder in parent.glob("oct-eval-*"):  # adapt's are "oct-eval-adapt-*": counted too
         try:
             age = time.time() - folder.stat().st_mtime
             size = int((folder / SIZE_FILE).read_text()) if (folder / SIZE_FILE).is_file() else 0
@@ -69,6 +72,25 @@ def _folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
+@contextlib.contextmanager
+def job_folder(prefix: str, title: str) -> Iterator[Path]:
+    """A new folder for one upload's job (room made first, see :func:`_make_room`); its size
+    is recorded when the job is done, and a job that fails leaves nothing (a
+    :class:`~mirage_demo.data.DataError` becomes a message titled ``title``)."""
+    parent = Path(tempfile.gettempdir())
+    _make_room(parent)
+    out = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield out
+        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
+    except DataError as err:
+        shutil.rmtree(out, ignore_errors=True)
+        raise gr.Error(html.escape(str(err)), title=title) from err
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str, Any]:
     """``/evaluate``: the report of ``train.evaluate`` on uploaded labelled scans.
 
@@ -79,16 +101,13 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
     uploads = _uploads(files)
     if not uploads:
         raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
-    parent = Path(tempfile.gettempdir())
-    _make_room(parent)
-    out = Path(tempfile.mkdtemp(prefix="oct-eval-", dir=parent))
     config = predictor.config
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
             progress((done, total), desc="Evaluating", unit="batches")
 
-    try:
+    with job_folder("oct-eval-", "Cannot evaluate these scans") as out:
         metrics, upload = evaluate_upload(
             predictor.model,
             config,
@@ -101,13 +120,6 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
         scans = scan_set_from_predictions(
             out / "predictions.csv", upload.root, config.class_names, "your scans"
         )
-        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
-    except DataError as err:
-        shutil.rmtree(out, ignore_errors=True)
-        raise gr.Error(html.escape(str(err)), title="Cannot evaluate these scans") from err
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
     state = ExplorerState(list(config.class_names), scans.matrix(), scans)
     figures = {name: str(out / name) for name in REPORT_FIGURES}
     return {
@@ -176,6 +188,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
             numbers = gr.JSON(elem_id="evaluate-json")
         gr.Markdown("### Explore your scans")
         views = explorer_views(ctx, "evaluate")
+        build_feature_map(ctx, "evaluate-map", source=views.state)
 
     @ctx.model_call(duration=evaluate_gpu_seconds)
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)

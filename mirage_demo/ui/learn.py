@@ -38,6 +38,24 @@ Bruch's membrane — and the choroid below. The dip in the middle of a macular s
 - A ViT at 512x512 with 32-pixel patches sees a 16x16 grid: the maps are coarse, then smoothed
   to the scan's size. They show *where*, never *what*: they are not a segmentation of the lesion.
 
+## Foundation models, features and probes
+- A **foundation model** such as MIRAGE is pre-trained once, without labels, on a very large
+  number of OCT scans. It learns to turn a scan into **features**: a list of numbers (768 for
+  MIRAGE-Base) that describe what the scan shows. (The demo models here were trained from
+  scratch on about a thousand labelled scans: not a foundation model, but their features show
+  the same ideas.)
+- If scans of one disease get similar features, a new task needs little: a **linear probe** is
+  a single layer (a logistic regression) fitted on the frozen features, in seconds, from a few
+  labelled scans. The large model itself is not changed.
+- The **feature map** (Model tab) draws every test scan as a point placed by its features
+  (t-SNE or PCA squeeze them into two dimensions): when the colours (the reference classes)
+  form clusters, the features already separate the diseases; crosses are the model's mistakes,
+  often where two clusters meet.
+- **Adapt** fits a probe on scans you bring (any classes) with cross-validation, and draws the
+  **label-efficiency curve**: balanced accuracy with 1, 2, 5, ... labelled scans per class.
+  The better the features, the fewer labels the curve needs to rise; with a handful of scans
+  the estimates are rough (read the confidence interval).
+
 ## Pitfalls
 - A plausible map does not make a prediction right: wrong answers get convincing maps too.
 - Maps can light up borders, text, padding or noise: signs of shortcuts a model learnt from its
@@ -86,6 +104,18 @@ CONCEPTS = (
         "diagram shows how far it is.",
         "Model tab: reliability diagram",
         "model",
+    ),
+    (
+        "**Features**: how the model arranges the test scans; do the diseases form clusters, "
+        "and where are its mistakes?",
+        "Model tab: feature map",
+        "model",
+    ),
+    (
+        "**A probe and the labels it needs**: fit one on your labelled scans and see how good "
+        "it gets with 1, 2, 5, ... labelled scans per class.",
+        "Adapt to your scans",
+        "adapt",
     ),
     (
         "**Generalisation**: a model is only as good as its figures on scans like yours; "

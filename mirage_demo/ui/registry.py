@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ __all__ = ["ASSETS", "ENV_CHECKPOINTS", "ModelChoice", "ModelRegistry", "availab
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 BUNDLED_MODELS = (DEFAULT_CHECKPOINT, ASSETS / "demo-vit")
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
+SESSION_PREFIX = "adapted: "  # the picker name of a session's adapted model starts so
+SESSION_MODEL_TTL_S = 600  # a session's adapted model is forgotten 10 minutes after its last use
+MAX_SESSION_MODELS = 16  # adapted models kept at once (each a head on a shared backbone)
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,54 @@ class ModelRegistry:
         self._loaded: dict[tuple[str, str], Predictor] = {}
         self._failed: dict[str, str] = {}  # name -> why it cannot load: never retried
         self._lock = threading.RLock()
+        #: models added while serving (a session's adapted model): name -> (predictor,
+        #: directory, last use); forgotten :data:`SESSION_MODEL_TTL_S` after their last use
+        self._session: dict[str, tuple[Predictor, Path, float]] = {}
 
     @property
     def names(self) -> list[str]:
+        """The checkpoints served to everyone (not the session models)."""
         return list(self.choices)
 
     @property
     def default(self) -> str:
         return self.names[0]
 
+    def add_session_model(self, name: str, predictor: Predictor, directory: Path) -> None:
+        """Serve ``predictor`` (its report files in ``directory``) under ``name`` until
+        :data:`SESSION_MODEL_TTL_S` after its last use; at most :data:`MAX_SESSION_MODELS`
+        are kept, the least recently used go first. Only a picker that offers ``name`` (one
+        session's) can reach it."""
+        with self._lock:
+            self._expire()
+            self._session[name] = (predictor, Path(directory), time.monotonic())
+            while len(self._session) > MAX_SESSION_MODELS:
+                del self._session[min(self._session, key=lambda n: self._session[n][2])]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for name in [
+            n for n, (*_, used) in self._session.items() if now - used > SESSION_MODEL_TTL_S
+        ]:
+            del self._session[name]
+
+    def _session_model(self, name: str | None) -> tuple[Predictor, Path] | None:
+        """A session model's predictor and directory (its last use renewed), else None."""
+        with self._lock:
+            self._expire()
+            if name not in self._session:
+                return None
+            predictor, directory, _ = self._session[name]
+            self._session[name] = (predictor, directory, time.monotonic())
+            return predictor, directory
+
     def _name(self, name: str | None) -> str:
         name = name or self.default
+        if name.startswith(SESSION_PREFIX) and name not in self.choices:
+            raise gr.Error(
+                "This adapted model was forgotten (unused for 10 minutes, or the app "
+                "restarted): adapt again on the Adapt tab."
+            )
         if name not in self.choices:
             shown = html.escape(repr(str(name))[:80])
             raise gr.Error(f"Unknown model {shown}. Available: {', '.join(self.names)}.")
@@ -112,6 +153,8 @@ class ModelRegistry:
     def directory(self, name: str | None = None) -> Path:
         """The local directory of a model's checkpoint (resolved once; report files live
         there)."""
+        if session := self._session_model(name):
+            return session[1]
         name = self._name(name)
         with self._lock:
             if name not in self._directories:
@@ -123,6 +166,8 @@ class ModelRegistry:
 
     def config(self, name: str | None = None) -> CheckpointConfig:
         """A model's checkpoint config (read once), without loading its weights."""
+        if session := self._session_model(name):
+            return session[0].config
         name = self._name(name)
         with self._lock:
             if name not in self._configs:
@@ -152,6 +197,8 @@ class ModelRegistry:
 
     def get(self, name: str | None = None) -> Predictor:
         """The predictor for a picker name (the default if empty), loaded on first use."""
+        if session := self._session_model(name):
+            return session[0]
         name = self._name(name)
         key = (name, "cpu" if self.on_cpu(name) else serving_device(self.device))
         with self._lock:

@@ -14,6 +14,7 @@ import gradio as gr
 from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.ui.context import DISCLAIMER, AppContext
 from mirage_demo.ui.explore import build_model_explorer
+from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uncertainty import GUARANTEE
 
@@ -260,6 +261,7 @@ def build_model_tab(ctx: AppContext) -> None:
         figure_views = [_report_image(matrix_name, figures)]
         with gr.Row():
             figure_views += [_report_image(name, figures) for name in curve_names]
+        build_feature_map(ctx, "featuremap")
 
     def on_model(name):
         card_md, report_md, figs = model_report(registry, name)
