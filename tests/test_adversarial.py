@@ -862,7 +862,7 @@ def test_a_long_job_does_not_hold_up_one_scan(app_server, monkeypatch):
 
     def held(*args, **kwargs):  # a long job: it runs until the test lets it go
         started.set()
-        gate.wait(60)
+        gate.wait(120)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(batch, "expand_uploads", held)
@@ -871,7 +871,7 @@ def test_a_long_job_does_not_hold_up_one_scan(app_server, monkeypatch):
     try:
         job = Client(url, verbose=False).submit([scan], api_name="/batch")
         assert started.wait(30)
-        label, _ = Client(url, verbose=False).submit(scan, api_name="/predict").result(timeout=30)
+        label, _ = Client(url, verbose=False).submit(scan, api_name="/predict").result(timeout=60)
         assert len(label["confidences"]) == 4 and not job.done()
     finally:
         gate.set()
