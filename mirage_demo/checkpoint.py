@@ -355,7 +355,7 @@ def legacy_split(training: Any) -> SplitSpec | None:
         return None
     if found.get("exclude") is None:
         found.pop("exclude", None)
-    return SplitSpec(**found)
+    return SplitSpec(**found, near_copies=None)  # written before near-copies were grouped
 
 
 def save_checkpoint(

@@ -378,7 +378,8 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
     assert label.num_top_classes == 3
     texts = " ".join(str(b.value) for b in blocks if isinstance(b, gr.Markdown))
     assert "as CALM, SPOTS or WAVES" in texts
-    assert "On its 15 val scans: balanced accuracy" in texts and "test scans" not in texts
+    assert "On its 15 val scans: balanced accuracy" in texts
+    assert "test scans: balanced accuracy" not in texts
     assert "Results on the val split (15 images)" in texts
     assert "| Data split | patient-disjoint, seed 0" not in texts  # no split recorded
     (table,) = [b for b in blocks if isinstance(b, gr.Dataframe) and b.label == "Predictions"]
@@ -412,7 +413,12 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         with gr.Tab("Extra", id="extra"):
             button = gr.Button("Extra")
             names = gr.JSON()
-        button.click(ctx.model_call(lambda: ctx.registry.names), outputs=[names], api_name="extra")
+        button.click(
+            ctx.model_call(lambda name: ctx.registry.names),
+            inputs=[ctx.model],
+            outputs=[names],
+            api_name="extra",
+        )
 
     registry = ModelRegistry(
         [ModelChoice("tiny", str(tiny_checkpoint(tmp_path / "t", report=False)))]
@@ -422,13 +428,20 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
     assert {"predict", "explain", "batch", "compare", "evaluate", "extra"} <= api_names
     assert sorted(wrapped) == [
         "<lambda>",
+        "on_adapt",  # Adapt to your scans
         "on_answer",  # Test yourself
         "on_batch",
+        "on_click",  # the feature map, Model tab
+        "on_click",  # the feature map of evaluated scans
         "on_compare",
+        "on_draw",  # the feature map drawn, Model tab
+        "on_draw",  # ... and of evaluated scans
         "on_evaluate",
         "on_explain",
         "on_open",  # the Model tab's explorer
         "on_open",  # the explorer of evaluated scans
+        "on_pick",  # a feature map's scan chosen from its list, Model tab
+        "on_pick",  # ... and of evaluated scans
         "on_predict",
         "on_record",  # /predict_json
     ]

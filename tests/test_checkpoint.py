@@ -153,6 +153,7 @@ def test_split_record_round_trips_and_wins_over_training_provenance(tmp_path):
         "test_fraction": 0.1,
         "seed": 3,
         "exclude": ["examples"],
+        "near_copies": 0.95,
     }
     assert read_config(tmp_path / "ckpt").split == config.split
     from mirage_demo.ui.report import model_facts_markdown
@@ -175,7 +176,9 @@ def test_legacy_split_settings_in_training_migrate_to_the_split_record(tmp_path)
     legacy.pop("split")
     legacy["training"] = {"val_fraction": 0.2, "split_seed": 7, "exclude": None, "epochs": 3}
     path.write_text(json.dumps(legacy))
-    assert read_config(tmp_path / "ckpt").split == SplitSpec(val_fraction=0.2, seed=7)
+    assert read_config(tmp_path / "ckpt").split == SplitSpec(
+        val_fraction=0.2, seed=7, near_copies=None
+    )
     legacy["training"] = {"epochs": 3}  # nothing recorded: no split
     path.write_text(json.dumps(legacy))
     assert read_config(tmp_path / "ckpt").split is None
@@ -190,6 +193,7 @@ def test_legacy_split_settings_in_training_migrate_to_the_split_record(tmp_path)
                 test_fraction=training["test_fraction"],
                 seed=training["split_seed"],
                 exclude=tuple(training["exclude"]),
+                near_copies=training.get("near_copies") or None,  # older runs: no grouping
             )
 
 

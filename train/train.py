@@ -732,7 +732,7 @@ def _derived_facts(
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
         "trainable_parameters": trainable,
         "images": {split: data.counts(split) for split in data.splits},
-        "near_copies": data.near_copies.to_dict() if data.near_copies else None,
+        "near_copy_groups": data.near_copies.to_dict() if data.near_copies else None,
         "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
     }
 
