@@ -44,6 +44,7 @@ from train.train import (
     _resolve_amp,
     _say,
     _set_threads,
+    check_unreadable,
     create_training_model,
     write_resolved_options,
 )
@@ -138,7 +139,7 @@ def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
             world_size=dist.world_size,
             gather=dist.gather,
         )
-    _check_unreadable(config, dist, features)
+    check_unreadable(config, dist, [p for f in features.values() for p in f.unreadable], "fit")
     embedded = sum(f.embedded for f in features.values())
     seconds = sum(f.seconds for f in features.values())
     facts: dict[str, Any] = {
@@ -182,18 +183,6 @@ def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
     save_checkpoint(out, model, checkpoint, getattr(torch, config.save_dtype))
     write_resolved_options(config, out, derived)
     return _finish(ProbeRun(config, dist, out, data, workers))
-
-
-def _check_unreadable(config: TrainConfig, dist: Dist, features: dict[str, Features]) -> None:
-    unreadable = [path for f in features.values() for path in f.unreadable]
-    if unreadable and not config.skip_unreadable:
-        shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
-        raise UsageError(
-            f"{len(unreadable)} unreadable image(s): {shown} - fix or remove them, "
-            "or pass --skip-unreadable to fit without them"
-        )
-    for path in unreadable:
-        _say(dist, f"warning: skipping unreadable image {path}")
 
 
 def _speed_line(facts: dict[str, Any], images: int, dist: Dist) -> str:

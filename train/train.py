@@ -584,15 +584,21 @@ def _checked_datasets(
     """Train and this rank's val datasets (every image decoded once into the cache);
     unreadable images stop the run unless ``--skip-unreadable``."""
     train_set, val_set, unreadable = _datasets(config, data, preprocessing, dist)
+    check_unreadable(config, dist, unreadable, "train")
+    return train_set, val_set
+
+
+def check_unreadable(config: TrainConfig, dist: Dist, unreadable: list[str], verb: str) -> None:
+    """Stop on unreadable images (one line naming the first few), or, with
+    ``--skip-unreadable``, warn about each and go on (``verb``: what the run does)."""
     if unreadable and not config.skip_unreadable:
         shown = "; ".join(unreadable[:3]) + ("; ..." if len(unreadable) > 3 else "")
         raise UsageError(
             f"{len(unreadable)} unreadable image(s): {shown} - fix or remove them, "
-            "or pass --skip-unreadable to train without them"
+            f"or pass --skip-unreadable to {verb} without them"
         )
     for message in unreadable:
         _say(dist, f"warning: skipping unreadable image {message}")
-    return train_set, val_set
 
 
 def _restore_weights(model: nn.Module, state: dict, config: TrainConfig) -> None:
