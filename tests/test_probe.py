@@ -29,6 +29,7 @@ from mirage_demo.probe import (
     weights_digest,
 )
 from mirage_demo.ui import app as ui_app
+from mirage_demo.ui.registry import available_models
 from tests import mirage_reference as ref
 from tests.test_space import read_front_matter
 from tests.test_train import make_bands
@@ -373,6 +374,10 @@ def test_app_without_the_backbone_serves_the_bundled_models_with_a_notice(
         ui_app.main(["--checkpoint", str(path)])
     names, notice = stopped.value.code
     assert "MIRAGE-Base-probe" not in names and "hf download j-morano/MIRAGE-Base" in notice
+    # on ZeroGPU the registry left keeps the small models on the CPU
+    registry = ui_app.ModelRegistry(available_models([str(path)]), small_on_cpu=True)
+    kept = ui_app.without_missing_backbones(registry, [])
+    assert "MIRAGE-Base-probe" not in kept.names and kept.small_on_cpu
 
 
 @pytest.mark.slow  # MIRAGE-Base

@@ -212,7 +212,7 @@ def without_missing_backbones(registry: ModelRegistry, notices: list[str]) -> Mo
         keep.append(registry.choices[name])
     if len(keep) == len(registry.names):
         return registry
-    return ModelRegistry(keep, device=registry.device)
+    return ModelRegistry(keep, device=registry.device, small_on_cpu=registry.small_on_cpu)
 
 
 def setup_queue(
