@@ -20,7 +20,7 @@ from mirage_demo.inference import Predictor
 from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import STATE_TTL_S, AppContext, output_file
-from mirage_demo.ui.evaluate import _uploads, job_folder
+from mirage_demo.ui.evaluate import _uploads, job_folder, labelled_scans_input
 from mirage_demo.ui.registry import SESSION_PREFIX
 from mirage_demo.ui.report import metrics_markdown
 
@@ -165,12 +165,7 @@ def build_adapt_tab(ctx: AppContext) -> None:
     registry = ctx.registry
     with gr.Tab("Adapt to your scans", id="adapt"):
         gr.Markdown(ADAPT_INTRO, elem_classes="teach-big")
-        files = gr.File(
-            file_count="multiple",
-            file_types=[".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"],
-            label="Labelled scans: a .zip of <CLASS>/<image>",
-            elem_id="adapt-files",
-        )
+        files = labelled_scans_input("adapt-files")
         button = gr.Button("Adapt the model to these scans", variant="primary")
         note = gr.Markdown(elem_id="adapt-note", elem_classes="teach-big")
         with gr.Row():

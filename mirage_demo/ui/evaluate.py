@@ -24,7 +24,7 @@ from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 
-__all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder"]
+__all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder", "labelled_scans_input"]
 
 EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
 REPORT_GPU_SECONDS = 10  # ZeroGPU time /evaluate adds to /batch's: bootstrap and figures
@@ -158,18 +158,23 @@ def evaluate_gpu_seconds(uploads: Any, *_: Any, **__: Any) -> int:
     return batch_gpu_seconds(uploads) + REPORT_GPU_SECONDS
 
 
+def labelled_scans_input(elem_id: str) -> gr.File:
+    """The upload of labelled scans (``/evaluate``, ``/adapt``): zips of <CLASS>/<image>."""
+    return gr.File(
+        file_count="multiple",
+        file_types=[".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"],
+        label="Labelled scans: a .zip of <CLASS>/<image>",
+        elem_id=elem_id,
+    )
+
+
 def build_evaluate_tab(ctx: AppContext) -> None:
     """Evaluate your own labelled scans (named endpoint ``/evaluate``)."""
     registry = ctx.registry
     classes = ", ".join(registry.config(registry.default).class_names)
     with gr.Tab("Evaluate your scans", id="evaluate"):
         intro = gr.Markdown(EVALUATE_INTRO.format(classes=classes))
-        files = gr.File(
-            file_count="multiple",
-            file_types=[".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"],
-            label="Labelled scans: a .zip of <CLASS>/<image>",
-            elem_id="evaluate-files",
-        )
+        files = labelled_scans_input("evaluate-files")
         button = gr.Button("Evaluate", variant="primary")
         note = gr.Markdown(elem_id="evaluate-note")
         report = gr.Markdown(elem_id="evaluate-report")
