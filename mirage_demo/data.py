@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:  # mirage_demo.nearcopies reads images through this module
+    from mirage_demo.nearcopies import NearCopyGroups
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -452,7 +455,7 @@ class DatasetSplits:
     class_names: list[str]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    near_copies: Any = None  # mirage_demo.nearcopies.NearCopyGroups, when grouped
+    near_copies: NearCopyGroups | None = None  # what load_dataset grouped, if it did
 
     def counts(self, split: str) -> dict[str, int]:
         """Images per class in ``split``."""
