@@ -4,9 +4,12 @@ Models trained on :func:`tests.synthetic_oct.lesion_scan` (a bright blob above t
 class LESION) must, for scans with a lesion, put more heat near its centre than elsewhere: one
 test per method family. Gradient CAMs are checked on a small CNN (on the tiny 2-block ViT they
 do not reliably point at the lesion: its evidence moves between tokens in the last block's
-attention); attention maps on a ViT that classifies from its global token, whose attention is
-then what the classifier reads. The sanity check of Adebayo et al. (2018): the maps change when
-the weights are randomised.
+attention); attention rollout on a ViT that classifies from its global token, whose attention
+is then what the classifier reads. The last block's attention alone (``attention``) is not
+asserted: on this 2-block ViT it points at the lesion for some initialisations only (seeds 0-2
+on torch 2.8 and 2.14: positive margins for 50-92% of the scans, mean -0.01 to 0.26), while
+rollout did for all six (83-100%, mean 0.17-0.26). The sanity check of Adebayo et al. (2018):
+the maps change when the weights are randomised.
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ def vit() -> Predictor:
         global_pool="token",
     )
     preprocessing = Preprocessing.from_model(model)
-    return Predictor(train_on_lesions(model, preprocessing, steps=80), CLASSES, preprocessing)
+    # 160 steps: after 80, seeds 0-3 had learnt the lesion (>= 0.9) 3 times on torch 2.14 and
+    # once on 2.8 (seed 0 not); after 160, seeds 0-4: 4 times on 2.14 (seed 3: 0.7), 5 on 2.8
+    model = train_on_lesions(model, preprocessing, steps=160)
+    return Predictor(model, CLASSES, preprocessing)
 
 
 def margins(predictor: Predictor, method: str) -> np.ndarray:
@@ -98,11 +104,10 @@ def test_eigencam_points_at_the_lesion(model, request):
     assert (found > 0).mean() >= 0.75 and found.mean() > 0.1, found.round(3)
 
 
-@pytest.mark.slow  # trains an 8x8-grid ViT (~10 s on an idle core)
-@pytest.mark.parametrize("method", ["attention", "rollout"])
-def test_attention_maps_point_at_the_lesion(vit, method):
+@pytest.mark.slow  # trains an 8x8-grid ViT (~20 s on an idle core)
+def test_attention_rollout_points_at_the_lesion(vit):
     assert accuracy(vit) >= 0.9
-    found = margins(vit, method)
+    found = margins(vit, "rollout")
     assert (found > 0).mean() >= 2 / 3 and found.mean() > 0.05, found.round(3)
 
 
