@@ -47,6 +47,7 @@ from mirage_demo.data import Preprocessing  # noqa: E402
 from mirage_demo.ui import ModelChoice, ModelRegistry, build_app  # noqa: E402
 from mirage_demo.ui.batch import batch_gpu_seconds  # noqa: E402
 from mirage_demo.ui.context import COMPARE_GPU_SECONDS, PREDICTED, SCAN_GPU_SECONDS  # noqa: E402
+from mirage_demo.uncertainty import DEFAULT_LEVEL  # noqa: E402
 from mirage_demo.zerogpu import parameter_count  # noqa: E402
 from tests.test_space import StandInZeroGPU  # noqa: E402
 
@@ -84,8 +85,8 @@ def small_models(rounds: int) -> None:
             "gpu": handlers(ModelRegistry(choices, small_on_cpu=False)),
         }
         calls = {
-            "/predict": ("predict", (upload(SCAN), name)),
-            "/explain": ("explain", (upload(SCAN), name, "gradcam", PREDICTED, 0.5)),
+            "/predict": ("predict", (upload(SCAN), name, DEFAULT_LEVEL)),
+            "/explain": ("explain", (upload(SCAN), name, "gradcam", PREDICTED, 0.5, DEFAULT_LEVEL)),
         }
         for endpoint, (api, args) in calls.items():
             for h in ways.values():  # warm: each model loaded, first call paid
@@ -126,10 +127,10 @@ def mirage_calls(sizes: list[str], batch: int) -> None:
             count = parameter_count(registry.config(size))
             registry.get(size)  # loaded before timing, as on ZeroGPU (placed at start-up)
             calls = {
-                "/predict": ("predict", (upload(SCAN), size), SCAN_GPU_SECONDS),
+                "/predict": ("predict", (upload(SCAN), size, DEFAULT_LEVEL), SCAN_GPU_SECONDS),
                 "/explain": (
                     "explain",
-                    (upload(SCAN), size, "gradcam", PREDICTED, 0.5),
+                    (upload(SCAN), size, "gradcam", PREDICTED, 0.5, DEFAULT_LEVEL),
                     SCAN_GPU_SECONDS,
                 ),
                 "/compare": ("compare", (upload(SCAN), size, PREDICTED), COMPARE_GPU_SECONDS),
