@@ -82,4 +82,4 @@ def test_the_bundled_models_scans_are_bundled_and_current(name):
     assert scans is not None and "bundled" in origin, origin
     assert scans.matrix() == load_report(directory)["confusion_matrix"]
     size = sum(p.stat().st_size for p in BUNDLED_SCANS.rglob("*") if p.is_file())
-    assert size <= 14 * 2**20  # two test splits while the ViT is the previous round's
+    assert size <= 10 * 2**20
