@@ -23,10 +23,10 @@ from mirage_demo.featuremap import nearest_point, plot_feature_map, project
 from mirage_demo.metrics import compute_metrics
 from mirage_demo.probe import fit_probe
 from mirage_demo.testscans import BUNDLED_SCANS, read_predictions, scan_set_for
-from mirage_demo.ui import ModelChoice, ModelRegistry, build_app
+from mirage_demo.ui import ModelChoice, ModelRegistry
 from mirage_demo.ui.featuremap import feature_map_choose, feature_map_click, feature_map_for
 from tests.synthetic_oct import tiny_cnn_checkpoint
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serve
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serving
 from train.train import main as train_main
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -69,12 +69,8 @@ def setup(tmp_path_factory):
 def served(setup):
     _, checkpoint, _ = setup
     registry = ModelRegistry([ModelChoice("served", str(checkpoint))])
-    demo = build_app(registry)
-    demo.queue(default_concurrency_limit=2)
-    try:
-        yield serve(demo), registry
-    finally:
-        demo.close()
+    with serving(registry) as url:
+        yield url, registry
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import socket
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,19 @@ def serve(demo) -> str:
     return f"http://127.0.0.1:{port}/"
 
 
+@contextmanager
+def serving(registry: ModelRegistry) -> Iterator[str]:
+    """The app on ``registry``, queued (2 calls at a time) and served on a free port; its URL.
+    Closed on exit."""
+    demo = build_app(registry)
+    demo.queue(default_concurrency_limit=2)
+    url = serve(demo)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,13 +131,10 @@ def served(tmp_path_factory):
             ModelChoice("tiny (no report)", str(tiny_checkpoint(root / "b", 1, report=False))),
         ]
     )
-    demo = build_app(registry)
-    demo.queue(default_concurrency_limit=2)
-    url = serve(demo)
     try:
-        yield url, guard, registry
+        with serving(registry) as url:
+            yield url, guard, registry
     finally:
-        demo.close()
         monkeypatch.undo()
 
 

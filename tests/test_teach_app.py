@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from mirage_demo.inference import DEFAULT_CHECKPOINT
-from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry, build_app
+from mirage_demo.ui import EXAMPLES_DIR, ModelChoice, ModelRegistry
 from mirage_demo.ui.context import method_name
 from mirage_demo.ui.explore import explorer_cell, explorer_open, explorer_view
 from mirage_demo.ui.quiz import quiz_answer, quiz_next, quiz_start
 from tests.synthetic_oct import tiny_cnn_checkpoint, write_labelled_scans
-from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serve
+from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serving
 from train import evaluate
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -56,12 +56,8 @@ def served(setup):
             ModelChoice("lost", str(lost)),
         ]
     )
-    demo = build_app(registry)
-    demo.queue(default_concurrency_limit=2)
-    try:
-        yield serve(demo), registry
-    finally:
-        demo.close()
+    with serving(registry) as url:
+        yield url, registry
 
 
 @pytest.fixture(scope="module")
