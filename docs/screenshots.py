@@ -1,16 +1,20 @@
 """The README's screenshots, made from the running app: ``python docs/screenshots.py``.
 
-Serves the app on the bundled models (as ``python app.py`` does, on a free local port), opens
-it in headless Chromium (Playwright) and writes optimised PNGs into ``docs/img/`` (or
-``--out``): the Classify tab after picking a bundled example, at 1440x900 and on a phone
-(390x844), and the Model tab. Run it again after changing a view.
+Starts ``python app.py`` (the bundled models) on a free local port, opens it in headless
+Chromium (Playwright) and writes optimised PNGs into ``docs/img/`` (or ``--out``): the Classify
+tab after picking a bundled example, at 1440x900 and on a phone (390x844), and the Model tab.
+Run it again after changing a view.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -20,15 +24,6 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the checkout's mirage_demo
-
-from mirage_demo.ui import (  # noqa: E402
-    LAUNCH_OPTIONS,
-    ModelRegistry,
-    available_models,
-    build_app,
-    setup_queue,
-)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run"]
@@ -48,22 +43,34 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving() -> Iterator[str]:
-    """The app on the bundled models, queued and served on a free local port; its URL."""
-    demo = build_app(ModelRegistry(available_models([]), device="cpu"))
-    setup_queue(demo, concurrency=2)
+def serving(timeout: float = 300.0) -> Iterator[str]:
+    """``python app.py`` (the bundled models) on a free local port until ready; its URL.
+    Stopped on exit."""
     port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        **LAUNCH_OPTIONS,
-    )
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], env=env)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout
+        while True:
+            if app.poll() is not None:
+                raise SystemExit(f"error: python app.py stopped (exit status {app.returncode})")
+            try:
+                with urllib.request.urlopen(url, timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    message = f"error: the app did not answer on {url} in {timeout:.0f} s"
+                    raise SystemExit(message) from None
+                time.sleep(1)
+        yield url
     finally:
-        demo.close()
+        app.terminate()
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait()
 
 
 def save_png(png: bytes, path: Path, max_bytes: int = MAX_BYTES) -> Path:
