@@ -1,11 +1,11 @@
 """Evaluate a checkpoint on labelled scans: the report of ``python -m train.evaluate`` and the app.
 
 One code path computes the report wherever it is asked for: :func:`evaluate_samples` decodes the
-files with the checkpoint's preprocessing (:class:`~mirage_demo.data.FileImages`), predicts in
-batches (:func:`collect_logits`), calibrates with the checkpoint's temperature and writes
-:func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data split), the trainer's final
-report and the app's ``/evaluate`` (uploaded scans) all call it, so their numbers are the same
-for the same images.
+files with the checkpoint's preprocessing and the quality gate
+(:class:`~mirage_demo.quality.CheckedImages`), predicts in batches (:func:`collect_logits`),
+calibrates with the checkpoint's temperature and writes :func:`~mirage_demo.metrics.write_report`.
+``train.evaluate`` (a data split), the trainer's final report and the app's ``/evaluate``
+(uploaded scans) all call it, so their numbers are the same for the same images.
 
 Uploaded labelled scans (:func:`labelled_upload`): a ``.zip`` laid out ``<CLASS>/<image>`` (any
 folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Zips are
@@ -36,7 +36,6 @@ from mirage_demo.data import (
     _KERMANY_NAME,
     IMAGE_SUFFIXES,
     DataError,
-    FileImages,
     ImageReadError,
     Preprocessing,
     Sample,
@@ -46,7 +45,9 @@ from mirage_demo.data import (
 )
 from mirage_demo.metrics import softmax, write_report
 from mirage_demo.models import features_and_logits
+from mirage_demo.quality import CheckedImages
 from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
+from mirage_demo.verdict import decide
 
 if TYPE_CHECKING:  # mirage_demo.uncertainty runs its models through this module
     from mirage_demo.uncertainty import Uncertainty
@@ -126,16 +127,19 @@ def collect_logits(
     on_batch: Callable[[int, int], None] | None = None,
     tta: bool = False,
     features: bool = False,
+    checks: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
     ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
     called after each batch (the app's progress bar); ``tta`` averages each image's logits
     with its horizontal mirror's, as ``Predictor(tta=True)`` does; ``features`` adds a fourth
-    array, the penultimate features ``(n, D)`` of the same forward pass."""
+    array, the penultimate features ``(n, D)`` of the same forward pass; ``checks`` (a loader
+    of :class:`~mirage_demo.quality.CheckedImages`) adds the batches' fourth element, each
+    image's gate and statistics."""
     from tqdm.auto import tqdm
 
     model.eval()
-    logits, labels, indices, kept = [], [], [], []
+    logits, labels, indices, kept, checked = [], [], [], [], []
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
@@ -146,7 +150,9 @@ def collect_logits(
             on_batch(done - 1, total)
         if batch is None:  # every image of the batch was unreadable
             continue
-        images, batch_labels, batch_indices = batch
+        images, batch_labels, batch_indices, *rest = batch
+        if checks:
+            checked.append(rest[0].float())
         x = to_model_input(images, preprocessing, device)
         with autocast:
             feats, out = features_and_logits(model, torch.cat([x, x.flip(-1)]) if tta else x)
@@ -160,13 +166,15 @@ def collect_logits(
         on_batch(total, total)
     if not logits:
         empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return (*empty, np.zeros((0, 0), np.float32)) if features else empty
+        more = [np.zeros((0, 0), np.float32)] * (int(features) + int(checks))
+        return (*empty, *more)
     outputs = (
         torch.cat(logits).numpy(),
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(indices).numpy().astype(np.int64),
     )
-    return (*outputs, torch.cat(kept).numpy()) if features else outputs
+    outputs += (torch.cat(kept).numpy(),) if features else ()
+    return outputs + ((torch.cat(checked).numpy(),) if checks else ())
 
 
 def evaluate_samples(
@@ -190,12 +198,14 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
     (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
-    :func:`collect_logits`, recorded in ``metrics.json``). With the checkpoint's
-    ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and set sizes
-    and the share of scans flagged (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
-    dataset = FileImages(samples, config.preprocessing)
+    :func:`collect_logits`, recorded in ``metrics.json``). Each scan gets its verdict in
+    ``predictions.csv`` (``trust``: the quality gate's, and with the checkpoint's
+    ``uncertainty`` its prediction set and flag too); ``metrics.json`` then also holds the
+    sets' coverage and set sizes, the share of scans flagged and the share of each verdict
+    with the accuracy within it (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
+    dataset = CheckedImages(samples, config.preprocessing)
     loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices, features = collect_logits(
+    logits, labels, indices, features, checked = collect_logits(
         model,
         loader,
         config.preprocessing,
@@ -206,11 +216,19 @@ def evaluate_samples(
         on_batch=on_batch,
         tta=tta,
         features=True,
+        checks=True,
     )
     if len(labels) == 0:
         raise DataError(f"no readable images in the {split} split")
     probs = softmax(logits, config.temperature)
-    extra = {"uncertainty": uncertainty.report(probs, features, labels)} if uncertainty else {}
+    passes, statistics = checked[:, 0] > 0.5, checked[:, 1:]
+    extra: dict[str, Any] = {}
+    answers: list[dict[str, Any]] = [{"trust": decide(bool(p), None, None)} for p in passes]
+    if uncertainty is not None:
+        extra["uncertainty"] = uncertainty.report(
+            probs, features, labels, statistics=statistics, looks_like_oct=passes
+        )
+        answers = uncertainty.answers(probs, features, statistics=statistics, looks_like_oct=passes)
     root = Path(data_root)
     files = [_relative(samples[i].path, root) for i in indices]
     return write_report(
@@ -225,6 +243,7 @@ def evaluate_samples(
         seed=seed,
         tta=tta,
         extra=extra,
+        answers=answers,
     )
 
 

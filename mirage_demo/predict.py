@@ -5,11 +5,13 @@
     python -m mirage_demo.predict [--checkpoint DIR_OR_HUB_ID] [--json] [--tta] [--level 0.9]
                                   [--explain METHOD --out DIR] IMAGES_OR_FOLDERS...
 
-One line per image: ``file LABEL probability set warnings``, or with ``--json`` one JSON object
-``{"file", "label", "probabilities", "prediction_set", "level", "out_of_distribution",
-"ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.record`) (the set at
-``--level``, and whether the scan is unlike the training scans: None for a checkpoint without
-uncertainty statistics). An unreadable file gives a line with an ``"error"`` and the run goes
+One line per image: ``file LABEL probability set verdict warnings``, or with ``--json`` one JSON
+object ``{"file", "label", "probabilities", "trust", "prediction_set", "level",
+"out_of_distribution", "ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.
+record`): ``trust`` is the verdict (:mod:`mirage_demo.verdict`: ``not_a_bscan``,
+``unlike_training``, ``unsure``, ``sure``), the set is at ``--level``, and the last four are
+None for a checkpoint without uncertainty statistics (``trust`` then says only
+``not_a_bscan``). An unreadable file gives a line with an ``"error"`` and the run goes
 on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
 ``--out`` (default: the current directory), in the one predictions format
 (:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes an overlay PNG per
@@ -32,6 +34,7 @@ from mirage_demo.explain import METHODS
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.metrics import write_predictions_csv
 from mirage_demo.uncertainty import DEFAULT_LEVEL
+from mirage_demo.verdict import verdict_words
 
 __all__ = ["main"]
 
@@ -99,12 +102,9 @@ def _emit(record: dict, as_json: bool, out: TextIO) -> None:
         probability = record["probabilities"][record["label"]]
         shown = record["prediction_set"]
         shown = "{" + ", ".join(shown) + "}" if shown is not None else "-"
-        warnings = record["warnings"] + (
-            ["unlike the training scans"] * bool(record["out_of_distribution"])
-        )
         out.write(
             f"{record['file']}\t{record['label']}\t{probability:.3f}\t{shown}\t"
-            f"{'; '.join(warnings)}\n"
+            f"{verdict_words(record['trust'])}\t{'; '.join(record['warnings'])}\n"
         )
     out.flush()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -11,10 +12,12 @@ import gradio as gr
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.metrics import write_predictions_csv
+from mirage_demo.ui.answer import verdict_cells
 from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
+from mirage_demo.verdict import NOT_A_BSCAN, VERDICTS, verdict_words
 
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
@@ -23,21 +26,14 @@ MAX_BATCH_FILES = 500  # images (and listed entries) per request
 BATCH_GPU_SECONDS = (10, 0.25, 120)
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
+NO_ANSWER = f"({verdict_words(NOT_A_BSCAN)})"  # the prediction cell: no class for it
 
 
 def batch_header(class_names: Sequence[str]) -> list[str]:
     """The batch table's columns (the CSV download has the one predictions format)."""
     probabilities = [f"p({c})" for c in class_names]
-    trust = [f"{DEFAULT_LEVEL:.0%} set", "unlike training scans"]
+    trust = [f"{DEFAULT_LEVEL:.0%} set", "unlike training scans", "verdict"]
     return ["file", "prediction", *probabilities, *trust, "warnings / errors"]
-
-
-def _trust_cells(result: Prediction) -> list[str]:
-    """The set and out-of-distribution columns ("n/a": the checkpoint has neither)."""
-    if result.prediction_set is None:
-        return ["n/a", "n/a"]
-    flag = f"yes ({result.ood_score:.1f})" if result.out_of_distribution else "no"
-    return [", ".join(result.prediction_set), flag]
 
 
 def classify_batch(
@@ -83,10 +79,11 @@ def classify_batch(
     for name, result in zip(names, results, strict=True):
         if isinstance(result, Prediction):
             probs = [round(result.probabilities[c], 4) for c in classes]
-            trust = _trust_cells(result)
-            rows.append([name, result.label, *probs, *trust, "; ".join(result.warnings)])
+            shown = NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
+            cells = verdict_cells(result)
+            rows.append([name, shown, *probs, *cells, "; ".join(result.warnings)])
         else:
-            rows.append([name, UNREADABLE, *[None] * (len(classes) + 2), result.reason])
+            rows.append([name, UNREADABLE, *[None] * (len(classes) + 3), result.reason])
     csv_path = output_file("oct-predictions", ".csv")
     write_predictions_csv(
         csv_path,
@@ -100,13 +97,24 @@ def classify_batch(
         errors=[None if isinstance(r, Prediction) else r.reason for r in results],
         uncertainty=[r.to_dict() if isinstance(r, Prediction) else None for r in results],
     )
+    return rows, str(csv_path), batch_summary(rows, results, classes)
+
+
+def batch_summary(
+    rows: list[list[Any]], results: Sequence[Prediction | ImageReadError], classes: list[str]
+) -> str:
+    """How many were classified, as each class, and how many got each verdict."""
     failed = sum(not isinstance(r, Prediction) for r in results)
     counts = {c: sum(row[1] == c for row in rows) for c in classes}
     summary = f"**{len(rows) - failed} classified**" + (
         f", **{failed} unreadable**" if failed else ""
     )
     summary += " — " + ", ".join(f"{c}: {n}" for c, n in counts.items())
-    return rows, str(csv_path), summary
+    verdicts = Counter(r.trust for r in results if isinstance(r, Prediction))
+    if verdicts:
+        shown = [f"{verdict_words(v)}: {verdicts[v]}" for v in (*VERDICTS, None) if verdicts[v]]
+        summary += "<br>How far to trust them — " + ", ".join(shown)
+    return summary
 
 
 def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:

@@ -22,7 +22,6 @@ from PIL import Image
 from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, ModelRegistry
-from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE
 from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
@@ -203,39 +202,6 @@ def timing_line(prediction: Prediction, what: str, device: str) -> str:
     seconds = prediction.timing.get("total_s", 0.0)
     model = prediction.timing.get("model_s", 0.0) + prediction.timing.get("explain_s", 0.0)
     return f"{what}: {model:.2f} s on {device.upper()} ({seconds:.2f} s with image decoding)."
-
-
-def warnings_markdown(prediction: Prediction) -> str:
-    """The quality check's warnings, or nothing."""
-    if not prediction.warnings:
-        return ""
-    items = "\n".join(f"- {w}" for w in prediction.warnings)
-    return f"**Warning: this may not be an OCT B-scan**; the result is meaningless.\n{items}\n\n"
-
-
-def trust_markdown(prediction: Prediction, *, guarantee: bool = True) -> str:
-    """How sure the model may be: its prediction set and whether the scan is unlike its
-    training scans (:mod:`mirage_demo.uncertainty`), or that this checkpoint has neither;
-    ``guarantee`` adds what the set promises, in plain words."""
-    if prediction.prediction_set is None:
-        return (
-            "_How sure the model may be (prediction sets, the unlike-the-training-scans check): "
-            "not available for this checkpoint._\n\n"
-        )
-    level, names = prediction.level or DEFAULT_LEVEL, prediction.prediction_set
-    what = (
-        "one class: the model is sure at this level"
-        if len(names) == 1
-        else f"{len(names)} classes: the model cannot tell them apart"
-    )
-    text = f"**The model's {level:.0%} set: {{{', '.join(names)}}}** ({what})."
-    if prediction.out_of_distribution:
-        text += f"\n\n**Warning: this scan is {OOD_NOTE}.**"
-    else:
-        text += " The scan is like the ones it was trained on."
-    if guarantee:
-        text += "\n\n<small>" + GUARANTEE.format(level=level) + "</small>"
-    return text + "\n\n"
 
 
 def method_name(method: str) -> str:

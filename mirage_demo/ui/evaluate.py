@@ -22,7 +22,7 @@ from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.featuremap import build_feature_map
-from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
+from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown, trust_headline
 
 __all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder", "labelled_scans_input"]
 
@@ -200,9 +200,10 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         result = evaluate_scans(registry.get(name), uploaded, progress)
         state = result["state"]
         message = "Choose a cell of the matrix to see those of your scans."
+        headline = trust_headline(result["metrics"], registry.report(name))
         return (
             result["note"],
-            metrics_markdown(result["metrics"]),
+            headline + "\n\n" + metrics_markdown(result["metrics"], verdicts=False),
             *[gr.update(value=path, visible=True) for path in result["figures"].values()],
             result["csv"],
             result["metrics"],

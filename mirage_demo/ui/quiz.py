@@ -11,6 +11,7 @@ import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet, scan_set_for
+from mirage_demo.ui.answer import answer_card
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
@@ -19,7 +20,7 @@ from mirage_demo.ui.context import (
     output_file,
     picture,
 )
-from mirage_demo.uncertainty import OOD_NOTE
+from mirage_demo.verdict import NOT_A_BSCAN
 
 __all__ = ["build_quiz_tab", "quiz_answer", "quiz_next", "quiz_start", "quiz_summary"]
 
@@ -58,34 +59,25 @@ def quiz_answer(predictor: Any, quiz: Quiz | None, choice: str | None):
     method = "gradcam" if "gradcam" in predictor.methods else predictor.methods[0]
     explanation = predictor.explain(item.image, method=method, target=item.model_answer)
     you = "right" if turn.correct else "wrong"
-    model = "right" if turn.model_correct else "wrong"
-    confidence = item.probabilities.get(item.model_answer, 0.0)
+    now = explanation.prediction
+    card = answer_card(
+        now, reference=item.reference, class_names=predictor.class_names, guarantee=False
+    )
+    if now.label != item.model_answer and now.trust != NOT_A_BSCAN:
+        card += (
+            f"(On the original scan, which the score counts, it said {item.model_answer} "
+            f"{item.probabilities.get(item.model_answer, 0.0):.0%}.)\n\n"
+        )
     feedback = (
         f"## Reference: {item.reference}\n"
-        f"- **You said {choice}**: {you}.\n"
-        f"- **The model said {item.model_answer}** ({confidence:.0%}): {model}.\n\n"
-        f"{unsure_line(explanation.prediction)}"
+        f"**You said {choice}**: {you}.\n\n"
+        f"{card}"
         f"The map ({method_name(method)}) shows where the model looked for "
         f"{item.model_answer}."
     )
     if quiz.finished:
         feedback += "\n\n" + quiz_summary(quiz)
     return explanation.overlay, feedback, quiz_score(quiz)
-
-
-def unsure_line(prediction: Any) -> str:
-    """After the answer: whether the model was unsure (a set of 2+ classes) or the scan is
-    unlike its training scans; nothing for a checkpoint without prediction sets."""
-    if prediction.prediction_set is None:
-        return ""
-    names = ", ".join(prediction.prediction_set)
-    if len(prediction.prediction_set) > 1:
-        text = f"**The model was unsure here**: its {prediction.level:.0%} set is {{{names}}}."
-    else:
-        text = f"The model was sure here: its {prediction.level:.0%} set is {{{names}}}."
-    if prediction.out_of_distribution:
-        text += f" This scan is {OOD_NOTE}."
-    return text + "\n\n"
 
 
 def quiz_next(quiz: Quiz | None):
