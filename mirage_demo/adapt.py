@@ -356,6 +356,7 @@ def adapt_upload(
         class_names=list(class_names),
         temperature=final.temperature,
         split=None,
+        uncertainty={},  # the base model's sets and flag are not this probe's
         training={
             "mode": "probe",
             "data": str(upload.root),

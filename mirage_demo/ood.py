@@ -54,19 +54,20 @@ class MahalanobisOOD:
         classes = np.unique(labels)
         if len(classes) != labels.max() + 1:
             raise ValueError("every class needs training features")
-        self.class_means_ = np.stack([features[labels == k].mean(axis=0) for k in classes])
-        centred = features - self.class_means_[labels]
-        self.precision_ = LedoitWolf(assume_centered=True).fit(centred).get_precision()
+        means = np.stack([features[labels == k].mean(axis=0) for k in classes])
+        centred = features - means[labels]
+        precision = LedoitWolf(assume_centered=True).fit(centred).get_precision()
+        self.class_means_, self.precision_ = _stored(means), _stored(precision)
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` distances (larger: less like the training scans)."""
         x = np.asarray(features, np.float64)
         squared = np.empty(len(x))
-        for start in range(0, len(x), _CHUNK):  # (1024, K, D) at a time
-            diff = x[start : start + _CHUNK, None, :] - self.class_means_[None, :, :]
-            squared[start : start + _CHUNK] = ((diff @ self.precision_) * diff).sum(-1).min(1)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # huge or NaN features: inf, NaN
+            for start in range(0, len(x), _CHUNK):  # (1024, K, D) at a time
+                diff = x[start : start + _CHUNK, None, :] - self.class_means_[None, :, :]
+                squared[start : start + _CHUNK] = ((diff @ self.precision_) * diff).sum(-1).min(1)
             return np.sqrt(np.maximum(squared, 0.0))
 
 
@@ -82,12 +83,12 @@ class StatisticsOOD:
         x = x[np.isfinite(x).all(axis=1)]
         if len(x) <= neighbours:
             raise ValueError(f"need more than {neighbours} training scans with finite statistics")
-        self.centre_ = np.median(x, axis=0)
+        self.centre_ = _stored(np.median(x, axis=0))
         spread = np.subtract(*np.percentile(x, [75, 25], axis=0))
-        self.scale_ = np.maximum(spread, 1e-3 * np.maximum(np.abs(self.centre_), 1e-3))
+        self.scale_ = _stored(np.maximum(spread, 1e-3 * np.maximum(np.abs(self.centre_), 1e-3)))
         if len(x) > MAX_REFERENCE:
             x = x[np.random.default_rng(seed).choice(len(x), MAX_REFERENCE, replace=False)]
-        self.reference_ = (x - self.centre_) / self.scale_
+        self.reference_ = _stored((x - self.centre_) / self.scale_)
         self.neighbours_ = int(neighbours)
         return self
 
@@ -167,6 +168,12 @@ class UnlikeTraining:
     def flags(self, features: np.ndarray, statistics: np.ndarray | None = None) -> np.ndarray:
         """``(N,)`` bool: unlike the training scans (a score that is not finite included)."""
         return _flagged(self.score(features, statistics))
+
+
+def _stored(values: np.ndarray) -> np.ndarray:
+    """``values`` as a checkpoint stores them (float32), so a fitted detector scores exactly
+    as the one loaded from its checkpoint."""
+    return np.asarray(values, np.float64).astype(np.float32).astype(np.float64)
 
 
 def _larger(parts: dict[str, np.ndarray]) -> np.ndarray:
