@@ -247,3 +247,20 @@ def test_the_gate_passes_every_bundled_real_scan():
     assert len(scans) >= 460
     rejected = [p.name for p in scans if not assess_image(p).looks_like_oct]
     assert rejected == []
+
+
+# --------------------------------------------------------------------------------------------
+# Learn's examples
+
+
+def test_learn_shows_one_real_example_of_each_verdict_and_each_still_gets_it():
+    from mirage_demo.inference import Predictor
+    from mirage_demo.ui.learn import VERDICT_EXAMPLES, verdict_example
+    from mirage_demo.ui.registry import ASSETS
+
+    assert sorted(v for v, _, _ in VERDICT_EXAMPLES) == sorted(VERDICTS)
+    predictor = Predictor.from_pretrained()  # the bundled ResNet-18
+    for verdict, path, caption in VERDICT_EXAMPLES:
+        shown = verdict_example(verdict, ASSETS / path)
+        source = shown if isinstance(shown, Image.Image) else Path(shown)
+        assert predictor.predict(source).trust == verdict, (path, caption)
