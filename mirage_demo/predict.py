@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TextIO
 
 from mirage_demo.checkpoint import CheckpointError
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import METHODS
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.metrics import write_predictions_csv
 from mirage_demo.uncertainty import DEFAULT_LEVEL

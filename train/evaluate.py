@@ -32,7 +32,8 @@ from mirage_demo.checkpoint import (
     resolve_checkpoint_dir,
 )
 from mirage_demo.data import DataError, DatasetSplits, load_dataset
-from mirage_demo.evaluation import collect_logits, evaluate_samples, summary
+from mirage_demo.evaluation import evaluate_samples, summary
+from mirage_demo.logits import collect_logits
 from mirage_demo.uncertainty import (
     Uncertainty,
     fit_uncertainty,
