@@ -44,7 +44,9 @@ from mirage_demo.data import Preprocessing, Sample
 from train.config import TrainConfig
 from train.data import EpochSampler, make_loader, to_model_input
 from train.distributed import Dist, resolve_device
-from train.train import keep_large_blocks, setup_run, train_step
+from train.loop import train_step
+from train.run import setup_run
+from train.setup import keep_large_blocks
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {

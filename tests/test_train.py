@@ -18,15 +18,16 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-import train.train as trainer
+import train.setup
 from mirage_demo.checkpoint import UNCERTAINTY_NAME, load_checkpoint, save_checkpoint
 from mirage_demo.inference import Predictor
 from mirage_demo.metrics import REPORT_FILES
 from train import evaluate
+from train.cli import main
 from train.config import UsageError, check_resumable, parse_config
 from train.data import EpochSampler
+from train.optim import lr_factor
 from train.state import load_state
-from train.train import lr_factor, main
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["BOTTOM", "MIDDLE", "TOP"]
@@ -336,8 +337,6 @@ def test_resume_after_a_kill_ends_with_identical_weights(tmp_path, capsys, monke
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    import train.train as trainer
-
     data = make_bands(tmp_path / "data", counts=(8, 3, 3))
     calls = {"n": 0}
 
@@ -347,7 +346,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, mon
             loss = super().forward(logits, target)
             return loss * float("nan") if calls["n"] > 3 else loss  # epoch 1 has 3 steps
 
-    monkeypatch.setattr(trainer.nn, "CrossEntropyLoss", PoisonedLoss)
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedLoss)
     code, _, err = run_main(capsys, *train_args(data, tmp_path / "out", tmp_path / "cache"))
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "loss became NaN or infinite in epoch 2" in err
@@ -603,7 +602,7 @@ def test_distils_from_a_teacher_checkpoint(trained, tmp_path, capsys):
 
 
 def test_model_selection_measures():
-    from train.train import Progress
+    from train.run import Progress
 
     progress = Progress()
     epochs = [
@@ -646,7 +645,7 @@ def test_bf16_on_a_cpu_that_computes_it(trained, tmp_path, capsys, monkeypatch):
     a CPU that would emulate it is refused in one line before anything is written."""
     data, _ = trained
     args = train_args(data, tmp_path / "out", tmp_path / "cache", "--amp", "bf16", epochs=2)
-    if trainer.cpu_computes_bf16():
+    if train.setup.cpu_computes_bf16():
         code, _, err = run_main(capsys, *args)
         assert code == 0, err
         model, config = load_checkpoint(tmp_path / "out")
@@ -657,7 +656,7 @@ def test_bf16_on_a_cpu_that_computes_it(trained, tmp_path, capsys, monkeypatch):
         with torch.no_grad():  # the report's probabilities are the float32 model's
             probs = torch.softmax(model(x) / config.temperature, dim=1)[0]
         assert float(row["prob_BOTTOM"]) == pytest.approx(float(probs[0]), abs=1e-5)
-    monkeypatch.setattr(trainer, "cpu_computes_bf16", lambda: False)
+    monkeypatch.setattr(train.setup, "cpu_computes_bf16", lambda: False)
     code, _, err = run_main(
         capsys, *train_args(data, tmp_path / "emu", tmp_path / "cache", "--amp", "bf16")
     )
