@@ -38,7 +38,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "compute_metrics": "metrics",
     "write_report": "metrics",
-    "write_predictions_csv": "metrics",
+    "write_predictions_csv": "predictions_csv",
     "Explainer": "explain",
     "METHODS": "explain",
     "Predictor": "inference",
@@ -85,13 +85,14 @@ if TYPE_CHECKING:
     from mirage_demo.explain import METHODS, Explainer
     from mirage_demo.images import ImageReadError, read_image
     from mirage_demo.inference import Explanation, Prediction, Predictor
-    from mirage_demo.metrics import compute_metrics, write_predictions_csv, write_report
+    from mirage_demo.metrics import compute_metrics, write_report
     from mirage_demo.models import (
         checkpoint_filter_fn,
         configure_finetuning,
         create_classifier,
         optimizer_param_groups,
     )
+    from mirage_demo.predictions_csv import write_predictions_csv
 
 
 def __getattr__(name: str) -> Any:
