@@ -40,7 +40,7 @@ from torch import nn
 from mirage_demo.data import DataError, FileImages, Preprocessing
 from mirage_demo.fileio import atomic_write
 from mirage_demo.images import Sample
-from mirage_demo.logits import make_loader, to_model_input
+from mirage_demo.logits import Outputs, make_loader, to_model_input
 from mirage_demo.metrics import compute_metrics, nll, softmax
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "balanced_accuracy",
     "bare_forward_speed",
     "cached_features",
+    "cached_outputs",
     "embed",
     "file_sha256",
     "fit_probe",
@@ -269,6 +270,43 @@ def cached_features(
         seconds=seconds if missing else 0.0,
         unreadable=unreadable,
     )
+
+
+@torch.no_grad()
+def cached_outputs(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    preprocessing: Preprocessing,
+    cache_root: str | Path,
+    device: torch.device,
+    *,
+    digest: str | None = None,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool | None = None,
+    desc: str = "embedding",
+) -> Outputs:
+    """What :func:`~mirage_demo.logits.file_outputs` gives (float32, no augmentation) with no
+    forward pass for an image already in the feature cache: the pooled features from
+    :func:`cached_features` (the missing ones embedded and added), the logits from the model's
+    own linear head (for a probe, the whole of what the backbone does not fix)."""
+    found = cached_features(
+        model,
+        samples,
+        preprocessing,
+        cache_root,
+        device,
+        digest=digest,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+    )
+    head = model.get_classifier()
+    weight = next(head.parameters())
+    logits = head(torch.from_numpy(found.features).to(weight.device, weight.dtype))
+    indices = np.asarray(found.indices, dtype=np.int64)
+    return Outputs(logits.float().cpu().numpy(), found.labels, indices, found.features)
 
 
 @torch.no_grad()
