@@ -7,7 +7,7 @@ from the trainer's cache), batched by :func:`make_loader`, normalised (and, in t
 augmented) on the device by :func:`to_model_input`, and :func:`collect_logits` gathers the
 logits (and penultimate features) in the loader's order. :func:`file_outputs` does all of it for
 labelled image files: their :class:`Outputs`, what a report or an uncertainty fit is made of
-(a probe reads the same from its feature cache: :func:`mirage_demo.probe.cached_outputs`).
+(a probe reads the same from its feature cache: :func:`mirage_demo.probe.head_outputs`).
 """
 
 from __future__ import annotations

@@ -52,10 +52,10 @@ __all__ = [
     "balanced_accuracy",
     "bare_forward_speed",
     "cached_features",
-    "cached_outputs",
     "embed",
     "file_sha256",
     "fit_probe",
+    "head_outputs",
     "pooled_features",
     "weights_digest",
 ]
@@ -273,35 +273,10 @@ def cached_features(
 
 
 @torch.no_grad()
-def cached_outputs(
-    model: nn.Module,
-    samples: Sequence[Sample],
-    preprocessing: Preprocessing,
-    cache_root: str | Path,
-    device: torch.device,
-    *,
-    digest: str | None = None,
-    batch_size: int = 32,
-    workers: int = 0,
-    progress: bool | None = None,
-    desc: str = "embedding",
-) -> Outputs:
-    """What :func:`~mirage_demo.logits.file_outputs` gives (float32, no augmentation) with no
-    forward pass for an image already in the feature cache: the pooled features from
-    :func:`cached_features` (the missing ones embedded and added), the logits from the model's
-    own linear head (for a probe, the whole of what the backbone does not fix)."""
-    found = cached_features(
-        model,
-        samples,
-        preprocessing,
-        cache_root,
-        device,
-        digest=digest,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-        desc=desc,
-    )
+def head_outputs(model: nn.Module, found: Features) -> Outputs:
+    """What :func:`~mirage_demo.logits.file_outputs` gives, from pooled features already at hand
+    (:func:`cached_features`, float32 for a report): the logits from the model's own linear
+    head, the one part a probe fits."""
     head = model.get_classifier()
     weight = next(head.parameters())
     logits = head(torch.from_numpy(found.features).to(weight.device, weight.dtype))

@@ -35,8 +35,8 @@ from mirage_demo.probe import (
     apply_probe,
     bare_forward_speed,
     cached_features,
-    cached_outputs,
     fit_probe,
+    head_outputs,
     weights_digest,
 )
 from mirage_demo.version import __version__
@@ -220,7 +220,7 @@ def cached_outputs_of(config: TrainConfig, device: torch.device, workers: int) -
     ) -> Outputs:
         if id(model) not in digests:
             digests[id(model)] = weights_digest(model)
-        return cached_outputs(
+        found = cached_features(
             model,
             samples,
             checkpoint.preprocessing,
@@ -232,6 +232,7 @@ def cached_outputs_of(config: TrainConfig, device: torch.device, workers: int) -
             progress=config.progress,
             desc=f"embedding {desc}",
         )
+        return head_outputs(model, found)
 
     return outputs_of
 
