@@ -421,8 +421,10 @@ def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise CheckpointError(f"{path}: calibration_labels must be class indices")
     for key in ("class_means", "precision", "calibration_scores"):
-        if arrays[key].dtype.kind != "f" or not np.isfinite(arrays[key].astype(np.float32)).all():
-            # float32's range: a distance of features within it cannot overflow in float64
+        # float32's range: a distance of features within it cannot overflow in float64
+        with np.errstate(over="ignore"):
+            finite = arrays[key].dtype.kind == "f" and np.isfinite(arrays[key].astype(np.float32))
+        if not np.all(finite):
             raise CheckpointError(f"{path}: {key} must hold finite float32 numbers")
     scores = arrays["calibration_scores"]
     if scores.min() < 0 or scores.max() > 1:

@@ -36,7 +36,6 @@ def set_field(path: str, value):
     return change
 
 
-
 def png_header_only(width: int, height: int, color_type: int = 6, depth: int = 8) -> bytes:
     """A syntactically valid PNG declaring ``width x height`` with almost no pixel data."""
     import struct
@@ -63,7 +62,6 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     sof = data.index(b"\xff\xc0")
     data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
     return bytes(data)
-
 
 
 def png_bytes(size=(48, 32), value=90) -> bytes:
@@ -133,10 +131,7 @@ def load_all(path: Path, label: str = "scans.zip", budget=None):
     return out
 
 
-
 def labelled_zip(path: Path, names: list[str]) -> dict:
     scan = EXAMPLE.read_bytes()
     members = {name: (b"junk" if "junk" in name else scan) for name in names}
     return {"path": str(make_zip(path, members)), "orig_name": path.name}
-
-

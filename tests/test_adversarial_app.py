@@ -331,27 +331,32 @@ def test_evaluate_takes_long_names_and_leaves_nothing_when_it_fails(
 
 
 def test_kept_evaluations_are_bounded_on_disk(tmp_path, monkeypatch):
+    """Sizes are measured on disk (every file counts, however late it was written); the
+    oldest go first, never the job writing now."""
     import os
     import time
 
-    import mirage_demo.ui.evaluate as evaluate
+    from mirage_demo.ui import jobs
 
-    monkeypatch.setattr(evaluate, "EVALUATIONS_MAX_BYTES", 250)
+    monkeypatch.setattr(jobs, "JOBS_MAX_BYTES", 250)
     now = time.time()
-    for age, size in ((4000, 10), (300, 100), (200, 100), (100, 100)):
-        folder = tmp_path / f"oct-eval-{age}"
+    for age, size in ((4000, 10), (300, 100), (200, 100), (100, 100), (50, 300)):
+        folder = tmp_path / f"job-{age}"
         folder.mkdir()
-        (folder / evaluate.SIZE_FILE).write_text(str(size))
+        (folder / "scan.png").write_bytes(bytes(size))
         os.utime(folder, (now - age, now - age))
-    evaluate._make_room(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["oct-eval-100", "oct-eval-200"]
+    kept = jobs.account(keep=tmp_path / "job-50", parent=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job-50"] and kept == 300
+    jobs.account(parent=tmp_path)
+    assert not list(tmp_path.iterdir())  # alone over the cap, and no longer writing
 
 
 def test_quiz_scans_do_not_give_their_class_away():
+    from mirage_demo.testscans import scan_set_for
     from mirage_demo.ui.quiz import quiz_next, quiz_start
     from mirage_demo.ui.registry import ASSETS
 
-    quiz, image, _ = quiz_start(ASSETS / "demo-model", CLASSES, 4, seed=0)
+    quiz, image, _ = quiz_start(scan_set_for(ASSETS / "demo-model"), CLASSES, 4, seed=0)
     shown = [image]
     while True:
         quiz.answer(CLASSES[0])
