@@ -6,6 +6,10 @@ Serves the app in this process as ``python app.py`` does (``build_app`` + ``setu
 model call per two cores), with its temporary folder (uploads, outputs, evaluations) in a fresh
 directory, builds the uploads of issues 12 and 20 there and sends each through
 ``gradio_client``; the baseline is ``/predict`` on a real 512x496 example scan in the same run.
+Issue 30's attacks first (``--part round3`` for them alone; :mod:`hostile_round3`): hostile
+checkpoints, a feature map of identical scans, ``--rounds`` rounds of /adapt + Use it +
+Download (the disk they leave), and a /predict sent while a feature map of ``--images``
+scans is computed.
 Peak memory is the process's ``VmHWM`` above its resident memory before the request (Linux);
 disk is the growth of the temporary folder. Last, a ``/predict`` is sent while an
 ``/evaluate`` of ``--images`` labelled scans (the bundled test scans, repeated) runs.
@@ -44,6 +48,9 @@ from mirage_demo.ui.app import LAUNCH_OPTIONS, default_concurrency  # noqa: E402
 from mirage_demo.ui.context import EXAMPLES_DIR  # noqa: E402
 from mirage_demo.ui.registry import ASSETS  # noqa: E402
 from tests.hostile_files import ico_bomb, many_entries_zip, scan_bomb, zeros_zip  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostile_round3  # noqa: E402
 
 EXAMPLE = EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg"
 TEST_SCANS = ASSETS / "test-scans" / "images"
@@ -132,10 +139,17 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: steadiest on a busy machine)"
     )
     parser.add_argument("--images", type=int, default=1000, help="images of the long /evaluate")
+    parser.add_argument(
+        "--part",
+        choices=("all", "uploads", "round3"),
+        default="all",
+        help="uploads: issues 12 and 20; round3: issue 30 (feature map, /adapt, checkpoints)",
+    )
+    parser.add_argument("--rounds", type=int, default=17, help="/adapt rounds (round3)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     registry = ModelRegistry([ModelChoice("model", args.checkpoint)])
-    demo = setup_queue(build_app(registry), default_concurrency())
+    demo = setup_queue(build_app(registry), default_concurrency(), registry=registry)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
     url = demo.local_url
     client = Client(url, verbose=False)
@@ -161,6 +175,12 @@ def main() -> None:
         )
         print(" answer |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         base = measure(lambda: predict(EXAMPLE))[0]
+        if args.part in ("all", "round3"):
+            assets = {"checkpoint": Path(args.checkpoint), "example": EXAMPLE}
+            assets["test_scans"] = TEST_SCANS
+            hostile_round3.run(url, demo, uploads, assets, base, args.rounds)
+        if args.part == "round3":
+            return
         row = functools.partial(print_row, base=base)
         row("/predict, real 512x496 scan (baseline)", EXAMPLE, lambda: predict(EXAMPLE))
         for key, what in (

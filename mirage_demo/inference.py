@@ -70,6 +70,11 @@ __all__ = [
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
 
 
+def _finite(value: float | None) -> float | None:
+    """``value``, or None when it is not a finite number (JSON has no NaN or infinity)."""
+    return value if value is None or math.isfinite(value) else None
+
+
 @dataclass
 class Prediction:
     """One image's class probabilities, the quality check's warnings and timings (seconds);
@@ -105,10 +110,6 @@ class Prediction:
         record["probabilities"] = {k: _finite(v) for k, v in self.probabilities.items()}
         record["ood_score"] = _finite(self.ood_score)
         return record
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
