@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from gradio_client import Client, handle_file
 
-from mirage_demo.checkpoint import CheckpointError, load_checkpoint
+from mirage_demo.checkpoint import load_checkpoint
 from mirage_demo.featuremap import project
 from mirage_demo.testscans import scan_set_for
 from mirage_demo.ui import ModelChoice, ModelRegistry, build_app
@@ -30,6 +30,8 @@ from mirage_demo.ui.context import app_temp
 from mirage_demo.ui.jobs import JOBS_MAX_BYTES, account, folder_bytes, jobs_dir
 
 __all__ = ["run"]
+
+CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
 
 
 def page_call(url: str, session: str, fn_index: int, data: list[Any], timeout: float = 3600) -> Any:
@@ -157,75 +159,60 @@ def adapt_rounds(url: str, demo: Any, test_scans: Path, folder: Path, rounds: in
     )
 
 
-def hostile_checkpoints(checkpoint: Path, folder: Path) -> None:
-    """Issue 30, 2 and 7: checkpoints an operator might serve without having made them."""
+def _variant(checkpoint: Path, directory: Path, change: Callable[[dict], None]) -> Path:
+    """``checkpoint``'s weights (linked) with its config.json through ``change``."""
+    directory.mkdir()
+    (directory / "model.safetensors").symlink_to(checkpoint / "model.safetensors")
+    config = json.loads((checkpoint / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
 
-    def variant(name: str, change: Callable[[dict], None]) -> Path:
-        directory = folder / name
-        directory.mkdir()
-        (directory / "model.safetensors").symlink_to(checkpoint / "model.safetensors")
-        config = json.loads((checkpoint / "config.json").read_text())
-        change(config)
-        (directory / "config.json").write_text(json.dumps(config))
-        return directory
+
+def costly_checkpoints(checkpoint: Path, folder: Path) -> None:
+    """Issue 30, 7: a checkpoint that would cost minutes a scan, or a giant download."""
 
     def tokens(config: dict) -> None:
         config.update(architecture="mirage_tiny_patch32_512")
         config["model_kwargs"] = {"img_size": 1024, "patch_size": 2, "depth": 1}
         config["preprocessing"]["input_size"] = [1024, 1024]
 
-    row(
-        "load a one-block ViT at 1024 px in 2x2 patches",
-        lambda: load_checkpoint(variant("tokens", tokens)),
-    )
-
     def giant(config: dict) -> None:
         config.update(architecture="vit_gigantic_patch14_clip_224", model_kwargs={})
         config["preprocessing"]["input_size"] = [224, 224]
-        config["backbone"] = {
-            "weights": "vit_gigantic_patch14_clip_224.laion2b",
-            "revision": "0" * 40,
-            "sha256": "0" * 64,
-        }
+        weights = "vit_gigantic_patch14_clip_224.laion2b"
+        config["backbone"] = {"weights": weights, "revision": "0" * 40, "sha256": "0" * 64}
 
-    row(
-        "load a probe on a 1.8 B-parameter backbone",
-        lambda: load_checkpoint(variant("giant", giant)),
-    )
-    environ = variant("environ", lambda c: c.update(training={"data": "/"}))
-    header = "file,true,predicted," + ",".join(
-        f"prob_{c}" for c in ("CNV", "DME", "DRUSEN", "NORMAL")
-    )
+    what = "load a one-block ViT at 1024 px in 2x2 patches"
+    row(what, lambda: load_checkpoint(_variant(checkpoint, folder / "tokens", tokens)))
+    what = "load a probe on a 1.8 B-parameter backbone"
+    row(what, lambda: load_checkpoint(_variant(checkpoint, folder / "giant", giant)))
+    same = np.ones((8, 512))
+    row("t-SNE of 8 identical feature vectors", lambda: project(same, "t-SNE").tolist()[:2])
+
+
+def hostile_report_files(checkpoint: Path, folder: Path) -> None:
+    """Issue 30, 2 and 7: test scans naming server files, huge or malformed report files."""
+    header = "file,true,predicted," + ",".join(f"prob_{c}" for c in CLASSES)
+    environ = _variant(checkpoint, folder / "environ", lambda c: c.update(training={"data": "/"}))
     (environ / "predictions.csv").write_text(f"{header}\nproc/self/environ,CNV,CNV,1,0,0,0\n")
     registry = ModelRegistry([ModelChoice("environ", str(environ))], data_roots=[])
-    row(
-        "test scans of a checkpoint listing proc/self/environ",
-        lambda: registry.scan_set("environ")[1][:100],
-    )
-    large = variant("large", lambda c: None)
+    what = "test scans of a checkpoint listing proc/self/environ"
+    row(what, lambda: registry.scan_set("environ")[1][:100])
+    large = _variant(checkpoint, folder / "large", lambda c: None)
     rows = [f"CNV/{i}.jpeg,CNV,CNV,1,0,0,0" for i in range(300_000)]
     (large / "predictions.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
     (large / "metrics.json").write_text(json.dumps({"overall": {}, "padding": "x" * 100_000_000}))
-    row(
-        "test scans of a 300,000-row predictions.csv",
-        lambda: scan_set_for(large, roots=[folder])[1][:100],
-    )
+    what = "test scans of a 300,000-row predictions.csv"
+    row(what, lambda: scan_set_for(large, roots=[folder])[1][:100])
     served = ModelRegistry([ModelChoice("large", str(large))])
-    row(
-        "page built on a 100 MB metrics.json",
-        lambda: (build_app(served), served.report("large"))[1],
-    )
-    broken = variant("broken", lambda c: None)
+    what = "page built on a 100 MB metrics.json"
+    row(what, lambda: (build_app(served), served.report("large"))[1])
+    broken = _variant(checkpoint, folder / "broken", lambda c: None)
     (broken / "metrics.json").write_text('{"overall": {"balanced_accuracy": {"value": "high"}}}')
     served = ModelRegistry([ModelChoice("broken", str(broken))])
-    row(
-        "page built on a malformed metrics.json",
-        lambda: (build_app(served), served.report("broken"))[1],
-    )
-    same = np.ones((8, 512))
-    row("t-SNE of 8 identical feature vectors", lambda: project(same, "t-SNE").tolist()[:2])
-    for path in folder.iterdir():
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+    what = "page built on a malformed metrics.json"
+    row(what, lambda: (build_app(served), served.report("broken"))[1])
 
 
 def run(
@@ -235,11 +222,10 @@ def run(
     folder = Path(tempfile.mkdtemp(prefix="round3-", dir="/tmp"))
     try:
         print("| round 3 | seconds | outcome |\n| --- | ---: | --- |", flush=True)
-        hostile_checkpoints(assets["checkpoint"], folder)
+        costly_checkpoints(assets["checkpoint"], folder)
+        hostile_report_files(assets["checkpoint"], folder)
         identical_scans_map(url, demo, assets["example"], folder)
         adapt_rounds(url, demo, assets["test_scans"], folder, rounds)
         predict_during_map(url, demo, uploads["labelled"], assets["example"], base)
-    except CheckpointError as err:
-        print(f"error: {err}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -22,7 +22,7 @@ import gradio as gr
 from gradio.context import LocalContext
 from PIL import Image
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, NOT_SERVED_HERE, ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE
