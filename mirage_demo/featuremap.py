@@ -107,8 +107,10 @@ def project(features: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
         return np.zeros((len(x), 2))
     if method == "PCA":
         from sklearn.decomposition import PCA
+        from threadpoolctl import threadpool_limits
 
-        coords = PCA(n_components=min(2, *x.shape), random_state=seed).fit_transform(x)
+        with threadpool_limits(1):  # OpenMP threads spinning on a busy machine: 5x slower
+            coords = PCA(n_components=min(2, *x.shape), random_state=seed).fit_transform(x)
         return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
     if len(x) < MIN_TSNE_POINTS:
         raise ValueError(f"t-SNE needs at least {MIN_TSNE_POINTS} scans, not {len(x)}")

@@ -145,14 +145,15 @@ def feature_map_for(
 
     def on_progress(done: int, count: int) -> None:
         if progress is not None:
-            left = (time.perf_counter() - started) / done * (count - done)
-            desc = f"Running the model on the scans (about {left:.0f} s left)"
+            left = (time.perf_counter() - started) / max(done, 1) * (count - done)
+            desc = "Running the model on the scans" + (f" (about {left:.0f} s left)" * bool(done))
             progress((done, count), desc=desc, unit="scans")
 
-    fmap = feature_map_ready(directory, scans) or cached_feature_map(
-        key,
-        lambda: compute_feature_map(model, preprocessing, scans, predictor.device, [], on_progress),
-    )
+    def compute() -> FeatureMap:
+        on_progress(0, len(scans.entries))
+        return compute_feature_map(model, preprocessing, scans, predictor.device, [], on_progress)
+
+    fmap = feature_map_ready(directory, scans) or cached_feature_map(key, compute)
     if not fmap.entries:
         return None, "None of these scans could be read.", None
     if "embedding" in fmap.seconds:
