@@ -189,6 +189,9 @@ def test_adapt_use_and_download_stay_within_the_disk_cap(app_server, tmp_path, m
     from mirage_demo.ui.adapt import adapt_scans, download_adapted, use_adapted
 
     registry = app_server[1]
+    own = tmp_path / "jobs"  # this test's job folders alone (others' would count too)
+    own.mkdir()
+    monkeypatch.setattr(jobs, "jobs_dir", lambda: own)
     upload = _adapt_zip(tmp_path / "scans.zip", 10)
     first = adapt_scans(registry.get("tiny"), "tiny", [upload])
     state = {"adaptation": first["adaptation"], "folder": first["folder"], "base": "tiny"}
@@ -200,13 +203,13 @@ def test_adapt_use_and_download_stay_within_the_disk_cap(app_server, tmp_path, m
     assert download_adapted(state) == str(path)  # written once
     with zipfile.ZipFile(path) as archive:
         config = archive.read("adapted-model/config.json").decode()
-    assert str(jobs.jobs_dir()) not in config and "/tmp" not in config
+    assert str(own) not in config and "/tmp" not in config
     # the cap: just what the first job holds now; the next job's start makes room
     monkeypatch.setattr(jobs, "JOBS_MAX_BYTES", jobs.account())
     time.sleep(1.1)  # folder ages in whole seconds on some file systems
     second = adapt_scans(registry.get("tiny"), "tiny", [upload])
     assert not first["folder"].exists() and second["folder"].exists()
-    assert jobs.account() <= jobs.JOBS_MAX_BYTES or len(list(jobs.jobs_dir().iterdir())) == 1
+    assert [p.name for p in own.iterdir()] == [second["folder"].name]
 
 
 def test_jobs_never_touch_other_programs_temporary_folders(app_server, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from mirage_demo.ui.context import (
     LONG_JOBS_CONCURRENCY_ID,
     MODEL_CONCURRENCY_ID,
     AppContext,
+    app_temp,
     example_scans,
 )
 from mirage_demo.ui.evaluate import build_evaluate_tab
@@ -107,6 +108,7 @@ def build_app(
     :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
     """
     config = registry.config(registry.default)
+    app_temp()  # made here, in the serving process, before any worker is forked
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
         if notice:

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import html
 import inspect
+import os
 import shutil
 import tempfile
 import time
@@ -324,8 +325,15 @@ def app_temp() -> Path:
     the system's temporary folder and deleted when the process exits: the app never cleans
     up, or counts, anything but its own files."""
     folder = Path(tempfile.mkdtemp(prefix="mirage-demo-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    atexit.register(_remove, folder, os.getpid())
     return folder
+
+
+def _remove(folder: Path, owner: int) -> None:
+    """Delete ``folder`` at exit, in the process that made it only (a forked worker, such as
+    ZeroGPU's, inherits the exit handlers and must leave the server's files alone)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def output_file(prefix: str, suffix: str) -> Path:

@@ -201,7 +201,8 @@ class ModelRegistry:
 
     def _session_model(self, name: str | None) -> SessionModel | None:
         """A session model (its last use renewed), else None. Which session may name it is
-        checked where every request enters (:func:`mirage_demo.ui.app.setup_queue`)."""
+        checked where every request enters (:func:`mirage_demo.ui.app.setup_queue`) and
+        before every model call (:meth:`~mirage_demo.ui.context.AppContext.model_call`)."""
         with self._lock:
             self._expire()
             found = self._session.get(name) if name else None
@@ -299,8 +300,8 @@ class ModelRegistry:
     def report(self, name: str | None = None) -> dict[str, Any] | None:
         """A model's ``metrics.json`` (read and checked once), or ``None`` if it has none or
         it cannot be used (too large, not JSON, a field of the wrong type: logged once)."""
-        if session := self._session_model(name):
-            return session_report(session)
+        if session := self._session_model(name):  # the app wrote it: small, read each time
+            return _checked_report(session.directory, session.predictor.config)
         name = self._name(name)
         with self._lock:
             if name not in self._reports:
@@ -318,11 +319,6 @@ class ModelRegistry:
             if name not in self._scans:
                 self._scans[name] = scan_set_for(self.directory(name), roots=self.data_roots)
             return self._scans[name]
-
-
-def session_report(session: SessionModel) -> dict[str, Any] | None:
-    """An adapted model's report (the app wrote it: read each time, it is small)."""
-    return _checked_report(session.directory, session.predictor.config)
 
 
 def _checked_report(directory: Path, config: CheckpointConfig | None) -> dict[str, Any] | None:
