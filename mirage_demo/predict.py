@@ -92,9 +92,9 @@ def _expand(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path | None]], list
 
 def _emit(record: dict, as_json: bool, out: TextIO) -> None:
     if as_json:
-        out.write(json.dumps(record) + "\n")
+        out.write(json.dumps(record, allow_nan=False) + "\n")
     elif "error" in record:
-        out.write(f"{record['file']}\tERROR\t{record['error']}\n")
+        out.write(f"{_cell(record['file'])}\tERROR\t{_cell(record['error'])}\n")
     else:
         probability = record["probabilities"][record["label"]]
         shown = record["prediction_set"]
@@ -102,11 +102,18 @@ def _emit(record: dict, as_json: bool, out: TextIO) -> None:
         warnings = record["warnings"] + (
             ["unlike the training scans"] * bool(record["out_of_distribution"])
         )
+        shown_probability = "-" if probability is None else f"{probability:.3f}"
         out.write(
-            f"{record['file']}\t{record['label']}\t{probability:.3f}\t{shown}\t"
-            f"{'; '.join(warnings)}\n"
+            f"{_cell(record['file'])}\t{record['label']}\t{shown_probability}\t{shown}\t"
+            f"{_cell('; '.join(warnings))}\n"
         )
     out.flush()
+
+
+def _cell(text: str) -> str:
+    """One tab-separated cell: control characters (a newline or tab in a file name, which
+    would forge a row or a column) written as escapes, as ``repr`` writes them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _record(file: Path, result: Prediction | Exception) -> dict:

@@ -53,6 +53,7 @@ __all__ = [
     "bare_forward_speed",
     "cached_features",
     "embed",
+    "embed_in_chunks",
     "file_sha256",
     "fit_probe",
     "head_outputs",
@@ -144,6 +145,29 @@ def embed(
     width = int(getattr(model, "num_features", 0))
     stacked = torch.cat(features).numpy() if features else np.zeros((0, width), np.float32)
     return stacked, indices
+
+
+def embed_in_chunks(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    on_progress: Callable[[int, int], None] | None = None,
+    chunk: int = 32,
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`embed`, ``chunk`` images at a time, calling ``on_progress(done, total)`` after
+    each (the app's progress bars): ``(features (n, D) float32, indices into samples)``."""
+    features, kept = [], []
+    for first in range(0, len(samples), chunk):
+        part = samples[first : first + chunk]
+        values, indices = embed(model, part, preprocessing, device, progress=False)
+        features.append(values)
+        kept += [first + i for i in indices]
+        if on_progress is not None:
+            on_progress(min(first + chunk, len(samples)), len(samples))
+    width = int(getattr(model, "num_features", 0))
+    stacked = np.concatenate(features) if features else np.zeros((0, width), np.float32)
+    return stacked.astype(np.float32, copy=False), kept
 
 
 class FeatureCache:

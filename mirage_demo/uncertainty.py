@@ -175,13 +175,16 @@ class MahalanobisOOD:
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` distances (larger: less like the training scans)."""
+        """``(N,)`` distances (larger: less like the training scans); a distance that is not a
+        finite number (features or statistics out of range) is ``inf``: flagged, never NaN."""
         x = np.asarray(features, np.float64)
         squared = np.empty(len(x))
-        for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
-            diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
-            squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
-        return np.sqrt(np.maximum(squared, 0.0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
+                diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
+                squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
+        distances = np.sqrt(np.maximum(squared, 0.0))
+        return np.where(np.isfinite(distances), distances, np.inf)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: unlike the training scans."""
@@ -419,8 +422,11 @@ def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise CheckpointError(f"{path}: calibration_labels must be class indices")
     for key in ("class_means", "precision", "calibration_scores"):
-        if arrays[key].dtype.kind != "f" or not np.isfinite(arrays[key]).all():
-            raise CheckpointError(f"{path}: {key} must hold finite floating-point numbers")
+        # float32's range: a distance of features within it cannot overflow in float64
+        with np.errstate(over="ignore"):
+            finite = arrays[key].dtype.kind == "f" and np.isfinite(arrays[key].astype(np.float32))
+        if not np.all(finite):
+            raise CheckpointError(f"{path}: {key} must hold finite float32 numbers")
     scores = arrays["calibration_scores"]
     if scores.min() < 0 or scores.max() > 1:
         raise CheckpointError(f"{path}: calibration_scores must lie in [0, 1]")

@@ -446,8 +446,8 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_click",  # the feature map, Model tab
         "on_click",  # the feature map of evaluated scans
         "on_compare",
-        "on_draw",  # the feature map drawn, Model tab
-        "on_draw",  # ... and of evaluated scans
+        "on_compute",  # the feature map computed, Model tab
+        "on_compute",  # ... and of evaluated scans
         "on_evaluate",
         "on_explain",
         "on_open",  # the Model tab's explorer

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import functools
 import hashlib
 import html
 import inspect
+import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -17,11 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+from gradio.context import LocalContext
 from PIL import Image
 
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
-from mirage_demo.ui.registry import ASSETS, ModelRegistry
+from mirage_demo.ui.registry import ASSETS, NOT_SERVED_HERE, ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE
 from mirage_demo.zerogpu import gpu_task
 
@@ -36,6 +40,8 @@ __all__ = [
     "SCAN_GPU_SECONDS",
     "STATE_TTL_S",
     "AppContext",
+    "app_temp",
+    "current_session",
     "display_name",
     "example_label",
     "example_scans",
@@ -66,7 +72,6 @@ PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
 #: /batch and /evaluate: their own lane, one at a time, so they never hold up one scan.
 LONG_JOBS_CONCURRENCY_ID = "long-jobs"
-OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included,
@@ -135,7 +140,19 @@ class AppContext:
         def use_gpu(*args: Any, **kwargs: Any) -> bool:
             return not all(self.registry.on_cpu(name) for name in models(*args, **kwargs))
 
-        return self.wrap_model_call(gpu_task(duration, use_gpu=use_gpu)(fn))
+        wrapped = self.wrap_model_call(gpu_task(duration, use_gpu=use_gpu)(fn))
+        if "names" in inspect.signature(fn).parameters:
+            return wrapped  # a Gradio batch mixes sessions: checked as each joins the queue
+
+        @functools.wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            session = current_session()
+            for name in models(*args, **kwargs):
+                if not self.registry.may_use(name, session):
+                    raise gr.Error(NOT_SERVED_HERE)
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
@@ -144,6 +161,12 @@ class AppContext:
         return self.model.change(
             fn, inputs=[self.model], outputs=list(outputs), api_visibility="private"
         )
+
+
+def current_session() -> str | None:
+    """The Gradio session hash of the request being handled (None outside a request)."""
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None)
 
 
 def _model_names(fn: Callable[..., Any]) -> Callable[..., list[str | None]]:
@@ -296,6 +319,23 @@ def picture(label: str, elem_id: str, *, kind: str = "pil", height: int = 380) -
     return gr.Image(label=label, type=kind, interactive=False, height=height, elem_id=elem_id)
 
 
+@functools.lru_cache(maxsize=1)
+def app_temp() -> Path:
+    """This process's own temporary folder (its outputs and job folders), made on first use in
+    the system's temporary folder and deleted when the process exits: the app never cleans
+    up, or counts, anything but its own files."""
+    folder = Path(tempfile.mkdtemp(prefix="mirage-demo-"))
+    atexit.register(_remove, folder, os.getpid())
+    return folder
+
+
+def _remove(folder: Path, owner: int) -> None:
+    """Delete ``folder`` at exit, in the process that made it only (a forked worker, such as
+    ZeroGPU's, inherits the exit handlers and must leave the server's files alone)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def output_file(prefix: str, suffix: str) -> Path:
     """A new, unique path for a file the app returns (a CSV, an overlay image), in the app's
     own temporary folder, whose files older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
@@ -303,13 +343,14 @@ def output_file(prefix: str, suffix: str) -> Path:
     Gradio copies a returned file into its cache under a temporary name, then renames it:
     never rewritten in place while another request downloads it (as it does with images
     returned as PIL objects, which truncates concurrent downloads of identical images)."""
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    outputs = app_temp() / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    for old in OUTPUT_DIR.iterdir():
+    for old in outputs.iterdir():
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
                 old.unlink()
-    return OUTPUT_DIR / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+    return outputs / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
 
 
 def image_file(image: Image.Image, prefix: str = "overlay") -> str:

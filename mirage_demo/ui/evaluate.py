@@ -4,35 +4,27 @@ the explorer on those scans and their predictions as CSV."""
 
 from __future__ import annotations
 
-import contextlib
 import html
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import DataError
 from mirage_demo.evaluation import evaluate_upload
 from mirage_demo.testscans import scan_set_from_predictions
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.featuremap import build_feature_map
+from mirage_demo.ui.jobs import job_folder
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 
-__all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder", "labelled_scans_input"]
+__all__ = ["build_evaluate_tab", "evaluate_scans", "labelled_scans_input", "uploaded_files"]
 
-EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
 REPORT_GPU_SECONDS = 10  # ZeroGPU time /evaluate adds to /batch's: bootstrap and figures
-EVALUATIONS_MAX_BYTES = 2**30  # on disk for all kept evaluations; the oldest go first
-SIZE_FILE = "bytes.txt"  # an evaluation's size on disk, written when it is done
 
 
-def _uploads(files: Any) -> list[tuple[str, str]]:
+def uploaded_files(files: Any) -> list[tuple[str, str]]:
     """``(name, path)`` of Gradio file payloads; a name keeps its folder when it has one."""
     out = []
     for item in files or []:
@@ -46,51 +38,6 @@ def _uploads(files: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _make_room(parent: Path) -> None:
-    """Delete evaluations older than :data:`EVALUATIONS_KEPT_S`, then the oldest until those
-    kept hold at most :data:`EVALUATIONS_MAX_BYTES` (each records its size when done)."""
-    kept = []
-    for folder in parent.glob("oct-eval-*"):  # adapt's are "oct-eval-adapt-*": counted too
-        try:
-            age = time.time() - folder.stat().st_mtime
-            size = int((folder / SIZE_FILE).read_text()) if (folder / SIZE_FILE).is_file() else 0
-        except (OSError, ValueError):
-            continue
-        if age > EVALUATIONS_KEPT_S:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            kept.append((age, size, folder))
-    total = sum(size for _, size, _ in kept)
-    for _, size, folder in sorted(kept, key=lambda entry: -entry[0]):  # the oldest first
-        if total <= EVALUATIONS_MAX_BYTES:
-            break
-        shutil.rmtree(folder, ignore_errors=True)
-        total -= size
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
-@contextlib.contextmanager
-def job_folder(prefix: str, title: str) -> Iterator[Path]:
-    """A new folder for one upload's job (room made first, see :func:`_make_room`); its size
-    is recorded when the job is done, and a job that fails leaves nothing (a
-    :class:`~mirage_demo.data.DataError` becomes a message titled ``title``)."""
-    parent = Path(tempfile.gettempdir())
-    _make_room(parent)
-    out = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield out
-        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
-    except DataError as err:
-        shutil.rmtree(out, ignore_errors=True)
-        raise gr.Error(html.escape(str(err)), title=title) from err
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str, Any]:
     """``/evaluate``: the report of ``train.evaluate`` on uploaded labelled scans.
 
@@ -98,7 +45,7 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
     scans), ``csv`` (predictions.csv), ``figures`` and the explorer's ``state``. A request
     that fails leaves nothing on disk.
     """
-    uploads = _uploads(files)
+    uploads = uploaded_files(files)
     if not uploads:
         raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
     config = predictor.config

@@ -1,22 +1,22 @@
 """The confusion-matrix explorer: choose a cell, see its scans, open one with its map.
 
 Used twice: in the Model tab on the checkpoint's own test scans
-(:func:`~mirage_demo.testscans.scan_set_for`: the bundled copies, the original images, or a
-sentence saying why they cannot be shown) and in the Evaluate tab on uploaded labelled scans.
+(:meth:`~mirage_demo.ui.registry.ModelRegistry.scan_set`: the bundled copies, the original
+images in a folder the app was given, or a sentence saying why they cannot be shown) and in
+the Evaluate tab on uploaded labelled scans.
 """
 
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from mirage_demo.images import ImageReadError
-from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
+from mirage_demo.testscans import ScanEntry, ScanSet
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
@@ -82,9 +82,12 @@ def matrix_frame(state: ExplorerState) -> Any:
     return frame.style.apply(colour, axis=1)
 
 
-def explorer_view(directory: Path, report: dict[str, Any] | None, class_names: list[str]):
-    """``(matrix, message, state)`` for a checkpoint: its test scans when reachable."""
-    scans, message = scan_set_for(directory)
+def explorer_view(
+    found: tuple[ScanSet | None, str], report: dict[str, Any] | None, class_names: list[str]
+):
+    """``(matrix, message, state)`` for a checkpoint: its test scans when it has them
+    (``found``: :meth:`~mirage_demo.ui.registry.ModelRegistry.scan_set`)."""
+    scans, message = found
     if scans is not None:
         counts = scans.matrix()
         message = (
@@ -245,6 +248,6 @@ def build_model_explorer(ctx: AppContext) -> None:
     def on_model(name: str):
         registry = ctx.registry
         names = list(registry.config(name).class_names)
-        return explorer_view(registry.directory(name), registry.report(name), names)
+        return explorer_view(registry.scan_set(name), registry.report(name), names)
 
     ctx.on_model(on_model, views.outputs)

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from mirage_demo.quiz import Quiz, QuizItem
-from mirage_demo.testscans import ScanSet, scan_set_for
+from mirage_demo.testscans import ScanSet
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
@@ -38,9 +38,13 @@ def quiz_score(quiz: Quiz) -> str:
     )
 
 
-def quiz_start(directory: Path, class_names: list[str], size: int, seed: int | None = None):
-    """A new round: ``(quiz, first image, text)``; ``quiz`` is None when there are no scans."""
-    scans, message = scan_set_for(directory)
+def quiz_start(
+    found: tuple[ScanSet | None, str], class_names: list[str], size: int, seed: int | None = None
+):
+    """A new round of the scans ``found`` (:meth:`ModelRegistry.scan_set`, which finds them
+    only in the bundled copies or the folders the app was given): ``(quiz, first image,
+    text)``; ``quiz`` is None when there are no scans."""
+    scans, message = found
     if scans is None:
         return None, None, f"No labelled scans for this model: {message}"
     quiz = Quiz(quiz_items(scans), int(size), class_names=class_names, seed=seed)
@@ -157,7 +161,7 @@ def build_quiz_tab(ctx: AppContext) -> None:
 
     def on_start(name, count):
         names = list(registry.config(name).class_names)
-        quiz, first, text = quiz_start(registry.directory(name), names, int(count))
+        quiz, first, text = quiz_start(registry.scan_set(name), names, int(count))
         ready = gr.update(interactive=quiz is not None)
         return quiz, first, None, gr.update(choices=names, value=None), text, "", ready
 
