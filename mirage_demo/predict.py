@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_csvs(per_folder, predictor.class_names, out_dir)
     if failed:
         total = len(files) + len(empty) + len(volumes)
-        print(f"{failed} of {total} inputs had failures", file=sys.stderr)
+        print(f"{failed} of {total} inputs failed", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -111,6 +111,7 @@ class VolumeSummary:
     key_probability: float | None  # the finding's probability on that B-scan
     unreadable: list[int] = field(default_factory=list)
     unlike_training: list[int] = field(default_factory=list)
+    not_like_bscans: list[int] = field(default_factory=list)  # the quality check's warnings
 
     def to_dict(self) -> dict[str, Any]:
         """The CLI's ``volume_summary`` record."""
@@ -127,6 +128,7 @@ class VolumeSummary:
             else round(self.key_probability, 6),
             "unreadable_slices": self.unreadable,
             "unlike_training_slices": self.unlike_training,
+            "not_like_bscan_slices": self.not_like_bscans,
             "text": self.text(),
         }
 
@@ -150,6 +152,8 @@ class VolumeSummary:
         )
         if self.unreadable:
             text += f" Unreadable: {_bscans(self.unreadable)}."
+        if self.not_like_bscans:
+            text += f" Not like an OCT B-scan: {_bscans(self.not_like_bscans)}."
         if self.unlike_training:
             text += f" Unlike the training scans: {_bscans(self.unlike_training)}."
         return text
@@ -160,7 +164,7 @@ def summarize(results: Sequence[SliceResult], class_names: Sequence[str]) -> Vol
     classes = list(class_names)
     per_class: dict[str, list[int]] = {c: [] for c in classes}
     highest: dict[str, tuple[float, int]] = {}
-    unreadable, unlike = [], []
+    unreadable, unlike, odd = [], [], []
     results_by_index = {r.index: r.prediction for r in results}
     for item in sorted(results, key=lambda r: r.index):
         prediction = item.prediction
@@ -170,6 +174,8 @@ def summarize(results: Sequence[SliceResult], class_names: Sequence[str]) -> Vol
         per_class[prediction.label].append(item.index)
         if prediction.out_of_distribution:
             unlike.append(item.index)
+        if prediction.warnings:
+            odd.append(item.index)
         for name in classes:
             probability = float(prediction.probabilities[name])
             if name not in highest or probability > highest[name][0]:
@@ -180,7 +186,16 @@ def summarize(results: Sequence[SliceResult], class_names: Sequence[str]) -> Vol
     if key is not None:
         key_probability = float(results_by_index[key].probabilities[finding])
     return VolumeSummary(
-        len(results), classes, per_class, highest, finding, key, key_probability, unreadable, unlike
+        len(results),
+        classes,
+        per_class,
+        highest,
+        finding,
+        key,
+        key_probability,
+        unreadable,
+        unlike,
+        odd,
     )
 
 
