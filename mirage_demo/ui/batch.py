@@ -69,12 +69,15 @@ def classify_batch(
     entries: list[Entry] = []
     with ExitStack() as stack:
         items = expand_uploads(images, stack)
-        opened = [_open_volume(name, path, stack) for name, path in volumes]
-        total = len(items) + sum(len(v) if v is not None else 1 for _, v in opened)
+        total, opened = len(items), []
+        for name, path in volumes:  # headers only; stops at the limit
+            if total > MAX_BATCH_FILES:
+                break
+            opened.append(_open_volume(name, path, stack))
+            total += len(opened[-1][1]) if opened[-1][1] is not None else 1
         if total > MAX_BATCH_FILES:
-            raise gr.Error(
-                f"{total} files and B-scans is too many for one batch (limit {MAX_BATCH_FILES})."
-            )
+            what = "files and B-scans are" if volumes else "files is"
+            raise gr.Error(f"{total} {what} too many for one batch (limit {MAX_BATCH_FILES}).")
         entries += _classify_items(predictor, items, progress, total)
         for (name, _), (error, volume) in zip(volumes, opened, strict=True):
             if volume is None:

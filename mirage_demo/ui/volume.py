@@ -236,7 +236,9 @@ def build_volume_tab(ctx: AppContext) -> None:
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=200):
                         probabilities = gr.Label(
-                            label="This B-scan", num_top_classes=4, elem_id="volume-probabilities"
+                            label="This B-scan",
+                            num_top_classes=registry.config().num_classes,
+                            elem_id="volume-probabilities",
                         )
                     with gr.Column(min_width=220):
                         answer = gr.Markdown(elem_id="volume-answer")
@@ -279,7 +281,7 @@ def _wire(ctx, registry, upload, slider, state, summary, record, answer_outputs,
         return saved, text, summary_record, gr.update(value=key, maximum=max(2, saved["count"]))
 
     @ctx.model_call
-    def on_explain(saved, number, name):  # name: the picker's (the volume's model explains)
+    def on_bscan(saved, number, name):  # name: the picker's (the volume's model explains)
         return explain_bscan(registry, saved, number)
 
     def on_pictures(saved, number):
@@ -292,7 +294,7 @@ def _wire(ctx, registry, upload, slider, state, summary, record, answer_outputs,
         fn=on_pictures, inputs=[state, slider], outputs=list(pictures), api_visibility="private"
     )
     explain = dict(
-        fn=on_explain,
+        fn=on_bscan,
         inputs=[state, slider, ctx.model],
         outputs=list(answer_outputs),
         api_visibility="private",
@@ -307,5 +309,9 @@ def _wire(ctx, registry, upload, slider, state, summary, record, answer_outputs,
     # arrow keys and drags fire `input` at every step: the last one wins, and the pictures
     # shown stay until their successors arrive (no spinner flashing over them)
     quiet = {"trigger_mode": "always_last", "show_progress": "hidden"}
+    probabilities = answer_outputs[1]
+    ctx.on_model(
+        lambda name: gr.update(num_top_classes=registry.config(name).num_classes), [probabilities]
+    )
     slider.input(**redraw, **quiet)
     slider.input(**explain, **quiet)
