@@ -223,9 +223,10 @@ def build_batch_tab(ctx: AppContext) -> None:
             file_count="multiple",
             file_types=[*sorted(IMAGE_SUFFIXES), ".zip", ".vol", ".e2e", ".dcm", ".dicom"],
             label="Scans, .zip archives or OCT volumes",
+            elem_id="batch-files",
         )
         batch_button = gr.Button("Classify all", variant="primary")
-        batch_summary = gr.Markdown()
+        batch_summary = gr.Markdown(elem_id="batch-summary")
         batch_table = gr.Dataframe(
             headers=batch_header(registry.config().class_names),
             label="Predictions",
