@@ -23,7 +23,6 @@ such a dataset (the tests, the bundled example and the benchmark build volumes w
 from __future__ import annotations
 
 import io
-import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,13 +45,14 @@ from pydicom.uid import (
 from mirage_demo.data import ImageReadError, open_image
 from mirage_demo.volumes import (
     MAX_SLICES,
-    MAX_VOLUME_BYTES,
     BScans,
     Position,
     Spacing,
     Volume,
     VolumeError,
     check_dimensions,
+    check_file_size,
+    first_line,
     gray_array,
     laterality_of,
     slice_label,
@@ -75,9 +75,7 @@ def is_dicom(head: bytes) -> bool:
 def read_dicom(path: str | Path, name: str | None = None) -> Volume:
     """A DICOM file of B-scans as a :class:`Volume` (frames decoded one at a time)."""
     name = name or Path(path).name
-    size = os.path.getsize(path)
-    if size > MAX_VOLUME_BYTES:
-        raise VolumeError(name, f"the file is {size / 2**30:.1f} GB (limit 2 GB)")
+    size = check_file_size(path, name)
     stream = open(path, "rb")  # noqa: SIM115 (kept open for the volume's life, closed by it)
     try:
         header = _header(stream, name)
@@ -104,7 +102,7 @@ def _header(stream: BinaryIO, name: str) -> Dataset:
     try:
         header = dcmread(stream, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError) as err:
-        raise VolumeError(name, f"not a readable DICOM file ({_first_line(err)})") from err
+        raise VolumeError(name, f"not a readable DICOM file ({first_line(err)})") from err
     if "TransferSyntaxUID" not in getattr(header, "file_meta", {}):
         raise VolumeError(name, "not a DICOM file (no transfer syntax in its header)")
     return header
@@ -283,7 +281,7 @@ class _FrameReader:
         try:
             array = pixel_array(frame)
         except Exception as err:  # the decoders' own errors: any of them
-            raise ImageReadError(label, f"corrupt frame ({_first_line(err)})") from err
+            raise ImageReadError(label, f"corrupt frame ({first_line(err)})") from err
         if array.shape != (self.rows, self.cols):
             raise ImageReadError(label, f"the frame decodes to {array.shape}, not its header's")
         return array
@@ -416,8 +414,3 @@ def _frame_location(position: Position) -> Dataset:
     group = Dataset()
     group.OphthalmicFrameLocationSequence = [location]
     return group
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]

@@ -37,13 +37,13 @@ from eyepy.io.he.e2e_reader import E2EFolder, E2ESeriesStructure, HeE2eReader
 
 from mirage_demo.volumes import (
     MAX_LOCALIZER_PIXELS,
-    MAX_VOLUME_BYTES,
     BScans,
     Position,
     Spacing,
     Volume,
     VolumeError,
     check_dimensions,
+    check_file_size,
     laterality_of,
 )
 
@@ -61,9 +61,7 @@ _PARSE_ERRORS = (cs.ConstructError, ValueError, UnicodeDecodeError, OverflowErro
 def read_e2e(path: str | Path, name: str | None = None) -> Volume:
     """The first series of B-scans in an ``.e2e`` file, as a :class:`Volume`."""
     name = name or Path(path).name
-    size = os.path.getsize(path)
-    if size > MAX_VOLUME_BYTES:
-        raise VolumeError(name, f"the file is {size / 2**30:.1f} GB (limit 2 GB)")
+    size = check_file_size(path, name)
     reader = _BoundedE2eReader(path, name)
     stream = open(path, "rb")  # noqa: SIM115 (kept open for the volume's life, closed by it)
     reader.file_object = stream  # eyepy's folders read through it

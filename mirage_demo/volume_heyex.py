@@ -38,13 +38,14 @@ from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, image_header, open_
 from mirage_demo.uploads import RequestBudget, ZipUpload
 from mirage_demo.volumes import (
     MAX_LOCALIZER_PIXELS,
-    MAX_VOLUME_BYTES,
     BScans,
     Position,
     Spacing,
     Volume,
     VolumeError,
     check_dimensions,
+    check_file_size,
+    first_line,
     gray_array,
     laterality_of,
     slice_label,
@@ -76,9 +77,7 @@ _PARSE_ERRORS = (cs.ConstructError, ValueError, UnicodeDecodeError, OverflowErro
 def read_vol(path: str | Path, name: str | None = None) -> Volume:
     """A Heidelberg ``.vol`` file as a :class:`Volume` (B-scans read one at a time)."""
     name = name or Path(path).name
-    size = os.path.getsize(path)
-    if size > MAX_VOLUME_BYTES:
-        raise VolumeError(name, f"the file is {size / 2**30:.1f} GB (limit 2 GB)")
+    size = check_file_size(path, name)
     stream = open(path, "rb")  # noqa: SIM115 (kept open for the volume's life, closed by it)
     try:
         header = _vol_header(stream, name)
@@ -117,7 +116,7 @@ def _vol_header(stream: BinaryIO, name: str) -> Any:
     try:
         header = _VOL_HEADER.parse(data)
     except _PARSE_ERRORS as err:
-        raise VolumeError(name, f"corrupt .vol header ({_first_line(err)})") from err
+        raise VolumeError(name, f"corrupt .vol header ({first_line(err)})") from err
     if header.scan_pattern in (2, 5):
         pattern = "a circle scan" if header.scan_pattern == 2 else "a radial (star) scan"
         raise VolumeError(name, f"{pattern}, not a volume of parallel B-scans")
@@ -322,7 +321,7 @@ def read_xml(files: FileSet, xml_name: str, name: str | None = None) -> Volume:
     except Exception as err:  # eyepy reads the XML's fields with few checks: any error
         files.close()
         raise VolumeError(
-            name, f"not a readable Heidelberg XML export ({_first_line(err)})"
+            name, f"not a readable Heidelberg XML export ({first_line(err)})"
         ) from err
     finally:
         get_xml_root.cache_clear()  # eyepy keeps parsed XML trees: drop them
@@ -399,8 +398,3 @@ def _plain(text: Any) -> str:
     """A file name from an XML's ``ExamURL`` (``file:///\\\\host\\dir\\B1.tif`` -> ``B1.tif``):
     only the last part, so it can only name a file of the export itself."""
     return re.split(r"[\\/]", str(text or "").strip())[-1]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]

@@ -13,15 +13,17 @@ very path a PNG of it would, so its prediction equals the 2-D prediction of that
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import overload
 
 import numpy as np
 from PIL import Image
 
-from mirage_demo.data import MAX_WORK_PIXELS, read_image
+from mirage_demo.data import MAX_WORK_PIXELS, ImageReadError, read_image
 
 __all__ = [
     "MAX_LOCALIZER_PIXELS",
@@ -35,6 +37,8 @@ __all__ = [
     "Volume",
     "VolumeError",
     "check_dimensions",
+    "check_file_size",
+    "first_line",
     "gray_array",
     "laterality_of",
     "slice_label",
@@ -49,16 +53,9 @@ MAX_LOCALIZER_PIXELS = MAX_WORK_PIXELS  # the en-face localizer image
 Position = tuple[tuple[float, float], tuple[float, float]]
 
 
-class VolumeError(ValueError):
-    """A volume that cannot be read: ``name`` says which, ``reason`` why (one line)."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(f"{name}: {reason}")
-        self.name = name
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable across processes
-        return type(self), (self.name, self.reason)
+class VolumeError(ImageReadError):
+    """A volume that cannot be read: ``name`` says which, ``reason`` why (one line). An
+    :class:`~mirage_demo.data.ImageReadError`, so whatever lists unreadable inputs lists it."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +197,20 @@ def check_dimensions(
         )
     if bytes_per_pixel not in (1, 2, 4):
         raise VolumeError(name, f"{bytes_per_pixel * 8}-bit pixels are not supported")
+
+
+def check_file_size(path: str | Path, name: str) -> int:
+    """A volume file's size in bytes, refused above :data:`MAX_VOLUME_BYTES`."""
+    size = os.path.getsize(path)
+    if size > MAX_VOLUME_BYTES:
+        raise VolumeError(name, f"the file is {size / 2**30:.1f} GB (limit 2 GB)")
+    return size
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message for a one-line reason: its first line, at most 160 characters."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:160]
 
 
 def gray_array(image: Image.Image, name: str) -> np.ndarray:

@@ -24,6 +24,7 @@ from mirage_demo.ui.context import (
     AppContext,
     display_name,
     image_file,
+    picture,
     timing_line,
     trust_markdown,
     upload_path,
@@ -226,12 +227,11 @@ def build_volume_tab(ctx: AppContext) -> None:
                     interactive=True,
                     elem_id="volume-slider",
                 )
-                bscan = gr.Image(
-                    label="The B-scan and where the model looked",
-                    type="filepath",
-                    interactive=False,
+                bscan = picture(
+                    "The B-scan and where the model looked",
+                    "volume-bscan",
+                    kind="filepath",
                     height=320,
-                    elem_id="volume-bscan",
                 )
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=200):
@@ -243,18 +243,13 @@ def build_volume_tab(ctx: AppContext) -> None:
                     with gr.Column(min_width=220):
                         answer = gr.Markdown(elem_id="volume-answer")
         with gr.Row():
-            strip = gr.Image(
-                label="Class probabilities along the volume",
-                type="filepath",
-                interactive=False,
-                elem_id="volume-strip",
+            strip = picture(
+                "Class probabilities along the volume",
+                "volume-strip",
+                kind="filepath",
+                height=300,
             )
-            where = gr.Image(
-                label="Where each B-scan lies",
-                type="filepath",
-                interactive=False,
-                elem_id="volume-map",
-            )
+            where = picture("Where each B-scan lies", "volume-map", kind="filepath", height=440)
         state = gr.State(None, time_to_live=STATE_TTL_S)
     _wire(
         ctx,
