@@ -3,6 +3,7 @@
 ::
 
     python benchmarks/volumes.py [--data ../shared/data/oct-real] [--count 49] [--rounds 5]
+                                  [--no-memory]
 
 Takes ``--count`` real B-scans of one size (512x496) from ``--data`` (all classes, name order)
 and writes them three ways in a temporary folder: PNG files, a Heidelberg ``.vol`` (eyepy's
@@ -11,10 +12,12 @@ Throughput: the PNG files through the existing batch path
 (:meth:`~mirage_demo.inference.Predictor.predict_batch`, batches of 8: what the CLI and the
 Batch tab run) against each volume through
 :func:`~mirage_demo.volume_predict.classify_volume` (batches of 8), alternating, ``--rounds``
-times; the medians and the per-round ratios' median. Memory: each volume (``--count`` B-scans,
-then four times as many) classified in a fresh process, after one warm-up batch; the growth of
-the peak resident memory (``ru_maxrss``) over the classification: bounded by the batch, it does
-not grow with the volume. On the bundled ResNet-18 (or ``--checkpoint``).
+times; the medians (wall and CPU time: the machine is shared) and the per-round ratios' median.
+Memory: each volume (``--count`` B-scans, then four times as many) classified in a fresh
+process, after one warm-up batch; the growth of the peak resident memory (VmHWM, reset after
+the warm-up) over the classification: bounded by the batch, it does not grow with the volume.
+A control keeps every B-scan of the larger volume in a list, to show the measure sees growth.
+On the bundled ResNet-18 (or ``--checkpoint``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,56 +117,100 @@ def throughput(predictor: Predictor, inputs: dict[str, object], rounds: int) -> 
     return out
 
 
-def memory_child(checkpoint: str, path: str, threads: int) -> None:
-    """In a fresh process: the peak RSS growth (MiB) of classifying the volume at ``path``."""
+def _status_mib(field: str) -> float:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(checkpoint: str, path: str, threads: int, keep: bool) -> None:
+    """In a fresh process: the growth of the peak RSS (MiB) over classifying the volume at
+    ``path``, after a warm-up batch. The peak (VmHWM) is reset to the current RSS first
+    (``/proc/self/clear_refs``: ru_maxrss would carry the parent's peak across exec).
+    ``keep``: the control, every B-scan kept in a list (what bounded memory avoids)."""
     torch.set_num_threads(threads)
     predictor = Predictor.from_pretrained(checkpoint)
+    kept = []
     with load_volume(path) as volume:
-        warm = classify_volume(predictor, volume, batch_size=8)
+        results = classify_volume(predictor, volume, batch_size=8)
         for _ in range(8):  # one batch: the allocator's pools and the model's buffers
-            next(warm)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        for _result in warm:
-            pass
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            next(results)
+        Path("/proc/self/clear_refs").write_text("5")  # peak := current
+        before = _status_mib("VmRSS")
+        for result in results:
+            if keep:
+                kept.append(result.image)
+        growth = _status_mib("VmHWM") - before
         print(
             json.dumps(
                 {
                     "slices": len(volume),
-                    "peak_before_mib": before / 1024,
-                    "peak_growth_mib": (after - before) / 1024,
+                    "rss_before_mib": before,
+                    "peak_growth_mib": growth,
+                    "kept": len(kept),
                 }
             )
         )
 
 
 def memory(checkpoint: str, bscans: list[np.ndarray], folder: Path, threads: int) -> list[dict]:
+    """Peak RSS growth per volume (``.vol``, DICOM; 1x and 4x the B-scans), each in a fresh
+    process, and the control (the 4x DICOM with every B-scan kept)."""
     rows = []
-    for repeat in (1, 4):
-        stack = bscans * repeat
-        for kind, path in (
-            ("vol", folder / f"mem-{repeat}.vol"),
-            ("dicom", folder / f"mem-{repeat}.dcm"),
-        ):
-            if kind == "vol":
-                write_vol(path, stack)
-            else:
-                write_opt(path, stack)
-            command = [
-                sys.executable,
-                __file__,
-                "--memory-child",
-                str(path),
-                "--checkpoint",
-                checkpoint,
-                "--threads",
-                str(threads),
-            ]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            rows.append({"format": kind, "file_mb": path.stat().st_size / 1e6, **row})
-            path.unlink()
+    runs = [(kind, repeat, False) for repeat in (1, 4) for kind in ("vol", "dicom")]
+    for kind, repeat, keep in [*runs, ("dicom", 4, True)]:
+        path = folder / f"mem-{repeat}.{'vol' if kind == 'vol' else 'dcm'}"
+        if not path.exists():
+            (write_vol if kind == "vol" else write_opt)(path, bscans * repeat)
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            str(path),
+            "--checkpoint",
+            checkpoint,
+            "--threads",
+            str(threads),
+        ]
+        result = subprocess.run(
+            command + ["--keep"] * keep, capture_output=True, text=True, check=True
+        )
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append(
+            {
+                "format": kind + (" (control: B-scans kept)" if keep else ""),
+                "file_mb": path.stat().st_size / 1e6,
+                **row,
+            }
+        )
     return rows
+
+
+def report(args: argparse.Namespace, speed: dict[str, dict], rss: list[dict]) -> None:
+    print(
+        f"\n{args.count} real B-scans of {SIZE[0]}x{SIZE[1]}, {args.rounds} rounds, "
+        f"{args.threads} threads, {Path(args.checkpoint).name}; load after: {os.getloadavg()}"
+    )
+    print(
+        "\n| input | median wall s | B-scans/s | vs PNG files, wall | median CPU s "
+        "| vs PNG files, CPU |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind, row in speed.items():
+        print(
+            f"| {kind} | {row['median_s']:.2f} | {row['bscans_per_s']:.2f} | "
+            f"{row['throughput_vs_png']:.2f}x | {row['median_cpu_s']:.2f} | "
+            f"{row['cpu_throughput_vs_png']:.2f}x |"
+        )
+    print("\n| volume | B-scans | file MB | RSS after warm-up (MiB) | peak RSS growth (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rss:
+        print(
+            f"| {row['format']} | {row['slices']} | {row['file_mb']:.1f} | "
+            f"{row['rss_before_mib']:.0f} | {row['peak_growth_mib']:.1f} |"
+        )
 
 
 def main() -> None:
@@ -175,38 +221,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="throughput only")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.checkpoint, args.memory_child, args.threads)
+        memory_child(args.checkpoint, args.memory_child, args.threads, args.keep)
         return
     torch.set_num_threads(args.threads)
     print(f"load: {os.getloadavg()}", flush=True)
     bscans = real_bscans(args.data, args.count)
     predictor = Predictor.from_pretrained(args.checkpoint)
+    speed: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="volume-bench-") as tmp:
         inputs = write_inputs(bscans, Path(tmp))
-        predictor.predict_batch([str(p) for p in inputs["png"][:8]], batch_size=8)  # warm-up
-        speed = throughput(predictor, inputs, args.rounds)
-        rss = memory(args.checkpoint, bscans, Path(tmp), args.threads)
-    print(
-        f"\n{args.count} real B-scans of {SIZE[0]}x{SIZE[1]}, {args.rounds} rounds, "
-        f"{args.threads} threads, {Path(args.checkpoint).name}; load after: {os.getloadavg()}"
-    )
-    print("\n| input | median s | B-scans/s | throughput vs PNG files (median of rounds) |")
-    print("| --- | ---: | ---: | ---: |")
-    for kind, row in speed.items():
-        print(
-            f"| {kind} | {row['median_s']:.2f} | {row['bscans_per_s']:.1f} | "
-            f"{row['throughput_vs_png']:.2f}x |"
-        )
-    print("\n| volume | B-scans | file MB | peak RSS before (MiB) | peak RSS growth (MiB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for row in rss:
-        print(
-            f"| {row['format']} | {row['slices']} | {row['file_mb']:.1f} | "
-            f"{row['peak_before_mib']:.0f} | {row['peak_growth_mib']:.1f} |"
-        )
+        if args.rounds > 0:
+            predictor.predict_batch([str(p) for p in inputs["png"][:8]], batch_size=8)  # warm
+            speed = throughput(predictor, inputs, args.rounds)
+        rss = memory(args.checkpoint, bscans, Path(tmp), args.threads) if args.memory else []
+    report(args, speed, rss)
     if args.json:
         args.json.write_text(json.dumps({"throughput": speed, "memory": rss}, indent=2) + "\n")
 

@@ -37,6 +37,7 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     generate_uid,
@@ -98,13 +99,24 @@ def read_dicom(path: str | Path, name: str | None = None) -> Volume:
 
 
 def _header(stream: BinaryIO, name: str) -> Dataset:
-    """The dataset up to its pixel data (not read), the stream left at the pixel data tag."""
+    """The dataset up to its pixel data (not read), the stream left at the pixel data tag. A
+    file without the ``DICM`` preamble or file meta (a bare dataset) is read too, its
+    encoding guessed by pydicom."""
     try:
-        header = dcmread(stream, stop_before_pixels=True)
+        header = dcmread(stream, stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError) as err:
         raise VolumeError(name, f"not a readable DICOM file ({first_line(err)})") from err
-    if "TransferSyntaxUID" not in getattr(header, "file_meta", {}):
-        raise VolumeError(name, "not a DICOM file (no transfer syntax in its header)")
+    meta = getattr(header, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        implicit, little = header.original_encoding
+        if implicit is None or "Rows" not in header:
+            raise VolumeError(name, "not a DICOM image (no transfer syntax, no rows)")
+        header.file_meta = meta or FileMetaDataset()
+        header.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        )
+        if not little:
+            raise VolumeError(name, "a big-endian DICOM file without its file meta")
     return header
 
 

@@ -31,6 +31,7 @@ __all__ = ["VOLUME_SUFFIXES", "is_volume", "load_volume", "volume_kind"]
 #: File name endings the app offers for volumes (the content decides what a file is).
 VOLUME_SUFFIXES = frozenset({".vol", ".e2e", ".dcm", ".dicom", ".zip"})
 _E2E_MAGIC = b"CMDb"
+_DICOM_SUFFIXES = (".dcm", ".dicom")
 _HEAD = 132  # bytes that tell the formats apart
 
 
@@ -53,8 +54,8 @@ def volume_kind(path: str | Path) -> str | None:
         return "vol"
     if head.startswith(_E2E_MAGIC):
         return "e2e"
-    if is_dicom(head):
-        return "dicom"
+    if is_dicom(head) or path.suffix.lower() in _DICOM_SUFFIXES:
+        return "dicom"  # with the DICM mark, or a bare dataset named .dcm
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")) and zipfile.is_zipfile(path):
         return "zip"
     return None
@@ -75,6 +76,8 @@ def load_volume(path: str | Path, name: str | None = None) -> Volume:
     passes a limit. Close the volume after use (``with load_volume(p) as volume: ...``)."""
     path = Path(path)
     name = name or path.name
+    if not path.exists():
+        raise VolumeError(name, "file not found")
     kind = volume_kind(path)
     if kind == "vol":
         return read_vol(path, name)

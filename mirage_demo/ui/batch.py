@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -173,17 +174,20 @@ def _write_csv(entries: list[Entry], classes: Sequence[str]) -> str:
 
 
 def _summary_line(entries: list[Entry]) -> str:
+    """Counts per class, then each volume's summary in words (also its row in the table)."""
     results = [result for _, result in entries]
     classified = [r for r in results if isinstance(r, Prediction)]
     failed = sum(isinstance(r, ImageReadError) for r in results)
-    volumes = sum(isinstance(r, VolumeSummary) for r in results)
     counts: dict[str, int] = {}
     for result in classified:
         counts[result.label] = counts.get(result.label, 0) + 1
     line = f"**{len(classified)} classified**" + (f", **{failed} unreadable**" if failed else "")
-    if volumes:
-        line += f" (with the B-scans of {volumes} volume{'s' * (volumes > 1)}: a summary row each)"
-    return line + " — " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+    line += " — " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+    for name, result in entries:
+        if isinstance(result, VolumeSummary):
+            text = html.escape(result.text())
+            line += f"\n\n**{html.escape(name)}** (its row at the end): {text}"
+    return line
 
 
 def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:

@@ -213,7 +213,8 @@ def build_volume_tab(ctx: AppContext) -> None:
                     gr.Examples(
                         examples=[[str(EXAMPLE_VOLUME)]],
                         inputs=[upload],
-                        label="Example: 25 real B-scans stacked as one DICOM volume (see Learn)",
+                        label="Example: 25 real B-scans of different patients, stacked as "
+                        "one DICOM volume (not one eye)",
                     )
                 summary = gr.Markdown(EMPTY, elem_id="volume-summary")
                 record = gr.JSON(visible=False)
