@@ -43,7 +43,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from mirage_demo.data import ImageReadError, open_image
+from mirage_demo.images import ImageReadError, open_image
 from mirage_demo.volumes import (
     MAX_SLICES,
     BScans,

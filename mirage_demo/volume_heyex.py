@@ -34,7 +34,7 @@ from eyepy.core.utils import from_vol_intensity
 from eyepy.io.he.vol_reader import bscan_format, vol_format
 from eyepy.io.he.xml_reader import HeXmlReader, get_xml_root
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, image_header, open_image
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, image_header, open_image
 from mirage_demo.uploads import RequestBudget, ZipUpload
 from mirage_demo.volumes import (
     MAX_LOCALIZER_PIXELS,

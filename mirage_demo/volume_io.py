@@ -21,7 +21,7 @@ import importlib
 import zipfile
 from pathlib import Path
 
-from mirage_demo.data import IMAGE_SUFFIXES
+from mirage_demo.images import IMAGE_SUFFIXES
 from mirage_demo.volume_dicom import is_dicom, read_dicom
 from mirage_demo.volume_heyex import VOL_MAGICS, FileSet, read_bscan_folder, read_vol, read_xml
 from mirage_demo.volumes import Volume, VolumeError

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mirage_demo.data import ImageReadError
+from mirage_demo.images import ImageReadError
 from mirage_demo.inference import Prediction, Predictor
 from mirage_demo.volumes import Volume, VolumeError, slice_label
 

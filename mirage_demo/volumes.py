@@ -23,7 +23,7 @@ from typing import overload
 import numpy as np
 from PIL import Image
 
-from mirage_demo.data import MAX_WORK_PIXELS, ImageReadError, read_image
+from mirage_demo.images import MAX_WORK_PIXELS, ImageReadError, read_image
 
 __all__ = [
     "MAX_LOCALIZER_PIXELS",

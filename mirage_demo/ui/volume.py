@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import numpy as np
 
-from mirage_demo.data import ImageReadError
+from mirage_demo.images import ImageReadError
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
