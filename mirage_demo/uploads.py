@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, image_header
 
 __all__ = [
+    "LISTED_SUFFIXES",
     "MAX_MEMBER_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_REQUEST_ENTRIES",
@@ -45,6 +46,8 @@ MAX_REQUEST_ZIPS = 32  # zips opened by one request (each holds a file open)
 MAX_MEMBER_BYTES = 64 * 2**20  # one unpacked image file
 MAX_REQUEST_BYTES = 256 * 2**20  # unpacked from all zips of one request
 MAX_REQUEST_PIXELS = 500_000_000  # declared pixels of all images of one request
+#: What a zip's listing holds by default: images, and nested zips (to say they are skipped).
+LISTED_SUFFIXES = frozenset({*IMAGE_SUFFIXES, ".zip"})
 _CHUNK = 2**20  # inflate this much at a time: a bomb never expands in one call
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError)
@@ -112,8 +115,11 @@ class ZipUpload:
     _archive: zipfile.ZipFile | None = None
 
     @classmethod
-    def open(cls, path: str | Path, label: str) -> ZipUpload:
-        """List ``path``'s entries (counted from the end record before any is read).
+    def open(
+        cls, path: str | Path, label: str, suffixes: Collection[str] = LISTED_SUFFIXES
+    ) -> ZipUpload:
+        """List ``path``'s entries (counted from the end record before any is read): those
+        whose names end with one of ``suffixes`` become items.
 
         Raises :class:`ImageReadError` (naming ``label``) for an archive that cannot be used
         at all: not a zip, too many entries, a table of contents too large."""
@@ -139,7 +145,7 @@ class ZipUpload:
             raise ImageReadError(
                 label, f"the archive holds {len(infos):,} entries (limit {MAX_ZIP_ENTRIES:,})"
             )
-        upload.items = [upload._item(info) for info in infos if _is_listed(info)]
+        upload.items = [upload._item(info) for info in infos if _is_listed(info, suffixes)]
         return upload
 
     def close(self) -> None:
@@ -239,15 +245,16 @@ def _declared_entries(path: str | Path, label: str) -> tuple[int, int]:
     return entries, directory
 
 
-def _is_listed(info: zipfile.ZipInfo) -> bool:
-    """Images and nested zips get a row; folders, other files (notes, spreadsheets) and
-    operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``) do not."""
+def _is_listed(info: zipfile.ZipInfo, suffixes: Collection[str] = LISTED_SUFFIXES) -> bool:
+    """Images and nested zips (by default) get a row; folders, other files (notes,
+    spreadsheets) and operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``) do
+    not."""
     path = PurePosixPath(info.filename)
     if info.is_dir() or not path.parts or path.parts[0] == "__MACOSX":
         return False
     if path.name.startswith("."):
         return False
-    return path.suffix.lower() in (*IMAGE_SUFFIXES, ".zip")
+    return path.suffix.lower() in suffixes
 
 
 def _unreadable_entry(info: zipfile.ZipInfo) -> str | None:

@@ -386,8 +386,8 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
     demo = build_app(registry)
     assert loads == []  # the layout needs no model
     blocks = list(demo.blocks.values())
-    (label,) = [b for b in blocks if isinstance(b, gr.Label)]
-    assert label.num_top_classes == 3
+    labels = [b for b in blocks if isinstance(b, gr.Label)]  # Classify's, the Volume tab's
+    assert len(labels) == 2 and all(label.num_top_classes == 3 for label in labels)
     texts = " ".join(str(b.value) for b in blocks if isinstance(b, gr.Markdown))
     assert "as CALM, SPOTS or WAVES" in texts
     assert "On its 15 val scans: balanced accuracy" in texts
@@ -443,6 +443,7 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_adapt",  # Adapt to your scans
         "on_answer",  # Test yourself
         "on_batch",
+        "on_bscan",  # the Volume tab's B-scan and its map
         "on_click",  # the feature map, Model tab
         "on_click",  # the feature map of evaluated scans
         "on_compare",
@@ -456,4 +457,5 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_pick",  # ... and of evaluated scans
         "on_predict",
         "on_record",  # /predict_json
+        "on_volume",  # /volume
     ]

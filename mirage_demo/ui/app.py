@@ -40,6 +40,7 @@ from mirage_demo.ui.registry import (
     available_models,
 )
 from mirage_demo.ui.report import build_model_tab, trust_note
+from mirage_demo.ui.volume import build_volume_tab
 from mirage_demo.zerogpu import ZERO_GPU, resolve_device
 
 __all__ = [
@@ -62,6 +63,7 @@ TabBuilder = Callable[[AppContext], None]
 #: The tabs, in order.
 TABS: tuple[TabBuilder, ...] = (
     build_classify_tab,
+    build_volume_tab,
     build_model_tab,
     build_evaluate_tab,
     build_adapt_tab,
@@ -302,5 +304,9 @@ LAUNCH_OPTIONS: dict[str, Any] = {
     "footer_links": ["api"],
     "max_file_size": MAX_FILE_SIZE,
     # the bundled scans are shown whatever the working directory (only these folders)
-    "allowed_paths": [str(ASSETS / "examples"), str(ASSETS / "test-scans")],
+    "allowed_paths": [
+        str(ASSETS / "examples"),
+        str(ASSETS / "test-scans"),
+        str(ASSETS / "volumes"),
+    ],
 }
