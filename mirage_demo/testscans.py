@@ -149,8 +149,8 @@ def scan_set_for(
     predictions = checkpoint / "predictions.csv"
     if not predictions.is_file():
         return None, (
-            "This checkpoint has no predictions.csv, so there are no test scans to explore "
-            "(python -m train.evaluate writes one)."
+            "This model comes without the answers it gave on its test scans, so there are no "
+            "test scans to explore."
         )
     try:
         config = read_config(checkpoint)
@@ -178,13 +178,11 @@ def scan_set_for(
     for root in _data_roots(config.training or {}, checkpoint):
         if all((root / row["file"]).is_file() for row in rows):
             entries = [_entry(row, root / row["file"]) for row in rows]
-            origin = f"the {len(entries)} scans of its report, in {root}"
+            origin = f"the {len(entries)} scans of its report (the original images)"
             return ScanSet(list(config.class_names), entries, origin), origin
-    where = (config.training or {}).get("data") or "its data folder"
     return None, (
-        "**The scans of this checkpoint's report are not reachable here.** Its predictions.csv "
-        f"names them relative to {where}, which is not on this machine: the matrix is shown, "
-        "its scans are not."
+        "**The scans of this model's test report are not reachable here** (they stayed on the "
+        "computer it was trained on): the matrix is shown, its scans are not."
     )
 
 

@@ -16,13 +16,14 @@ import gradio as gr
 import pandas as pd
 
 from mirage_demo.data import ImageReadError
+from mirage_demo.figures import describe_heatmap
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
-    image_file,
     method_name,
     picture,
+    shown_picture,
     trust_markdown,
 )
 
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 MAX_GALLERY = 60
-CORNER = "true ↓ · said →"
+CORNER = "true ↓ said →"  # rows: the reference class; columns: the model's answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +165,11 @@ def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tu
             f" (On the picture shown here, a downsized copy, it now says {now.label} "
             f"{now.confidence:.0%}.)"
         )
-    return explanation.overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
+    overlay = explanation.overlay
+    overlay.info["alt_text"] = describe_heatmap(
+        method_name(method), entry.predicted, explanation.heatmap, f"a scan labelled {entry.true}"
+    )
+    return overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
 
 
 @dataclass
@@ -225,7 +230,7 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
     @ctx.model_call
     def on_open(current: ExplorerState | None, name: str, evt: gr.SelectData):
         overlay, text = explorer_open(ctx.registry.get(name), current, int(evt.index))
-        return (image_file(overlay) if overlay is not None else None), text  # a new file each
+        return shown_picture(overlay), text  # a new file each
 
     gallery.select(
         on_open,
@@ -239,7 +244,7 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
 
 def build_model_explorer(ctx: AppContext) -> None:
     """The Model tab's explorer of the checkpoint's own test scans."""
-    gr.Markdown("## Explore the confusion matrix")
+    gr.Markdown("## Explore the confusion matrix", elem_id="explorer-heading")
     views = explorer_views(ctx, "explorer")
 
     def on_model(name: str):

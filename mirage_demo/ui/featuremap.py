@@ -145,6 +145,8 @@ def build_feature_map(ctx: AppContext, prefix: str, source: gr.State | None = No
         type="filepath",
         elem_id=f"{prefix}-plot",
         buttons=["download", "fullscreen"],
+        alt_text="Feature map: each scan a point placed by the model's features, coloured by "
+        "its class; crosses mark the model's wrong answers",
     )
     pick = gr.Dropdown([], type="index", label="…or pick a scan", elem_id=f"{prefix}-pick")
     with gr.Row():
