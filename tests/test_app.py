@@ -325,6 +325,7 @@ def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
 
             page.get_by_role("tab", name="Model").click()
             matrix = page.locator("#report-confusion-matrix img")
+            page.locator("#report-confusion-matrix").scroll_into_view_if_needed()  # lazy image
             matrix.wait_for(timeout=30_000)
             assert matrix.evaluate("img => img.naturalWidth") > 200
             sync_api.expect(page.get_by_text("Balanced accuracy").first).to_be_visible()

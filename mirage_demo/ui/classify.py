@@ -254,6 +254,7 @@ def build_classify_tab(ctx: AppContext) -> None:
         view = _classify_layout(ctx)
         build_compare_section(ctx, view.scan, view.target, PREDICTED)
     _wire_explain(ctx, view)
+    _wire_figure(ctx, view)
     _wire_predict(ctx, view)
     _wire_examples(ctx, view)
 
@@ -263,7 +264,6 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
     probabilities, the overlay, the text (warnings, the set, timing). On a phone: the scan,
     the examples, the answer, then the settings."""
     config = ctx.registry.config()
-    examples = None
     with gr.Row(elem_classes="ph-flat"):
         with gr.Column(scale=1):
             scan = gr.Image(
@@ -276,21 +276,7 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
                 elem_id="scan",
                 elem_classes=["ph-1", "phone-short"],
             )
-            if ctx.examples:
-                examples = gr.Gallery(
-                    [
-                        (path, f"Example scan {n}")
-                        for n, (path, _) in enumerate(neutral_examples(ctx.examples), start=1)
-                    ],
-                    label="Or pick a real scan (Kermany et al. 2018, CC BY 4.0)",
-                    columns=len(ctx.examples),
-                    height="auto",
-                    object_fit="cover",
-                    allow_preview=False,
-                    buttons=[],
-                    elem_id="examples",
-                    elem_classes=["ph-2", "examples-strip"],
-                )
+            examples = examples_gallery(ctx)
             with gr.Row(elem_classes="ph-7"):
                 # the model's own methods arrive with on_model (they need the model)
                 method = gr.Dropdown(
@@ -315,36 +301,7 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
                     elem_id="level",
                 )
         with gr.Column(scale=1):
-            probabilities = gr.Label(
-                num_top_classes=config.num_classes,
-                label="Class probabilities",
-                elem_id="probabilities",
-                elem_classes="ph-3",
-            )
-            overlay = gr.Image(
-                label="Where the model looked",
-                elem_id="overlay",
-                type="filepath",
-                interactive=False,
-                height=320,
-                format="png",
-                alt_text=EMPTY_ALT,
-                buttons=["download", "fullscreen"],
-                elem_classes="ph-4",
-            )
-            colour_bar = gr.HTML(
-                colour_bar_html(DEFAULT_COLORMAP), elem_classes="ph-5", padding=False
-            )
-            info = gr.Markdown(EMPTY_INFO, elem_id="info", elem_classes="ph-6")
-            with gr.Row(elem_classes="ph-9"):
-                figure_button = gr.Button(
-                    "Figure for slides (PNG: scan, map, colour bar, caption)",
-                    elem_id="figure-button",
-                    size="sm",
-                )
-            figure = gr.File(
-                label="Figure for slides", elem_id="figure", visible=False, elem_classes="ph-9"
-            )
+            answer = _answer_panel(config.num_classes)
     return ClassifyView(
         scan,
         examples,
@@ -352,15 +309,65 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
         target,
         opacity,
         level,
-        probabilities,
-        overlay,
-        colour_bar,
-        info,
-        figure_button,
-        figure,
+        *answer,
         state=gr.State(None, time_to_live=STATE_TTL_S),
         predict_button=gr.Button("Predict only", visible=False),
         record=gr.JSON(visible=False),
+    )
+
+
+def _answer_panel(classes: int) -> tuple[Any, ...]:
+    """The answer: probabilities, the overlay with its colour bar, the text, the figure
+    button and its file (in a phone's order: ``ph-3`` ...)."""
+    probabilities = gr.Label(
+        num_top_classes=classes,
+        label="Class probabilities",
+        elem_id="probabilities",
+        elem_classes="ph-3",
+    )
+    overlay = gr.Image(
+        label="Where the model looked",
+        elem_id="overlay",
+        type="filepath",
+        interactive=False,
+        height=320,
+        format="png",
+        alt_text=EMPTY_ALT,
+        buttons=["download", "fullscreen"],
+        elem_classes="ph-4",
+    )
+    colour_bar = gr.HTML(colour_bar_html(DEFAULT_COLORMAP), elem_classes="ph-5", padding=False)
+    info = gr.Markdown(EMPTY_INFO, elem_id="info", elem_classes="ph-6")
+    figure_button = gr.Button(
+        "Figure for slides (PNG: scan, map, colour bar, caption)",
+        elem_id="figure-button",
+        size="sm",
+        elem_classes="ph-9",
+    )
+    figure = gr.File(
+        label="Figure for slides", elem_id="figure", visible=False, elem_classes="ph-9"
+    )
+    return probabilities, overlay, colour_bar, info, figure_button, figure
+
+
+def examples_gallery(ctx: AppContext) -> gr.Gallery | None:
+    """The bundled example scans as thumbnails named "Example scan N" (copies under neutral
+    names, in an order that does not follow their class); None when there are none."""
+    if not ctx.examples:
+        return None
+    return gr.Gallery(
+        [
+            (path, f"Example scan {n}")
+            for n, (path, _) in enumerate(neutral_examples(ctx.examples), start=1)
+        ],
+        label="Or pick a real scan (Kermany et al. 2018, CC BY 4.0)",
+        columns=len(ctx.examples),
+        height="auto",
+        object_fit="cover",
+        allow_preview=False,
+        buttons=[],
+        elem_id="examples",
+        elem_classes=["ph-2", "examples-strip"],
     )
 
 
@@ -449,6 +456,9 @@ def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
     )
     changed.then(**explain, api_visibility="private", **ctx.model_events)
 
+
+def _wire_figure(ctx: AppContext, view: ClassifyView) -> None:
+    """*Figure for slides*: the answer as one PNG; a new scan hides the last one's."""
     view.scan.change(
         lambda: gr.update(value=None, visible=False),
         outputs=[view.figure],

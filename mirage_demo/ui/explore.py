@@ -17,6 +17,7 @@ import pandas as pd
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.figures import describe_heatmap
+from mirage_demo.inference import DEFAULT_COLORMAP
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
 from mirage_demo.ui.context import (
     STATE_TTL_S,
@@ -26,6 +27,7 @@ from mirage_demo.ui.context import (
     shown_picture,
     trust_markdown,
 )
+from mirage_demo.ui.slides import colour_bar_html
 
 __all__ = [
     "ExplorerState",
@@ -211,8 +213,14 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
                 elem_id=f"{prefix}-gallery",
             )
     with gr.Row():
-        overlay = picture("The chosen scan and where the model looked", f"{prefix}-overlay")
-        caption = gr.Markdown(elem_id=f"{prefix}-caption")
+        overlay = picture(
+            "The chosen scan and where the model looked",
+            f"{prefix}-overlay",
+            elem_classes="phone-short",
+        )
+        with gr.Column():
+            caption = gr.Markdown(elem_id=f"{prefix}-caption")
+            gr.HTML(colour_bar_html(DEFAULT_COLORMAP), padding=False)
     state = gr.State(None, time_to_live=STATE_TTL_S)
 
     def on_cell(current: ExplorerState | None, evt: gr.SelectData):

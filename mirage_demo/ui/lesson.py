@@ -24,9 +24,11 @@ from mirage_demo.ui.evaluate import _uploads, job_folder
 __all__ = [
     "TEST_SCANS",
     "UPLOADED",
+    "balanced_draw",
     "build_lesson_maker",
     "lesson_from_test_scans",
     "lesson_from_upload",
+    "make_lesson",
     "scan_choices",
 ]
 
@@ -116,7 +118,8 @@ def _made(references: list[str], link: bool) -> str:
 
 
 def build_lesson_maker(ctx: AppContext, size: gr.Slider) -> None:
-    """The teachers' accordion: pick scans, make the lesson, share its link or file."""
+    """The teachers' accordion: pick scans, make the lesson, share its link or file
+    (``size``: the quiz's *Scans in a round*, how many *Fill* draws)."""
     registry = ctx.registry
     first, _ = scan_set_for(registry.directory(registry.default))
     with gr.Accordion("For teachers: make a lesson", open=False, elem_id="lesson-maker"):
@@ -143,7 +146,7 @@ def build_lesson_maker(ctx: AppContext, size: gr.Slider) -> None:
         )
         make = gr.Button("Make the lesson", variant="primary", elem_id="lesson-make")
         message = gr.Markdown(elem_id="lesson-message")
-        code = gr.Textbox(visible=False)
+        code = gr.Textbox(visible=False)  # the lesson's code; the page makes the link
         link = gr.Textbox(
             label="Lesson link (for the test scans): share it with the students",
             interactive=False,
@@ -160,45 +163,28 @@ def build_lesson_maker(ctx: AppContext, size: gr.Slider) -> None:
             elem_id="lesson-preview",
             elem_classes="compact-gallery",
         )
+    made = [code, lesson_file, preview, message]
 
     def on_source(which: str):
-        own_scans = which == UPLOADED
-        return (
-            gr.update(visible=not own_scans),
-            gr.update(visible=not own_scans),
-            gr.update(visible=own_scans),
-        )
+        mine = which == UPLOADED
+        return gr.update(visible=not mine), gr.update(visible=not mine), gr.update(visible=mine)
 
     source.change(on_source, inputs=[source], outputs=[picked, fill, own], api_visibility="private")
 
-    def on_fill(name: str, count: float):
-        scans, why = scan_set_for(registry.directory(name))
-        if scans is None:
-            raise gr.Error(html.escape(why))
-        items = [QuizItem(e.file, "", e.true, e.predicted) for e in scans.entries]
-        quiz = Quiz(items, int(count), class_names=list(scans.class_names))  # a balanced draw
-        return gr.update(value=[item.key for item in quiz.round])
-
-    fill.click(on_fill, inputs=[ctx.model, size], outputs=[picked], api_visibility="private")
-
-    def on_make(name: str, which: str, files: list[str], upload: Any, heading: str):
-        heading = (heading or "").strip()
-        if which == UPLOADED:
-            names = list(registry.config(name).class_names)
-            path, shown, text = lesson_from_upload(upload, names, heading)
-            return "", path, shown, text
-        scans, why = scan_set_for(registry.directory(name))
-        if scans is None:
-            raise gr.Error(html.escape(why))
-        return lesson_from_test_scans(scans, list(files or []), heading)
-
+    fill.click(
+        lambda name, count: gr.update(value=balanced_draw(registry, name, int(count))),
+        inputs=[ctx.model, size],
+        outputs=[picked],
+        api_visibility="private",
+    )
+    inputs = [ctx.model, source, picked, own, title]
     make.click(
-        on_make,
-        inputs=[ctx.model, source, picked, own, title],
-        outputs=[code, lesson_file, preview, message],
+        lambda *values: make_lesson(registry, *values),
+        inputs=inputs,
+        outputs=made,
         api_visibility="private",
         **ctx.long_events,
-    ).then(None, inputs=[code], outputs=[link], js=LINK_JS)
+    ).then(None, inputs=[made[0]], outputs=[link], js=LINK_JS)
 
     def on_model(name: str):
         scans, _ = scan_set_for(registry.directory(name))
@@ -207,6 +193,32 @@ def build_lesson_maker(ctx: AppContext, size: gr.Slider) -> None:
     ctx.model.change(
         on_model,
         inputs=[ctx.model],
-        outputs=[picked, link, lesson_file, preview, message],
+        outputs=[picked, link, *made[1:]],
         api_visibility="private",
     )
+
+
+def balanced_draw(registry: Any, name: str, count: int) -> list[str]:
+    """``count`` test scans of the model ``name`` (their files), the classes taking turns as
+    in a quiz round."""
+    scans, why = scan_set_for(registry.directory(name))
+    if scans is None:
+        raise gr.Error(html.escape(why))
+    items = [QuizItem(e.file, "", e.true, e.predicted) for e in scans.entries]
+    return [item.key for item in Quiz(items, count, class_names=scans.class_names).round]
+
+
+def make_lesson(
+    registry: Any, name: str, which: str, files: list[str] | None, upload: Any, heading: str
+) -> tuple[str, str, list[tuple[str, str]], str]:
+    """*Make the lesson*: ``(code or "", lesson file, preview, message)`` of the test scans
+    picked, or of the teacher's upload."""
+    heading = (heading or "").strip()
+    if which == UPLOADED:
+        names = list(registry.config(name).class_names)
+        path, shown, text = lesson_from_upload(upload, names, heading)
+        return "", path, shown, text
+    scans, why = scan_set_for(registry.directory(name))
+    if scans is None:
+        raise gr.Error(html.escape(why))
+    return lesson_from_test_scans(scans, list(files or []), heading)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import gradio as gr
 
 from mirage_demo.data import ImageReadError
 from mirage_demo.figures import describe_heatmap
+from mirage_demo.inference import DEFAULT_COLORMAP
 from mirage_demo.lesson import LessonError, parse_lesson_code, pick_scans, read_lesson_file
 from mirage_demo.lesson import scan_code as code_of
 from mirage_demo.quiz import Quiz, QuizItem, write_answers_csv
@@ -36,6 +38,7 @@ from mirage_demo.ui.context import (
 from mirage_demo.ui.evaluate import job_folder
 from mirage_demo.ui.learn import CLASS_SIGNS, learn_anchor
 from mirage_demo.ui.lesson import build_lesson_maker
+from mirage_demo.ui.slides import colour_bar_html
 from mirage_demo.ui.style import scroll_to_js
 from mirage_demo.uncertainty import OOD_NOTE
 
@@ -237,63 +240,131 @@ def _scan_picture(quiz: Quiz | None, path: str | None) -> Any:
     return gr.Image(value=path, alt_text=f"OCT B-scan to classify: scan {shown} of {quiz.size}")
 
 
+@dataclass
+class QuizView:
+    """The Test yourself tab's components."""
+
+    size: gr.Slider
+    start: gr.Button
+    score: gr.Markdown
+    image: gr.Image
+    choice: gr.Radio
+    answer: gr.Button
+    following: gr.Button
+    feedback: gr.Markdown
+    learn: gr.Button  # to the Learn paragraph of the last answer's class
+    overlay: gr.Image
+    mine: gr.Button
+    answers: gr.File
+    code: gr.Textbox
+    lesson_upload: gr.File
+    lesson_start: gr.Button
+    anchor: gr.Textbox  # the element id of that paragraph (hidden)
+    state: gr.State
+
+    @property
+    def round_outputs(self) -> list[Any]:
+        """What a new round sets."""
+        return [
+            self.state,
+            self.image,
+            self.overlay,
+            self.choice,
+            self.score,
+            self.feedback,
+            self.answer,
+            self.learn,
+            self.answers,
+        ]
+
+
 def build_quiz_tab(ctx: AppContext) -> None:
     """Test yourself: a round of labelled test scans, or a lesson; you against the model."""
-    registry = ctx.registry
-    classes = list(registry.config(registry.default).class_names)
     with gr.Tab("Test yourself", id="quiz"):
-        gr.Markdown(QUIZ_INTRO)
-        with gr.Row(equal_height=True):
-            size = gr.Slider(3, 30, value=10, step=1, label="Scans in a round", elem_id="size")
-            start = gr.Button("Start a round", variant="primary", elem_id="quiz-start")
-        score = gr.Markdown(elem_id="quiz-score", elem_classes="teach-big")
-        with gr.Row(elem_classes="ph-flat"):
-            with gr.Column():
-                image = picture(
-                    "Which class is this scan?",
-                    "quiz-scan",
-                    kind="filepath",
-                    height=300,
-                    alt_text="The scan to classify (none yet: start a round)",
-                    elem_classes=["ph-1", "phone-short"],
-                )
-                choice = gr.Radio(
-                    classes, label="Your answer", elem_id="quiz-choice", elem_classes="ph-2"
-                )
-                with gr.Row(elem_classes="ph-3"):
-                    answer = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
-                    following = gr.Button("Next scan", elem_id="quiz-next")
-            with gr.Column():
-                feedback = gr.Markdown(elem_id="quiz-feedback", elem_classes=["teach-big", "ph-4"])
-                learn = gr.Button(
-                    "→ What this class looks like (Learn)",
-                    visible=False,
-                    size="sm",
-                    elem_id="quiz-learn",
-                    elem_classes="ph-5",
-                )
-                overlay = picture(
-                    "Where the model looked",
-                    "quiz-map",
-                    height=300,
-                    alt_text="Where the model looked (shown after your answer)",
-                    elem_classes="ph-6",
-                )
-        with gr.Row(equal_height=True):
-            mine = gr.Button("Download my answers (CSV)", size="sm", elem_id="quiz-csv-button")
-            answers = gr.File(label="Your answers", visible=False, elem_id="quiz-csv")
-        with gr.Accordion("Start a lesson your teacher gave you", open=False, elem_id="lesson"):
-            code = gr.Textbox(
-                label="Lesson link or code", placeholder="paste it here", elem_id="lesson-code"
+        view = _quiz_layout(ctx)
+        build_lesson_maker(ctx, view.size)
+    _wire_rounds(ctx, view)
+    _wire_answers(ctx, view)
+
+
+def _quiz_layout(ctx: AppContext) -> QuizView:
+    """The round (on a phone: the scan, the classes and the buttons, then the feedback, then
+    the map), the answers' download, and where a student starts a lesson."""
+    classes = list(ctx.registry.config(ctx.registry.default).class_names)
+    gr.Markdown(QUIZ_INTRO)
+    with gr.Row():
+        size = gr.Slider(3, 30, value=10, step=1, label="Scans in a round", elem_id="size")
+        start = gr.Button("Start a round", variant="primary", elem_id="quiz-start")
+    score = gr.Markdown(elem_id="quiz-score", elem_classes="teach-big")
+    with gr.Row(elem_classes="ph-flat"):
+        with gr.Column():
+            image = picture(
+                "Which class is this scan?",
+                "quiz-scan",
+                kind="filepath",
+                height=300,
+                alt_text="The scan to classify (none yet: start a round)",
+                elem_classes=["ph-1", "phone-short"],
             )
-            lesson_upload = gr.File(
-                label="…or the lesson file (.zip)", file_types=[".zip"], elem_id="lesson-file"
+            choice = gr.Radio(
+                classes, label="Your answer", elem_id="quiz-choice", elem_classes="ph-2"
             )
-            lesson_start = gr.Button("Start the lesson", elem_id="lesson-start")
-        anchor = gr.Textbox(visible=False)  # the Learn paragraph of the last answer's class
-        state = gr.State(None, time_to_live=STATE_TTL_S)  # a round idle 10 min ends
-        build_lesson_maker(ctx, size)
-    round_outputs = [state, image, overlay, choice, score, feedback, answer, learn, answers]
+            with gr.Row(elem_classes="ph-3"):
+                answer = gr.Button("Answer", variant="primary", elem_id="quiz-answer")
+                following = gr.Button("Next scan", elem_id="quiz-next")
+        with gr.Column():
+            feedback = gr.Markdown(elem_id="quiz-feedback", elem_classes=["teach-big", "ph-4"])
+            learn = gr.Button(
+                "→ What this class looks like (Learn)",
+                visible=False,
+                size="sm",
+                elem_id="quiz-learn",
+                elem_classes="ph-5",
+            )
+            overlay = picture(
+                "Where the model looked",
+                "quiz-map",
+                height=300,
+                alt_text="Where the model looked (shown after your answer)",
+                elem_classes="ph-6",
+            )
+            gr.HTML(colour_bar_html(DEFAULT_COLORMAP), padding=False, elem_classes="ph-7")
+    with gr.Row(equal_height=True):
+        mine = gr.Button("Download my answers (CSV)", size="sm", elem_id="quiz-csv-button")
+        answers = gr.File(label="Your answers", visible=False, elem_id="quiz-csv")
+    with gr.Accordion("Start a lesson your teacher gave you", open=False, elem_id="lesson"):
+        code = gr.Textbox(
+            label="Lesson link or code", placeholder="paste it here", elem_id="lesson-code"
+        )
+        lesson_upload = gr.File(
+            label="…or the lesson file (.zip)", file_types=[".zip"], elem_id="lesson-file"
+        )
+        lesson_start = gr.Button("Start the lesson", elem_id="lesson-start")
+    return QuizView(
+        size,
+        start,
+        score,
+        image,
+        choice,
+        answer,
+        following,
+        feedback,
+        learn,
+        overlay,
+        mine,
+        answers,
+        code,
+        lesson_upload,
+        lesson_start,
+        anchor=gr.Textbox(visible=False),
+        state=gr.State(None, time_to_live=STATE_TTL_S),  # a round idle 10 min ends
+    )
+
+
+def _wire_rounds(ctx: AppContext, view: QuizView) -> None:
+    """A round starts from the button, a lesson from its link (when the page loads), a pasted
+    code or a lesson file; the page then scrolls to the round."""
+    registry = ctx.registry
 
     def started(name: str, quiz: Quiz | None, first: str | None, text: str) -> tuple:
         names = list(registry.config(name).class_names)
@@ -316,47 +387,65 @@ def build_quiz_tab(ctx: AppContext) -> None:
     def on_page(name, request: gr.Request):  # a lesson link: ?lesson=...
         text = request.query_params.get("lesson") if request is not None else None
         if not text:
-            return [gr.skip()] * (len(round_outputs) + 1)
+            return [gr.skip()] * (len(view.round_outputs) + 1)
         names = list(registry.config(name).class_names)
         found = lesson_from_code(registry.directory(name), names, text)
         return *started(name, *found), gr.Tabs(selected="quiz")
 
     scroll = scroll_to_js("quiz-score")
-    start.click(
-        on_start, inputs=[ctx.model, size], outputs=round_outputs, api_visibility="private"
-    ).then(None, js=scroll)
-    lesson_start.click(
-        on_lesson,
-        inputs=[ctx.model, code, lesson_upload],
-        outputs=round_outputs,
-        api_visibility="private",
+    private: dict[str, Any] = {"outputs": view.round_outputs, "api_visibility": "private"}
+    view.start.click(on_start, inputs=[ctx.model, view.size], **private).then(None, js=scroll)
+    view.lesson_start.click(
+        on_lesson, inputs=[ctx.model, view.code, view.lesson_upload], **private
     ).then(None, js=scroll)
     if ctx.tabs is not None:
         ctx.demo.load(
             on_page,
             inputs=[ctx.model],
-            outputs=[*round_outputs, ctx.tabs],
+            outputs=[*view.round_outputs, ctx.tabs],
             api_visibility="private",
         ).then(None, js=scroll)
-        go_to_anchor = learn.click(
+        to_learn = view.learn.click(
             lambda: gr.Tabs(selected="learn"), outputs=[ctx.tabs], api_visibility="private"
         )
-        go_to_anchor.then(None, inputs=[anchor], js=scroll_to_js(None))
+        to_learn.then(None, inputs=[view.anchor], js=scroll_to_js(None))
+
+    def on_model(name):
+        return None, None, None, gr.update(choices=list(registry.config(name).class_names)), ""
+
+    # not on page load: a lesson link starts its round then
+    ctx.model.change(
+        on_model,
+        inputs=[ctx.model],
+        outputs=[view.state, view.image, view.overlay, view.choice, view.feedback],
+        api_visibility="private",
+    )
+
+
+def _wire_answers(ctx: AppContext, view: QuizView) -> None:
+    """Answer (the model explains the scan), next scan, and the answers as CSV."""
+    registry = ctx.registry
 
     @ctx.model_call
     def on_answer(quiz, name, picked):
         shown, text, scores, where = quiz_answer(registry.get(name), quiz, picked)
         reference = quiz.turns[-1].item.reference
-        learn_button = gr.update(
-            visible=bool(where), value=f"→ What {reference} looks like (Learn)"
-        )
+        learn = gr.update(visible=bool(where), value=f"→ What {reference} looks like (Learn)")
         done = gr.update(interactive=False)
-        return quiz, shown_picture(shown), text, scores, done, where, learn_button
+        return quiz, shown_picture(shown), text, scores, done, where, learn
 
-    answer.click(
+    view.answer.click(
         on_answer,
-        inputs=[state, ctx.model, choice],
-        outputs=[state, overlay, feedback, score, answer, anchor, learn],
+        inputs=[view.state, ctx.model, view.choice],
+        outputs=[
+            view.state,
+            view.overlay,
+            view.feedback,
+            view.score,
+            view.answer,
+            view.anchor,
+            view.learn,
+        ],
         **ctx.model_events,
         api_visibility="private",
     )
@@ -368,26 +457,23 @@ def build_quiz_tab(ctx: AppContext) -> None:
         hidden = gr.update(visible=False)
         return _scan_picture(quiz, shown), None, gr.update(value=None), text, scores, ready, hidden
 
-    following.click(
+    view.following.click(
         on_next,
-        inputs=[state],
-        outputs=[image, overlay, choice, feedback, score, answer, learn],
+        inputs=[view.state],
+        outputs=[
+            view.image,
+            view.overlay,
+            view.choice,
+            view.feedback,
+            view.score,
+            view.answer,
+            view.learn,
+        ],
         api_visibility="private",
     )
-    mine.click(
+    view.mine.click(
         lambda quiz: gr.update(value=answers_file(quiz), visible=True),
-        inputs=[state],
-        outputs=[answers],
-        api_visibility="private",
-    )
-
-    def on_model(name):
-        return None, None, None, gr.update(choices=list(registry.config(name).class_names)), ""
-
-    # not on page load: a lesson link starts its round then
-    ctx.model.change(
-        on_model,
-        inputs=[ctx.model],
-        outputs=[state, image, overlay, choice, feedback],
+        inputs=[view.state],
+        outputs=[view.answers],
         api_visibility="private",
     )

@@ -40,7 +40,9 @@ footer {visibility: hidden}
 .explorer-matrix [role=gridcell] {cursor: pointer;}
 .teach-big p, .teach-big li {font-size: 1.15rem;}
 /* tables scroll sideways instead of breaking words ("NO RM AL") */
-.prose table {display: block; max-width: 100%; overflow-x: auto;}
+.prose table {
+  display: block; width: max-content; max-width: 100%; overflow-x: auto; border: none !important;
+}
 .prose th, .prose td {word-break: normal; overflow-wrap: normal; hyphens: none;}
 .colour-bar {display: flex; align-items: center; gap: 0.5em; font-size: 0.85rem;}
 .colour-bar .bar {flex: 1; height: 0.8em; border-radius: 3px; border: 1px solid #94a3b8;}
@@ -145,21 +147,24 @@ JS = """
 def scroll_to_js(elem_id: str | None = None) -> str:
     """Browser code that scrolls the element ``elem_id`` (``None``: the id given as the
     event's first input) into view once its tab shows it, opening it if it is a closed
-    accordion; run after the tab is selected:
-    ``.then(None, js=scroll_to_js(...))``."""
+    accordion, and again while the page above it settles (lazy pictures load and push it);
+    run after the tab is selected: ``.then(None, js=scroll_to_js(...))``."""
     target = json.dumps(elem_id) if elem_id is not None else "given"
     return f"""
 (given) => {{
-  let tries = 0;
+  let tries = 0, last = null, still = 0;
   const go = () => {{
     const el = document.getElementById({target});
     if (el && el.offsetParent !== null) {{
       const header = el.querySelector(":scope > button.label-wrap:not(.open)");
       if (header) header.click();  // a closed accordion: open it
-      el.scrollIntoView({{block: "start"}});
-      return;
+      const top = Math.round(el.getBoundingClientRect().top);
+      if (top !== 0 || last === null) el.scrollIntoView({{block: "start"}});
+      still = top === last ? still + 1 : 0;
+      last = Math.round(el.getBoundingClientRect().top);
+      if (still >= 4) return;  // it stayed put for a while: done
     }}
-    if (++tries < 40) setTimeout(go, 50);
+    if (++tries < 30) setTimeout(go, 100);  // at most 3 s
   }};
   go();
   return given;
