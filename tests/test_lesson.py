@@ -162,3 +162,33 @@ def test_a_students_answers_come_out_as_csv(tmp_path):
     assert rows[1] == ["1", "3f2a1b9c", "DME", "DME", "right", "DME", "right", "unsure"]
     assert rows[2] == ["2", "'=HYPERLINK(1)", "DRUSEN", "CNV", "wrong", "CNV", "right", "sure"]
     assert len(rows) == 3 and quiz.model_score == 2 and quiz.student_score == 1
+
+
+def test_a_teachers_upload_becomes_a_lesson_that_students_answer(tmp_path):
+    from mirage_demo.ui import ModelChoice, ModelRegistry
+    from mirage_demo.ui.lesson import lesson_from_upload
+    from mirage_demo.ui.quiz import answers_file, lesson_from_file, quiz_answer
+
+    chosen = {"02.jpeg": "DRUSEN", "01.jpeg": "DME", "03.jpeg": "NORMAL"}
+    upload = tmp_path / "my-scans.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        for name, cls in chosen.items():
+            source = next(path for path, label in example_scans() if label == cls)
+            archive.write(source, f"{cls}/{name}")
+        archive.writestr("notes.txt", "left out")
+    path, preview, message = lesson_from_upload([str(upload)], CLASSES, "Week 3")
+    assert [caption for _, caption in preview] == ["1. DME", "2. DRUSEN", "3. NORMAL"]
+    assert "A lesson of 3 scans" in message
+    quiz, first, score = lesson_from_file(path, CLASSES)
+    assert quiz.title == "Week 3" and "Week 3" in score and Path(first).is_file()
+    assert [item.reference for item in quiz.round] == ["DME", "DRUSEN", "NORMAL"]
+    registry = ModelRegistry([ModelChoice("demo", str(DEMO))])
+    overlay, feedback, _, anchor = quiz_answer(registry.get("demo"), quiz, "DME")
+    assert "Reference: DME" in feedback and "look for" in feedback and anchor == "learn-dme"
+    assert "heat map for" in overlay.info["alt_text"]
+    with open(answers_file(quiz), newline="") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[1][:5] == ["1", "lesson scan 1", "DME", "DME", "right"]
+    assert rows[1][5] in CLASSES and rows[1][7] in ("sure", "unsure", "unlike the training scans")
+    quiz, _, text = lesson_from_file(str(upload), CLASSES)  # not a lesson file: a sentence
+    assert quiz is None and "Cannot start this lesson" in text and "no lesson.json" in text

@@ -135,9 +135,7 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
             elem_id="compare-maps",
         )
         grid = gr.File(label="The grid as one picture, for a slide (PNG)", elem_id="compare-grid")
-        table = gr.Dataframe(
-            headers=COMPARE_HEADERS, interactive=False, wrap=True, elem_id="compare-table"
-        )
+        table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, elem_id="compare-table")
         about = gr.State(None)  # the last comparison's title and scan name, for its grid
 
     @ctx.model_call(duration=COMPARE_GPU_SECONDS)

@@ -124,7 +124,7 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     counts = metrics.get("images_per_class", {})
     split = metrics.get("split", "test")
     lines = [
-        f"### Results on the {split} split ({metrics.get('num_images', '?')} images)",
+        f"### Results on {_scans_of(split)} ({metrics.get('num_images', '?')} images)",
         "Values in %, with 95% bootstrap confidence intervals. Classes with few images have "
         "wide intervals: read them as such.",
         "",
@@ -172,7 +172,7 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
         f"### How sure the model may be: its {level:.0%} prediction sets",
         GUARANTEE.format(level=level),
         "",
-        f"On the {metrics.get('split', 'test')} split: the set held the true class for "
+        f"On {_scans_of(metrics.get('split', 'test'))}: the set held the true class for "
         f"**{found['coverage']:.1%}** of scans, with **{found['mean_set_size']:.2f}** classes on "
         f"average; **{found['flagged']:.1%}** of scans were flagged as unlike the training scans "
         f"(set to {found['ood_false_alarm_target']:.0%} on the validation split); "
@@ -194,6 +194,11 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
             f"{', '.join(found['pooled_classes'])}.",
         ]
     return "\n".join(lines)
+
+
+def _scans_of(split: str) -> str:
+    """The scans a report is on, in words: ``the test split``, or ``your scans``."""
+    return "your scans" if split == "uploaded" else f"the {split} split"
 
 
 def _share(value: float | None) -> str:
