@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, image_header
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, image_header
 from mirage_demo.uploads import RequestBudget, ZipUpload
 
 __all__ = [

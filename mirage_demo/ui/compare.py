@@ -11,8 +11,8 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from mirage_demo.data import ImageReadError
 from mirage_demo.figures import strongest_region
+from mirage_demo.images import ImageReadError
 from mirage_demo.trust import compare_methods
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,

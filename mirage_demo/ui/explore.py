@@ -15,8 +15,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from mirage_demo.data import ImageReadError
 from mirage_demo.figures import describe_heatmap
+from mirage_demo.images import ImageReadError
 from mirage_demo.inference import DEFAULT_COLORMAP
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
 from mirage_demo.ui.context import (

@@ -18,8 +18,8 @@ from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import ImageReadError
 from mirage_demo.figures import describe_heatmap
+from mirage_demo.images import ImageReadError
 from mirage_demo.inference import DEFAULT_COLORMAP
 from mirage_demo.lesson import LessonError, parse_lesson_code, pick_scans, read_lesson_file
 from mirage_demo.lesson import scan_code as code_of
