@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mirage_demo.metrics import csv_text
+from mirage_demo.predictions_csv import csv_text
 
 __all__ = ["ANSWERS_HEADER", "Quiz", "QuizItem", "Turn", "write_answers_csv"]
 
@@ -188,7 +188,7 @@ ANSWERS_HEADER = (
 def write_answers_csv(quiz: Quiz, path: str | Path) -> Path:
     """A student's answers so far, one row per scan: its number in the round and its id, the
     student's answer, the reference, the model's answer and how sure it was. Text cells are
-    written so a spreadsheet never runs them (:func:`~mirage_demo.metrics.csv_text`)."""
+    written so a spreadsheet never runs them (:func:`~mirage_demo.predictions_csv.csv_text`)."""
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
