@@ -16,6 +16,7 @@ from mirage_demo.images import ImageReadError
 from mirage_demo.trust import compare_methods
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,
+    STATE_TTL_S,
     AppContext,
     example_label,
     method_name,
@@ -136,7 +137,7 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
         )
         grid = gr.File(label="The grid as one picture, for a slide (PNG)", elem_id="compare-grid")
         table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, elem_id="compare-table")
-        about = gr.State(None)  # the last comparison's title and scan name, for its grid
+        about = gr.State(None, time_to_live=STATE_TTL_S)  # the last scan and model, for its grid
 
     @ctx.model_call(duration=COMPARE_GPU_SECONDS)
     def on_compare(upload, name, target_name):

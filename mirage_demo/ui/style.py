@@ -91,6 +91,7 @@ footer {visibility: hidden}
   .ph-flat > .column {{display: contents !important;}}
   .ph-flat > .column > * {{width: 100% !important; min-width: 100% !important;}}
   .phone-short {{min-height: 160px;}}
+  .teach-big p, .teach-big li {{font-size: 1rem;}}  /* large for a projector, not a phone */
 """
     + "".join(  # a form field sits in a .form wrapper: order the wrapper
         f"  .ph-flat .ph-{n}, .ph-flat .form:has(> .ph-{n}) {{order: {n};}}\n" for n in range(1, 10)
