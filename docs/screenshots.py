@@ -24,6 +24,9 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository's package
+
+from mirage_demo.ui.context import example_order, example_scans  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run"]
@@ -84,9 +87,16 @@ def save_png(png: bytes, path: Path, max_bytes: int = MAX_BYTES) -> Path:
     return path
 
 
+def example_index(cls: str = EXAMPLE) -> int:
+    """The place of the first bundled example of class ``cls`` among the thumbnails (they are
+    shown in :func:`~mirage_demo.ui.context.example_order`, named "Example scan N")."""
+    ordered = example_order(example_scans())
+    return next(n for n, (_, label) in enumerate(ordered) if label == cls)
+
+
 def classify_example(page) -> None:
     """Pick the bundled example and wait for its answer and heat map."""
-    page.get_by_role("button", name=EXAMPLE, exact=True).first.click()
+    page.locator("#examples img").nth(example_index()).click()
     page.locator("#probabilities [data-testid=label-output-value]").wait_for(timeout=TIMEOUT_MS)
     page.locator("#overlay img").wait_for(timeout=TIMEOUT_MS)
     expect(page.locator("#info")).to_contain_text("Predicted", timeout=TIMEOUT_MS)

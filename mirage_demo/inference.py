@@ -54,6 +54,7 @@ from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_COLORMAP",
     "METHODS",
     "Explanation",
     "Prediction",
@@ -62,6 +63,7 @@ __all__ = [
 
 #: The demo model bundled with the repository (``assets/demo-model/`` at its root).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+DEFAULT_COLORMAP = "jet"  # the heat maps' matplotlib colormap
 
 
 def _finite(value: float | None) -> float | None:
@@ -165,7 +167,7 @@ class Predictor:
         *,
         tta: bool = False,
         target_layer: nn.Module | None = None,
-        colormap: str = "jet",
+        colormap: str = DEFAULT_COLORMAP,
         opacity: float = 0.5,
         uncertainty: Uncertainty | None = None,
         level: float = DEFAULT_LEVEL,

@@ -164,8 +164,8 @@ def scan_set_for(
     predictions = checkpoint / "predictions.csv"
     if not predictions.is_file():
         return None, (
-            "This checkpoint has no predictions.csv, so there are no test scans to explore "
-            "(python -m train.evaluate writes one)."
+            "This model comes without the answers it gave on its test scans, so there are no "
+            "test scans to explore."
         )
     try:
         config = read_config(checkpoint)
@@ -181,12 +181,11 @@ def scan_set_for(
         images = [inside(root, row["file"]) for row in rows]
         if rows and all(images):
             entries = [_entry(row, image) for row, image in zip(rows, images, strict=True)]
-            origin = f"the {len(entries)} scans of its report"
+            origin = f"the {len(entries)} scans of its report (the original images)"
             return ScanSet(names, entries, origin), origin
     return None, (
-        "**The scans of this checkpoint's report are not available here**: the matrix is "
-        "shown, its scans are not (the app shows only scans bundled with it or kept in the "
-        "folders it was given)."
+        "**The scans of this model's test report are not reachable here** (they stayed on the "
+        "computer it was trained on): the matrix is shown, its scans are not."
     )
 
 

@@ -85,8 +85,8 @@ GUARANTEE = (
     "What the set promises: for scans like the validation scans it was calibrated on, the "
     "set holds the true class {level:.0%} of the time, for each class (classes with very few "
     "validation scans: for them together). It holds only if the scan comes from the same kind "
-    "of data (same devices, same population: exchangeable, in statisticians' words); a scan "
-    "from another device may break it."
+    "of data (the same devices, the same kind of patients); a scan from another device may "
+    "break it."
 )
 OOD_NOTE = (
     "unlike the scans this model was trained on: another device or acquisition? "

@@ -162,8 +162,31 @@ class ZipUpload:
             name, reader=lambda budget: self._read(info, name, budget), member=info.filename
         )
 
-    def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> bytes:
-        """One member, streamed: at most its declared size, at most MAX_MEMBER_BYTES."""
+    def read_member(self, member: str, limit: int, budget: RequestBudget) -> bytes | None:
+        """The member named exactly ``member`` (e.g. a manifest beside the images), streamed
+        with a cap of ``limit`` bytes; ``None`` if the archive has none. Raises
+        :class:`ImageReadError` for a member that is larger, encrypted or corrupt."""
+        if self._archive is None:
+            raise ImageReadError(self.label, "the archive is closed")
+        found = [info for info in self._archive.infolist() if info.filename == member]
+        if not found:
+            return None
+        info, name = found[0], f"{self.label}/{member}"
+        error = _unreadable_entry(info)
+        if error is None and info.file_size > limit:
+            error = f"skipped: larger than {limit:,} bytes"
+        if error is not None:
+            raise ImageReadError(name, error)
+        return self._read(info, name, budget, limit)
+
+    def _read(
+        self,
+        info: zipfile.ZipInfo,
+        name: str,
+        budget: RequestBudget,
+        limit: int = MAX_MEMBER_BYTES,
+    ) -> bytes:
+        """One member, streamed: at most its declared size, at most ``limit`` bytes."""
         if self._archive is None:
             raise ImageReadError(name, "the archive is closed")
         if not budget.take_bytes(info.file_size):
@@ -174,15 +197,15 @@ class ZipUpload:
         chunks, total = [], 0
         try:
             with self._archive.open(info) as stream:  # stops at the declared size, too
-                while total <= MAX_MEMBER_BYTES and (chunk := stream.read(_CHUNK)):
+                while total <= limit and (chunk := stream.read(min(_CHUNK, limit + 1))):
                     chunks.append(chunk)  # each read inflates at most _CHUNK bytes
                     total += len(chunk)
         except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as err:
             raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
         except Exception as err:  # zlib.error and other decompressor errors
             raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
-        if total > MAX_MEMBER_BYTES:
-            raise ImageReadError(name, _too_big())
+        if total > limit:
+            raise ImageReadError(name, _too_big() if limit == MAX_MEMBER_BYTES else "too large")
         return b"".join(chunks)
 
 

@@ -163,7 +163,7 @@ def test_explorer_and_quiz_work_for_every_checkpoint(served, model):
     seen = []
     while not quiz.finished:
         seen.append(image)
-        _, feedback, score = quiz_answer(predictor, quiz, names[0])
+        _, feedback, score, _ = quiz_answer(predictor, quiz, names[0])
         assert "Reference:" in feedback
         image, text = quiz_next(quiz)
     assert len(set(seen)) == 3 and "Round over" in text and "You:" in score

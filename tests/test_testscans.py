@@ -60,7 +60,7 @@ def test_bundled_copies_replace_unreachable_originals(checkpoint, tmp_path):
     with open(directory / "predictions.csv", "a") as stream:
         stream.write("CNV/extra.png,CNV,CNV,0.9,0.05,0.05\n")
     scans, reason = scan_set_for(directory, bundled=out)
-    assert scans is None and "not available here" in reason and str(data) not in reason
+    assert scans is None and "not reachable" in reason and str(data) not in reason
 
 
 def test_missing_originals_stop_the_build(checkpoint, tmp_path):
@@ -73,7 +73,7 @@ def test_missing_originals_stop_the_build(checkpoint, tmp_path):
 
 def test_no_predictions_says_so(tmp_path):
     scans, reason = scan_set_for(tmp_path)
-    assert scans is None and "no predictions.csv" in reason
+    assert scans is None and "no test scans to explore" in reason
 
 
 @pytest.mark.parametrize("name", ["demo-model", "demo-vit"])

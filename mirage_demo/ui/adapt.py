@@ -40,7 +40,7 @@ def adapt_scans(predictor: Any, name: str, files: Any, progress: Any = None) -> 
     ``matrix`` and ``curve`` (figure paths); a request that fails leaves nothing on disk."""
     uploads = uploaded_files(files)
     if not uploads:
-        raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
+        raise gr.Error("Upload a .zip of labelled scans first: one folder per class (DME/a.png).")
 
     def on_progress(done: int, total: int) -> None:
         if progress is not None:
@@ -168,13 +168,13 @@ def download_adapted(state: dict[str, Any] | None) -> str:
 ADAPT_INTRO = """
 A **foundation model** learns general features of OCT scans once; a new task then needs only
 a small **probe**: a linear classifier fitted on those frozen features. Bring a **.zip of
-labelled scans** laid out `<CLASS>/<image>`, **any classes** (another data set, another device,
-a two-class CNV-vs-NORMAL task): the loaded model computes each scan's features once, a probe
-is fitted with **patient-disjoint cross-validation** (the code of `python -m train --mode
-probe`), and you get its report, the **label-efficiency curve** (how good it is with 1, 2, 5,
-... labelled scans per class) and a model you can **use** here or **download**. At least {min}
-patients per class (one scan each is enough); at most 1,000 images. Nothing is kept after an
-hour.
+labelled scans**, one folder per class (`NORMAL/scan1.png`, ...), **any classes** (another
+data set, another device, a two-class CNV-vs-NORMAL task): the loaded model computes each
+scan's features once, a probe is fitted and tested on scans of other patients than those it
+learnt from (**patient-disjoint cross-validation**), and you get its report, the
+**label-efficiency curve** (how good it is with 1, 2, 5, ... labelled scans per class) and a
+model you can **use** here or **download**. At least {min} patients per class (one
+scan each is enough); at most 1,000 images. Nothing is kept after an hour.
 """
 
 
@@ -192,7 +192,12 @@ def build_adapt_tab(ctx: AppContext) -> None:
         served = gr.Markdown(elem_id="adapt-served")
         checkpoint = gr.File(label="Adapted model (zip)", elem_id="adapt-checkpoint")
         curve = gr.Image(
-            label="Label efficiency", interactive=False, elem_id="adapt-curve", visible=False
+            label="Label efficiency",
+            interactive=False,
+            elem_id="adapt-curve",
+            visible=False,
+            alt_text="Label-efficiency curve: balanced accuracy of the probe against the number "
+            "of labelled scans per class",
         )
         report = gr.Markdown(elem_id="adapt-report")
         matrix = gr.Image(
@@ -200,6 +205,7 @@ def build_adapt_tab(ctx: AppContext) -> None:
             interactive=False,
             elem_id="adapt-cm",
             visible=False,
+            alt_text="Confusion matrix of the probe, cross-validated on your scans",
         )
         with gr.Accordion("All numbers (metrics.json, label-efficiency curve)", open=False):
             numbers = gr.JSON(elem_id="adapt-json")

@@ -40,6 +40,7 @@ from mirage_demo.ui.registry import (
     available_models,
 )
 from mirage_demo.ui.report import build_model_tab, trust_note
+from mirage_demo.ui.style import CSS, JS, TABS_ID
 from mirage_demo.ui.volume import build_volume_tab
 from mirage_demo.zerogpu import ZERO_GPU, resolve_device
 
@@ -71,16 +72,6 @@ TABS: tuple[TabBuilder, ...] = (
     build_quiz_tab,
     build_learn_tab,
 )
-CSS = """
-.disclaimer {border-left: 4px solid #d97706; padding: 6px 12px; background: #fffbeb;}
-.disclaimer p {margin: 0; color: #78350f;}
-footer {visibility: hidden}
-.explorer-matrix [role=gridcell], .explorer-matrix [role=columnheader] {
-  font-size: 1.2rem; min-height: 2.6rem; align-items: center;
-}
-.explorer-matrix [role=gridcell] {cursor: pointer;}
-.teach-big p, .teach-big li {font-size: 1.15rem;}
-"""
 FOOTER = (
     "Models fine-tuned from MIRAGE inherit its CC BY-NC-ND 4.0 license (Morano et al. "
     "2025, arXiv:2506.08900). Example scans: Kermany et al., Cell 2018, CC BY 4.0. "
@@ -112,10 +103,10 @@ def build_app(
     config = registry.config(registry.default)
     app_temp()  # made here, in the serving process, before any worker is forked
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
+        header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}", elem_classes="app-title")
         if notice:
             gr.Markdown(f"**Note:** {html.escape(notice)}", elem_classes="disclaimer")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_classes="header-row"):
             model = gr.Dropdown(
                 registry.names,
                 value=registry.default,
@@ -126,11 +117,13 @@ def build_app(
             trust = gr.Markdown(
                 trust_note(registry.default, config, registry.report(registry.default)),
                 elem_classes="disclaimer",
+                elem_id="model-banner",
+                scale=2,
             )
         ctx = AppContext(registry, demo, model, example_scans(), max_batch=max(1, max_batch))
         if wrap_model_call is not None:
             ctx.wrap_model_call = wrap_model_call
-        with gr.Tabs() as ctx.tabs:
+        with gr.Tabs(overflow_behavior="wrap", elem_id=TABS_ID) as ctx.tabs:
             for build_tab in tabs:
                 build_tab(ctx)
         gr.Markdown(FOOTER)
@@ -301,6 +294,7 @@ def theme() -> gr.themes.Base:
 LAUNCH_OPTIONS: dict[str, Any] = {
     "theme": theme(),
     "css": CSS,
+    "js": JS,
     "footer_links": ["api"],
     "max_file_size": MAX_FILE_SIZE,
     # the bundled scans are shown whatever the working directory (only these folders)

@@ -41,7 +41,7 @@ def _trust_cells(result: Prediction) -> list[str]:
     """The set and out-of-distribution columns ("n/a": the checkpoint has neither)."""
     if result.prediction_set is None:
         return ["n/a", "n/a"]
-    flag = f"yes ({result.ood_score:.1f})" if result.out_of_distribution else "no"
+    flag = "yes" if result.out_of_distribution else "no"  # its score is in the CSV
     return [", ".join(result.prediction_set), flag]
 
 
@@ -231,13 +231,14 @@ def build_batch_tab(ctx: AppContext) -> None:
         )
         batch_button = gr.Button("Classify all", variant="primary")
         batch_summary = gr.Markdown(elem_id="batch-summary")
-        batch_table = gr.Dataframe(
+        batch_table = gr.Dataframe(  # shown with its rows; it scrolls sideways, words whole
             headers=batch_header(registry.config().class_names),
             label="Predictions",
             interactive=False,
-            wrap=True,
+            visible=False,
+            elem_id="batch-table",
         )
-        batch_csv = gr.File(label="Download as CSV")
+        batch_csv = gr.File(label="Download as CSV", visible=False, elem_id="batch-csv")
 
     @ctx.model_call(duration=batch_gpu_seconds)
     def on_batch(files, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
@@ -254,5 +255,9 @@ def build_batch_tab(ctx: AppContext) -> None:
         outputs=[batch_table, batch_csv, batch_summary],
         api_name="batch",
         **ctx.long_events,
+    ).success(  # shown once there are rows (the endpoint itself returns plain values)
+        lambda: (gr.update(visible=True), gr.update(visible=True)),
+        outputs=[batch_table, batch_csv],
+        api_visibility="private",
     )
     ctx.model.change(on_model, inputs=[ctx.model], outputs=[batch_table], api_visibility="private")

@@ -10,6 +10,7 @@ import hashlib
 import html
 import inspect
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,13 +45,19 @@ __all__ = [
     "current_session",
     "display_name",
     "example_label",
+    "example_order",
     "example_scans",
+    "image_file",
     "method_name",
+    "neutral_examples",
     "output_file",
     "picture",
     "reference_line",
+    "safe_file_name",
+    "shown_picture",
     "unreadable",
     "upload_path",
+    "verdict",
 ]
 
 EXAMPLES_DIR = ASSETS / "examples"
@@ -195,6 +202,33 @@ def example_scans(folder: Path = EXAMPLES_DIR) -> list[tuple[str, str]]:
     ]
 
 
+def example_order(examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The example scans in a fixed order that does not follow their class (sorted by a hash
+    of their file name), so their place does not give the class away."""
+    return sorted(examples, key=lambda e: hashlib.sha256(Path(e[0]).name.encode()).hexdigest())
+
+
+def neutral_examples(examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The example scans in :func:`example_order`, each as a copy named ``example-N`` (their
+    file names, ``DME-11053-1.jpeg``, would give the class away in the page), made once in a
+    folder of the app's temporary folder named after their contents."""
+    ordered = example_order(examples)
+    digest = hashlib.sha256()
+    for path, _ in ordered:
+        digest.update(Path(path).read_bytes())
+    folder = app_temp() / "examples" / digest.hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for number, (path, cls) in enumerate(ordered, start=1):
+        copy = folder / f"example-{number}{Path(path).suffix.lower()}"
+        if not copy.is_file() or copy.stat().st_size != Path(path).stat().st_size:
+            partial = copy.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(path, partial)
+            partial.replace(copy)
+        copies.append((str(copy), cls))
+    return copies
+
+
 def upload_path(upload: Any) -> str:
     """The local path of an uploaded file (a Gradio file payload, a path, or a temp file)."""
     if upload is None:
@@ -314,9 +348,28 @@ def reference_line(
     )
 
 
-def picture(label: str, elem_id: str, *, kind: str = "pil", height: int = 380) -> gr.Image:
-    """An output image (a scan or an overlay), not an upload."""
-    return gr.Image(label=label, type=kind, interactive=False, height=height, elem_id=elem_id)
+def picture(
+    label: str,
+    elem_id: str,
+    *,
+    kind: str = "pil",
+    height: int = 380,
+    alt_text: str | None = None,
+    elem_classes: str | list[str] | None = None,
+) -> gr.Image:
+    """An output image (a scan or an overlay), not an upload; ``alt_text`` says what it shows
+    (screen readers; set it again with each new picture)."""
+    return gr.Image(
+        label=label,
+        type=kind,
+        interactive=False,
+        height=height,
+        elem_id=elem_id,
+        alt_text=alt_text or label,
+        format="png",
+        buttons=["download", "fullscreen"],
+        elem_classes=elem_classes,
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -336,9 +389,11 @@ def _remove(folder: Path, owner: int) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def output_file(prefix: str, suffix: str) -> Path:
+def output_file(prefix: str, suffix: str, name: str | None = None) -> Path:
     """A new, unique path for a file the app returns (a CSV, an overlay image), in the app's
-    own temporary folder, whose files older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+    own temporary folder, whose entries older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+    With ``name``, the file is called ``<name><suffix>`` (made safe; what a download is saved
+    as), in a folder of its own.
 
     Gradio copies a returned file into its cache under a temporary name, then renames it:
     never rewritten in place while another request downloads it (as it does with images
@@ -349,12 +404,46 @@ def output_file(prefix: str, suffix: str) -> Path:
     for old in outputs.iterdir():
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
-                old.unlink()
-    return outputs / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    unique = uuid.uuid4().hex[:12]
+    if name is None:
+        return outputs / f"{prefix}-{unique}{suffix}"
+    folder = outputs / f"{prefix}-{unique}"
+    folder.mkdir()
+    return folder / f"{safe_file_name(name)}{suffix}"
 
 
-def image_file(image: Image.Image, prefix: str = "overlay") -> str:
-    """``image`` saved (WebP, as Gradio would) to a new :func:`output_file`; its path."""
-    path = output_file(prefix, ".webp")
-    image.save(path, "WEBP", quality=90)
+def safe_file_name(name: str, most: int = 80) -> str:
+    """``name`` as a file name: letters, digits, ``-``, ``_`` and ``.`` only (others become
+    ``-``), no leading dot, at most ``most`` characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return cleaned[:most] or "file"
+
+
+def image_file(image: Image.Image, prefix: str = "overlay", name: str | None = None) -> str:
+    """``image`` saved as a PNG (lossless: a download for slides) to a new
+    :func:`output_file` (called ``name`` when given); its path."""
+    path = output_file(prefix, ".png", name)
+    image.save(path, "PNG")
     return str(path)
+
+
+def shown_picture(image: Image.Image | None, prefix: str = "overlay") -> Any:
+    """An output picture for a ``gr.Image``: ``image`` saved by :func:`image_file`, with the
+    alt text kept in ``image.info["alt_text"]`` (None: cleared)."""
+    if image is None:
+        return None
+    return gr.Image(value=image_file(image, prefix), alt_text=image.info.get("alt_text"))
+
+
+def verdict(prediction: Prediction) -> str:
+    """How far to trust one answer, in a few words: ``"sure"``, ``"unsure"`` (a set of 2+
+    classes), ``"unlike the training scans"`` or ``"not an OCT B-scan"`` (the quality check's
+    warning); ``"no verdict"`` for a checkpoint without prediction sets."""
+    if prediction.warnings:
+        return "not an OCT B-scan"
+    if prediction.out_of_distribution:
+        return "unlike the training scans"
+    if prediction.prediction_set is None:
+        return "no verdict"
+    return "sure" if len(prediction.prediction_set) == 1 else "unsure"

@@ -267,6 +267,8 @@ def _layout(prefix: str, note: str) -> MapViews:
             type="filepath",
             elem_id=f"{prefix}-plot",
             buttons=["download", "fullscreen"],
+            alt_text="Feature map: each scan a point placed by the model's features, coloured by "
+            "its class; crosses mark the model's wrong answers",
         ),
         gr.Dropdown([], type="index", label="…or pick a scan", elem_id=f"{prefix}-pick"),
         None,  # type: ignore[arg-type]  (laid out below)
