@@ -22,6 +22,7 @@ removed (see :mod:`mirage_demo.explain`).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,14 +41,7 @@ from mirage_demo.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_dir,
 )
-from mirage_demo.data import (
-    ImageReadError,
-    ImageSource,
-    Preprocessing,
-    minmax,
-    open_image,
-    read_image,
-)
+from mirage_demo.data import Preprocessing, minmax
 from mirage_demo.explain import (
     CLASS_AGNOSTIC_METHODS,
     METHODS,
@@ -55,6 +49,7 @@ from mirage_demo.explain import (
     canonical_method,
     render_overlay,
 )
+from mirage_demo.images import ImageReadError, ImageSource, open_image, read_image
 from mirage_demo.models import features_and_logits
 from mirage_demo.quality import QualityReport, assess, full_scale_of, rgb_of
 from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty
@@ -62,6 +57,7 @@ from mirage_demo.verdict import decide
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_COLORMAP",
     "METHODS",
     "Explanation",
     "Prediction",
@@ -70,6 +66,12 @@ __all__ = [
 
 #: The demo model bundled with the repository (``assets/demo-model/`` at its root).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+DEFAULT_COLORMAP = "jet"  # the heat maps' matplotlib colormap
+
+
+def _finite(value: float | None) -> float | None:
+    """``value``, or None when it is not a finite number (JSON has no NaN or infinity)."""
+    return value if value is None or math.isfinite(value) else None
 
 
 @dataclass
@@ -103,10 +105,14 @@ class Prediction:
         """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
         ``label``, ``probabilities``, ``trust`` (the verdict), ``prediction_set``, ``level``,
         ``out_of_distribution``, ``ood_score`` (the last four None without uncertainty
-        statistics), ``warnings``."""
+        statistics), ``warnings``. Valid JSON: a number that is not finite (a distance beyond
+        any number) is None."""
         keys = ("label", "probabilities", "trust", "prediction_set", "level")
         keys += ("out_of_distribution", "ood_score", "warnings")
-        return {"file": self.source, **{key: getattr(self, key) for key in keys}}
+        record = {"file": self.source, **{key: getattr(self, key) for key in keys}}
+        record["probabilities"] = {k: _finite(v) for k, v in self.probabilities.items()}
+        record["ood_score"] = _finite(self.ood_score)
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
@@ -169,7 +175,7 @@ class Predictor:
         *,
         tta: bool = False,
         target_layer: nn.Module | None = None,
-        colormap: str = "jet",
+        colormap: str = DEFAULT_COLORMAP,
         opacity: float = 0.5,
         uncertainty: Uncertainty | None = None,
         level: float = DEFAULT_LEVEL,

@@ -53,10 +53,11 @@ from mirage_demo.checkpoint import (
     CheckpointError,
     save_config,
 )
-from mirage_demo.data import DataError, Sample
-from mirage_demo.evaluation import collect_logits, make_loader
+from mirage_demo.data import DataError
 from mirage_demo.fileio import atomic_write
+from mirage_demo.images import Sample
 from mirage_demo.imagestats import STAT_NAMES
+from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import softmax
 from mirage_demo.ood import (
     FALSE_ALARM,
@@ -65,7 +66,6 @@ from mirage_demo.ood import (
     StatisticsOOD,
     UnlikeTraining,
 )
-from mirage_demo.quality import CheckedImages
 from mirage_demo.testscans import JPEG_QUALITY, MAX_WIDTH
 from mirage_demo.verdict import decide, verdict_report
 
@@ -82,6 +82,7 @@ __all__ = [
     "fit_uncertainty",
     "load_uncertainty",
     "save_uncertainty",
+    "uncertainty_from_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,16 @@ MAX_CALIBRATION = 1_000_000
 #: The copies of each training scan whose statistics join the training scans': as the app
 #: bundles its test scans (width, JPEG quality), so its own copies are not "unlike training".
 BUNDLED_COPY = (MAX_WIDTH, JPEG_QUALITY)
+#: The copies whose statistics the training scans add to the flag's: the bundled copy.
+TRAIN_COPIES = [BUNDLED_COPY]
 
 #: The guarantee and its assumption, in plain words (shown once wherever sets are shown).
 GUARANTEE = (
     "What the set promises: for scans like the validation scans it was calibrated on, the "
     "set holds the true class {level:.0%} of the time, for each class (classes with very few "
     "validation scans: for them together). It holds only if the scan comes from the same kind "
-    "of data (same devices, same population: exchangeable, in statisticians' words); a scan "
-    "from another device may break it."
+    "of data (the same devices, the same kind of patients); a scan from another device may "
+    "break it."
 )
 OOD_NOTE = (
     "unlike the scans this model was trained on: another device or acquisition? "
@@ -282,56 +285,6 @@ class Uncertainty:
 # Fitting, measuring
 
 
-@dataclass
-class Outputs:
-    """What the model and the image checks say about scans: calibrated probabilities,
-    penultimate features, labels, whether each passes the quality gate, image statistics
-    (``(N, S)``, or ``(N, 1 + copies, S)`` with copies)."""
-
-    probs: np.ndarray
-    features: np.ndarray
-    labels: np.ndarray
-    looks_like_oct: np.ndarray
-    statistics: np.ndarray
-
-
-@torch.no_grad()
-def scan_outputs(
-    model: torch.nn.Module,
-    config: CheckpointConfig,
-    samples: Sequence[Sample],
-    device: torch.device,
-    *,
-    batch_size: int = 64,
-    workers: int = 0,
-    progress: bool | None = None,
-    desc: str = "predicting",
-    copies: Sequence[tuple[int, int]] = (),
-) -> Outputs:
-    """:class:`Outputs` of ``samples``' files, decoded once each, as the app reads them
-    (``copies``: also the statistics of each scan downsized to ``(width, JPEG quality)``)."""
-    dataset = CheckedImages(samples, config.preprocessing, copies=copies)
-    loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, _, features, checked = collect_logits(
-        model,
-        loader,
-        config.preprocessing,
-        device,
-        progress=progress,
-        desc=desc,
-        features=True,
-        checks=True,
-    )
-    statistics = checked[:, 1:].reshape(len(checked), 1 + len(copies), len(STAT_NAMES))
-    return Outputs(
-        softmax(logits, config.temperature),
-        features,
-        labels,
-        checked[:, 0] > 0.5,
-        statistics[:, 0] if not copies else statistics,
-    )
-
-
 def fit_uncertainty(
     model: torch.nn.Module,
     config: CheckpointConfig,
@@ -348,26 +301,49 @@ def fit_uncertainty(
     the training scans' features and image statistics (those of each scan and of its copy as
     the app bundles it; thresholds on the validation scans'), from the image files as the app
     reads them."""
-    for split, samples in (("train", train_samples), ("val", val_samples)):
-        missing = set(range(config.num_classes)) - {s.label for s in samples}
-        if missing:
-            names = ", ".join(config.class_names[k] for k in sorted(missing))
-            raise DataError(f"cannot fit the uncertainty statistics: no {split} scans of {names}")
+    _require_every_class(
+        config, {"train": [s.label for s in train_samples], "val": [s.label for s in val_samples]}
+    )
     device = torch.device(device)
-    run = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
-    train = scan_outputs(model, config, train_samples, desc="train", copies=[BUNDLED_COPY], **run)
-    val = scan_outputs(model, config, val_samples, desc="val", **run)
-    sets = ConformalSets().fit(val.probs, val.labels)
+    run = dict(batch_size=batch_size, workers=workers, progress=progress)
+    prep = config.preprocessing
+    train = file_outputs(
+        model, train_samples, prep, device, desc="train", copies=TRAIN_COPIES, **run
+    )
+    val = file_outputs(model, val_samples, prep, device, desc="val", copies=[], **run)
+    return uncertainty_from_outputs(config, train, val, false_alarm=false_alarm)
+
+
+def uncertainty_from_outputs(
+    config: CheckpointConfig, train: Outputs, val: Outputs, *, false_alarm: float = FALSE_ALARM
+) -> Uncertainty:
+    """:func:`fit_uncertainty` from the model's outputs on the training and validation scans,
+    however they were computed (from the files, or a probe's feature cache); the validation
+    probabilities are calibrated with the checkpoint's temperature. Outputs without image
+    checks (a feature cache) give a flag on features alone."""
+    _require_every_class(config, {"train": train.labels, "val": val.labels})
+    val_probs = softmax(val.logits, config.temperature)
+    sets = ConformalSets().fit(val_probs, val.labels)
+    checked = train.statistics is not None and val.statistics is not None
     ood = UnlikeTraining.fit(
         train.features,
         train.labels,
-        train.statistics.reshape(-1, len(STAT_NAMES)),
+        train.statistics.reshape(-1, len(STAT_NAMES)) if checked else None,
         val.features,
-        val.statistics,
+        val.statistics if checked else None,
         false_alarm,
     )
     info = {"fitted_on": {"train": len(train.labels), "val": len(val.labels)}}
     return Uncertainty(list(config.class_names), sets, ood, info)
+
+
+def _require_every_class(config: CheckpointConfig, labels: dict[str, Sequence[int]]) -> None:
+    """A :class:`DataError` naming the classes a split has no scans of."""
+    for split, values in labels.items():
+        missing = set(range(config.num_classes)) - {int(v) for v in values}
+        if missing:
+            names = ", ".join(config.class_names[k] for k in sorted(missing))
+            raise DataError(f"cannot fit the uncertainty statistics: no {split} scans of {names}")
 
 
 def coverage_report(
@@ -543,10 +519,13 @@ def _read_arrays(path: Path, num_classes: int, statistics: bool) -> dict[str, np
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise CheckpointError(f"{path}: calibration_labels must be class indices")
     for key in expected:
-        if key != "calibration_labels" and (
-            arrays[key].dtype.kind != "f" or not np.isfinite(arrays[key]).all()
-        ):
-            raise CheckpointError(f"{path}: {key} must hold finite floating-point numbers")
+        if key == "calibration_labels":
+            continue
+        # float32's range: a distance of features within it cannot overflow in float64
+        with np.errstate(over="ignore"):
+            finite = arrays[key].dtype.kind == "f" and np.isfinite(arrays[key].astype(np.float32))
+        if not np.all(finite):
+            raise CheckpointError(f"{path}: {key} must hold finite float32 numbers")
     scores = arrays["calibration_scores"]
     if scores.min() < 0 or scores.max() > 1:
         raise CheckpointError(f"{path}: calibration_scores must lie in [0, 1]")

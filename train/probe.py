@@ -4,26 +4,30 @@ The same data, split, output and report options as every other mode. Each image 
 through the frozen backbone (features cached on disk: :mod:`mirage_demo.probe`), a
 class-balanced logistic regression is fitted on them (``C`` chosen on the validation split)
 and written into the model's linear head; then the run ends as every run does
-(:func:`train.train._finish`: temperature on the validation split, the report on the test
-split). A backbone whose weights come from the Hub (``--pretrained`` on MIRAGE or any timm
-model with Hub weights) is saved head-only: the checkpoint names it, never copies it.
+(:func:`train.finish.finish`: temperature on the validation split, the report on the test
+split), on features read from the same cache: a run on scans it has seen embeds none of them
+again (another C, another split, the same data again). Its set-up steps are the fine-tuning
+run's (:mod:`train.setup`). A backbone whose weights come from the Hub (``--pretrained`` on
+MIRAGE or any timm model with Hub weights) is saved head-only: the checkpoint names it, never
+copies it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import mirage_demo
 from mirage_demo.cache import default_cache_dir
-from mirage_demo.checkpoint import BackboneRef, save_checkpoint
+from mirage_demo.checkpoint import BackboneRef, CheckpointConfig, save_checkpoint
 from mirage_demo.data import DatasetSplits, Preprocessing
+from mirage_demo.images import Sample
+from mirage_demo.logits import Outputs
 from mirage_demo.models import WeightsUnavailableError, hub_weights, registered_hub_weights
 from mirage_demo.probe import (
     DEFAULT_CS,
@@ -32,35 +36,26 @@ from mirage_demo.probe import (
     bare_forward_speed,
     cached_features,
     fit_probe,
+    head_outputs,
     weights_digest,
 )
+from mirage_demo.version import __version__
 from train.config import TrainConfig, UsageError
 from train.distributed import Dist, setup
-from train.train import (
-    _checked_data,
-    _checkpoint_config,
-    _finish,
-    _prepare_out,
-    _resolve_amp,
-    _say,
-    _set_threads,
+from train.finish import OutputsOf, finish
+from train.setup import (
     check_unreadable,
+    checked_data,
+    checkpoint_config,
     create_training_model,
+    prepare_out,
+    resolve_amp,
+    say,
+    set_threads,
     write_resolved_options,
 )
 
-__all__ = ["ProbeRun", "feature_cache_dir", "probe"]
-
-
-@dataclass
-class ProbeRun:
-    """What the end of a run (:func:`train.train._finish`) needs."""
-
-    config: TrainConfig
-    dist: Dist
-    out: Path
-    data: DatasetSplits
-    workers: int
+__all__ = ["cached_outputs_of", "feature_cache_dir", "probe", "probe_model"]
 
 
 def feature_cache_dir(config: TrainConfig) -> Path:
@@ -75,7 +70,7 @@ def probe(config: TrainConfig, explicit: set[str]) -> dict[str, Any] | None:
             "a probe has nothing to resume: run it again without --resume (its features are "
             "cached, so it takes seconds)"
         )
-    config, _ = _prepare_out(config, explicit)
+    config, _ = prepare_out(config, explicit)
     dist = setup(config.device)
     try:
         return _probe(config, dist)
@@ -108,10 +103,10 @@ def probe_model(
 
 
 def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
-    _set_threads(config, dist)
+    set_threads(config, dist)
     device = dist.device
-    amp_dtype = _resolve_amp(config.amp, device)
-    data = _checked_data(config, None, dist)
+    amp_dtype = resolve_amp(config.amp, device)
+    data = checked_data(config, None, dist)
     torch.manual_seed(config.seed)  # a randomly initialised backbone is the same every run
     model, model_kwargs, preprocessing, backbone = probe_model(config, len(data.class_names))
     model.to(device)
@@ -120,39 +115,8 @@ def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
         workers = (
             min(6, (os.cpu_count() or 1) // dist.local_world_size) if device.type == "cuda" else 0
         )
-    digest = weights_digest(model)
-    features: dict[str, Features] = {}
-    for split in ("train", "val"):
-        features[split] = cached_features(
-            model,
-            data.splits[split],
-            preprocessing,
-            feature_cache_dir(config),
-            device,
-            digest=digest,
-            batch_size=config.batch_size,
-            workers=workers,
-            amp_dtype=amp_dtype,
-            progress=config.progress if dist.is_main else False,
-            desc=f"embedding {split}",
-            rank=dist.rank,
-            world_size=dist.world_size,
-            gather=dist.gather,
-        )
-    check_unreadable(config, dist, [p for f in features.values() for p in f.unreadable], "fit")
-    embedded = sum(f.embedded for f in features.values())
-    seconds = sum(f.seconds for f in features.values())
-    facts: dict[str, Any] = {
-        "images_cached": sum(f.cached for f in features.values()),
-        "images_embedded": embedded,
-        "embedding_seconds": round(seconds, 2),
-        "embedding_images_per_s": round(embedded / seconds, 2) if embedded and seconds else None,
-    }
-    if embedded and dist.is_main:
-        bare = bare_forward_speed(
-            model, preprocessing, device, min(config.batch_size, 16), amp_dtype=amp_dtype
-        )
-        facts["bare_forward_images_per_s"] = round(bare, 2)
+    features = _train_and_val_features(config, dist, data, model, preprocessing, workers, amp_dtype)
+    facts = _embedding_facts(config, dist, model, preprocessing, features, amp_dtype)
     if not dist.is_main:
         return None
     train, val = features["train"], features["val"]
@@ -167,22 +131,110 @@ def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
     )
     apply_probe(model, fit)
     facts.update(fit.summary(), feature_dim=int(train.features.shape[1]))
-    _say(dist, _speed_line(facts, len(data.splits["train"]) + len(data.splits["val"]), dist))
+    say(dist, _speed_line(facts, len(data.splits["train"]) + len(data.splits["val"]), dist))
     derived = {
         "world_size": dist.world_size,
         "device": str(device),
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
         "trainable_parameters": int(fit.weight.size + fit.bias.size),
         "images": {split: data.counts(split) for split in data.splits},
-        "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
+        "versions": {"mirage_demo": __version__, "torch": str(torch.__version__)},
     }
-    checkpoint = _checkpoint_config(config, data, preprocessing, model_kwargs, derived)
+    checkpoint = checkpoint_config(config, data, preprocessing, model_kwargs, derived)
     checkpoint.backbone = backbone
     checkpoint.training["probe"] = facts
     out = Path(config.out)
     save_checkpoint(out, model, checkpoint, getattr(torch, config.save_dtype))
     write_resolved_options(config, out, derived)
-    return _finish(ProbeRun(config, dist, out, data, workers))
+    return finish(config, data, out, device, workers, cached_outputs_of(config, device, workers))
+
+
+def _train_and_val_features(
+    config: TrainConfig,
+    dist: Dist,
+    data: DatasetSplits,
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    workers: int,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Features]:
+    """The pooled features of the train and val images, from the cache or embedded (shared out
+    across the processes); unreadable images stop the run unless ``--skip-unreadable``."""
+    digest = weights_digest(model)
+    features: dict[str, Features] = {}
+    for split in ("train", "val"):
+        features[split] = cached_features(
+            model,
+            data.splits[split],
+            preprocessing,
+            feature_cache_dir(config),
+            dist.device,
+            digest=digest,
+            batch_size=config.batch_size,
+            workers=workers,
+            amp_dtype=amp_dtype,
+            progress=config.progress if dist.is_main else False,
+            desc=f"embedding {split}",
+            rank=dist.rank,
+            world_size=dist.world_size,
+            gather=dist.gather,
+        )
+    check_unreadable(config, dist, [p for f in features.values() for p in f.unreadable], "fit")
+    return features
+
+
+def _embedding_facts(
+    config: TrainConfig,
+    dist: Dist,
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    features: dict[str, Features],
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """What embedding cost (recorded in ``config.json``): images from the cache and embedded,
+    the time, and, when anything was embedded, a bare forward's speed to compare with."""
+    embedded = sum(f.embedded for f in features.values())
+    seconds = sum(f.seconds for f in features.values())
+    facts: dict[str, Any] = {
+        "images_cached": sum(f.cached for f in features.values()),
+        "images_embedded": embedded,
+        "embedding_seconds": round(seconds, 2),
+        "embedding_images_per_s": round(embedded / seconds, 2) if embedded and seconds else None,
+    }
+    if embedded and dist.is_main:
+        bare = bare_forward_speed(
+            model, preprocessing, dist.device, min(config.batch_size, 16), amp_dtype=amp_dtype
+        )
+        facts["bare_forward_images_per_s"] = round(bare, 2)
+    return facts
+
+
+def cached_outputs_of(config: TrainConfig, device: torch.device, workers: int) -> OutputsOf:
+    """The end of a probe run (temperature, prediction sets and OOD flag, report) on the
+    features in the cache, float32 as the report always is: what is missing is embedded once
+    and added, so a run on the same scans embeds nothing."""
+    digests: dict[int, str] = {}  # the loaded model's, hashed once
+
+    def outputs_of(
+        model: nn.Module, checkpoint: CheckpointConfig, samples: Sequence[Sample], desc: str
+    ) -> Outputs:
+        if id(model) not in digests:
+            digests[id(model)] = weights_digest(model)
+        found = cached_features(
+            model,
+            samples,
+            checkpoint.preprocessing,
+            feature_cache_dir(config),
+            device,
+            digest=digests[id(model)],
+            batch_size=config.batch_size,
+            workers=workers,
+            progress=config.progress,
+            desc=f"embedding {desc}",
+        )
+        return head_outputs(model, found)
+
+    return outputs_of
 
 
 def _speed_line(facts: dict[str, Any], images: int, dist: Dist) -> str:

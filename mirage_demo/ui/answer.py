@@ -125,5 +125,5 @@ def verdict_cells(prediction: Prediction | Any) -> list[str]:
     verdict = verdict_words(prediction.trust)
     if prediction.prediction_set is None:
         return ["n/a", "n/a", verdict]
-    flag = f"yes ({prediction.ood_score:.1f})" if prediction.out_of_distribution else "no"
+    flag = "yes" if prediction.out_of_distribution else "no"  # its score is in the CSV
     return [", ".join(prediction.prediction_set), flag, verdict]
