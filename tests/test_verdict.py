@@ -264,3 +264,24 @@ def test_learn_shows_one_real_example_of_each_verdict_and_each_still_gets_it():
         shown = verdict_example(verdict, ASSETS / path)
         source = shown if isinstance(shown, Image.Image) else Path(shown)
         assert predictor.predict(source).trust == verdict, (path, caption)
+
+
+def test_the_slide_figure_gives_no_class_headline_for_what_is_not_a_bscan():
+    from mirage_demo.ui.slides import figure_caption
+
+    about = {
+        "scan": "photo.png",
+        "method": "Grad-CAM",
+        "target": None,
+        "label": "CNV",
+        "confidence": 0.66,
+        "trust": "not_a_bscan",
+        "verdict": "not an OCT B-scan",
+        "set": ["CNV"],
+        "level": 0.9,
+    }
+    title, lines = figure_caption({"about": about}, "demo")
+    assert "CNV" not in title and "Not an OCT B-scan" in title
+    assert "Verdict: not an OCT B-scan" in lines[-1] and "sure" not in lines[-1]
+    title, _ = figure_caption({"about": {**about, "trust": "sure", "verdict": "sure"}}, "demo")
+    assert title == "The model says CNV (66%)"
