@@ -51,7 +51,6 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
-from mirage_demo.data import ImageSource
 from mirage_demo.explain import (
     ATTENTION_METHODS,
     CLASS_AGNOSTIC_METHODS,
@@ -69,6 +68,7 @@ from mirage_demo.faithfulness import (
     road_scores,
     smooth_random_maps,
 )
+from mirage_demo.images import ImageSource
 from mirage_demo.inference import Prediction, Predictor
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import ImageReadError
+from mirage_demo.images import ImageReadError
 from mirage_demo.trust import Comparison, compare_methods, same_map_reason
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,
