@@ -87,8 +87,8 @@ SIMILARITY_GRID = 56  # maps are compared on this grid (they are smooth upsampli
 #: Two methods whose maps' rank correlation reaches this are one map (tested once).
 SAME_MAP_RHO = 0.999
 #: Copies of the scan per forward pass of the deletion test (the ResNet-18's 4 distinct maps
-#: and the random one at 2 fractions, both sides: 20 copies, two passes).
-DELETION_BATCH = 10
+#: and the random one at 3 fractions, both sides: 30 copies, two passes).
+DELETION_BATCH = 15
 
 
 @dataclass

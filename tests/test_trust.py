@@ -12,6 +12,7 @@ from mirage_demo.trust import (
     randomized_explainer,
     same_maps,
 )
+from mirage_demo.ui.compare import _explanation
 from tests.synthetic_oct import SCAN_SIZE, lesion_scan, tiny_cnn_checkpoint, train_tiny_checkpoint
 
 EXAMPLES = DEFAULT_CHECKPOINT.parent / "examples"
@@ -123,6 +124,9 @@ def test_grad_cam_and_hirescam_are_one_map_on_the_resnet(demo_cnn, vit):
     ]
     record = {m["method"]: m for m in comparison.record()["methods"]}
     assert record["hirescam"]["same_as"] == "gradcam" and record["gradcam"]["same_as"] is None
+    text = _explanation(comparison, demo_cnn)  # the grid says so, and why
+    assert "Grad-CAM and HiResCAM draw the same map" in text
+    assert "global average pooling" in text
     scan, _ = lesion_scan(1, seed=8)  # on a ViT, Grad-CAM and HiResCAM differ
     assert compare_methods(vit, scan).score("hirescam").same_as is None
 
