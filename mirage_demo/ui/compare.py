@@ -12,14 +12,18 @@ A map of the scan's structure can still point at what the model uses.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
+from mirage_demo.figures import strongest_region
 from mirage_demo.images import ImageReadError
 from mirage_demo.trust import Comparison, compare_methods, same_map_reason
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,
+    STATE_TTL_S,
     AppContext,
     display_name,
     example_label,
@@ -28,6 +32,7 @@ from mirage_demo.ui.context import (
     unreadable,
     upload_path,
 )
+from mirage_demo.ui.slides import compare_grid_file
 
 __all__ = [
     "CHANCE_MARGIN",
@@ -111,9 +116,17 @@ def compare_scan(
     maps, randomized = [], []
     for score in comparison.scores:
         label = method_name(score.method)
-        # the score first: a caption is cut to the thumbnail's width
-        maps.append((score.overlay, f"{score.faithfulness:+.2f} {label}"))
-        randomized.append((score.randomized_overlay, f"ρ {score.similarity:.2f} {label}"))
+        # the score first: a caption is cut to the thumbnail's width (its whole text is the
+        # picture's alt text and tooltip)
+        where = strongest_region(score.heatmap)
+        maps.append((score.overlay, f"{score.faithfulness:+.2f} {label}: map strongest {where}"))
+        where = strongest_region(score.randomized_heatmap)
+        randomized.append(
+            (
+                score.randomized_overlay,
+                f"ρ {score.similarity:.2f} {label}, last block randomised: strongest {where}",
+            )
+        )
     rows = table_rows(comparison)
     prediction = comparison.prediction
     reference = reference_line(
@@ -218,32 +231,60 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
             columns=5,
             height="auto",
             object_fit="contain",
+            format="png",
+            buttons=["download", "fullscreen"],
             elem_id="compare-maps",
         )
+        grid = gr.File(label="The grid as one picture, for a slide (PNG)", elem_id="compare-grid")
         table = gr.Dataframe(
             headers=COMPARE_HEADERS, interactive=False, wrap=True, elem_id="compare-table"
         )
+        about = gr.State(None, time_to_live=STATE_TTL_S)  # the last scan and model, for its grid
         numbers_button = gr.Button("Compare (numbers only)", visible=False)
         numbers = gr.JSON(visible=False)  # /compare_json's answer (not shown)
 
     def arguments(upload: Any, name: str, target_name: str | None) -> tuple:
+        if upload is None:
+            raise gr.Error("Upload a scan or pick an example first.")
         path = upload_path(upload)
         explained = None if target_name in (None, "", predicted_label) else target_name
         return ctx.registry.get(name), path, display_name(upload, path), explained
 
     @ctx.model_call(duration=COMPARE_GPU_SECONDS)
     def on_compare(upload, name, target_name):
-        return compare_scan(*arguments(upload, name, target_name))
+        predictor, path, scan_name, explained = arguments(upload, name, target_name)
+        gallery, rows, info = compare_scan(predictor, path, scan_name, explained)
+        return gallery, rows, info, {"scan": scan_name, "model": name}
 
     @ctx.model_call(duration=COMPARE_GPU_SECONDS)
     def on_compare_record(upload, name, target_name):
         return compare_record(*arguments(upload, name, target_name))
 
+    def on_grid(gallery, rows, saved):
+        if not gallery or saved is None:
+            return None
+        data = rows["data"] if isinstance(rows, dict) else rows.values.tolist()
+        title = f"Every method's map of {saved['scan']} ({saved['model']})"
+        return compare_grid_file(
+            [(_opened(item[0]), item[1]) for item in gallery], data, title, saved["scan"]
+        )
+
     common = dict(inputs=[scan, ctx.model, target], preprocess=False, **ctx.model_events)
-    button.click(on_compare, outputs=[maps, table, text], api_name="compare", **common)
+    button.click(
+        on_compare, outputs=[maps, table, text, about], api_name="compare", **common
+    ).success(on_grid, inputs=[maps, table, about], outputs=[grid], api_visibility="private")
     numbers_button.click(on_compare_record, outputs=[numbers], api_name="compare_json", **common)
 
     def on_model(name: str):  # one column per method: the randomised maps line up below
-        return gr.update(columns=len(ctx.registry.get(name).methods), value=None), None, ""
+        columns = len(ctx.registry.get(name).methods)
+        return gr.update(columns=columns, value=None), None, "", None
 
-    ctx.on_model(on_model, [maps, table, text])
+    ctx.on_model(on_model, [maps, table, text, grid])
+
+
+def _opened(item: Any) -> Any:
+    """A gallery item's picture as Gradio hands it to a handler (a path, or an image)."""
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as image:
+            return image.convert("RGB")
+    return item
