@@ -19,7 +19,8 @@ from mirage_demo.lesson import MAX_LESSON_SCANS, LessonError, lesson_code, write
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet
 from mirage_demo.ui.context import AppContext, output_file
-from mirage_demo.ui.evaluate import _uploads, job_folder
+from mirage_demo.ui.evaluate import uploaded_files
+from mirage_demo.ui.jobs import job_folder
 
 __all__ = [
     "TEST_SCANS",
@@ -94,7 +95,7 @@ def lesson_from_upload(
 ) -> tuple[str, list[tuple[str, str]], str]:
     """A lesson file of uploaded labelled scans (read as Evaluate reads them), in the order
     of their file names: ``(lesson file, preview, message)``."""
-    uploads = _uploads(files)
+    uploads = uploaded_files(files)
     if not uploads:
         raise gr.Error("Upload a .zip of labelled scans first: one folder per class.")
     with job_folder("oct-eval-lesson-", "Cannot make a lesson of these scans") as out:
