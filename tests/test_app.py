@@ -452,6 +452,7 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_click",  # the feature map, Model tab
         "on_click",  # the feature map of evaluated scans
         "on_compare",
+        "on_compare_record",  # /compare_json
         "on_compute",  # the feature map computed, Model tab
         "on_compute",  # ... and of evaluated scans
         "on_evaluate",
