@@ -426,6 +426,10 @@ def train(config: TrainConfig, explicit: set[str] | None = None) -> dict[str, An
         from train.probe import probe
 
         return probe(config, explicit)
+    if config.mode == "pretrain":
+        from train.pretrain import pretrain
+
+        return pretrain(config, explicit)
     config, state = _prepare_out(config, explicit)
     dist = setup(config.device)
     try:
