@@ -76,6 +76,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME, ENCODER_NAME, DECODER_NAME = "config.json", "encoder.safetensors", "decoder.safetensors"
 MAX_CONFIG_BYTES = 1_000_000
 _UNUSED_ENCODER_PREFIXES = ("norm.", "fc_norm.", "head.")
+#: Encoder arguments a pre-training checkpoint may record, with their allowed ranges.
+ENCODER_KWARGS = {"img_size": (32, 2048), "depth": (1, 64)}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -93,12 +95,19 @@ def create_pretraining_model(
     decoder_depth: int = 2,
     decoder_heads: int = 8,
     drop_path: float = 0.0,
+    **encoder_kwargs: int,
 ) -> MaskedReconstructor:
     """A MIRAGE-style encoder (``mirage_*`` timm architecture, randomly initialised) with one
-    B-scan decoder shaped like MIRAGE's (MIRAGE: 256 wide, 2 blocks, 8 heads)."""
+    B-scan decoder shaped like MIRAGE's (MIRAGE: 256 wide, 2 blocks, 8 heads).
+    ``encoder_kwargs``: ``img_size`` and ``depth`` (smaller test models)."""
     if not architecture.startswith("mirage_") or architecture not in timm.list_models("mirage_*"):
         raise PretrainingError(f"masked pre-training needs a mirage_* model, not {architecture!r}")
-    encoder = timm.create_model(architecture, num_classes=0, drop_path_rate=drop_path)
+    unknown = set(encoder_kwargs) - set(ENCODER_KWARGS)
+    if unknown:
+        raise PretrainingError(f"unsupported encoder arguments: {', '.join(sorted(unknown))}")
+    encoder = timm.create_model(
+        architecture, num_classes=0, drop_path_rate=drop_path, **encoder_kwargs
+    )
     grid = tuple(encoder.patch_embed.grid_size)
     patch = int(encoder.patch_embed.patch_size[0])
     decoder = PatchDecoder(
@@ -186,6 +195,13 @@ def read_pretraining_config(directory: str | Path) -> dict[str, Any]:
             raise PretrainingError(f"{path}: decoder {key} must be an integer in [{low}, {high}]")
     if decoder["dim"] % decoder["num_heads"]:
         raise PretrainingError(f"{path}: decoder dim is not divisible by its heads")
+    kwargs = data.get("encoder_kwargs", {})
+    if not isinstance(kwargs, dict) or set(kwargs) - set(ENCODER_KWARGS):
+        raise PretrainingError(f"{path}: encoder_kwargs may hold only {', '.join(ENCODER_KWARGS)}")
+    for key, value in kwargs.items():
+        low, high = ENCODER_KWARGS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise PretrainingError(f"{path}: encoder {key} must be an integer in [{low}, {high}]")
     ratio = data.get("mask_ratio", 0.75)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         raise PretrainingError(f"{path}: mask_ratio must be a number in [0, 1]")
@@ -203,7 +219,11 @@ def load_pretraining(directory: str | Path) -> tuple[MaskedReconstructor, dict[s
     config = read_pretraining_config(directory)
     decoder = config["decoder"]
     model = create_pretraining_model(
-        config["architecture"], decoder["dim"], decoder["depth"], decoder["num_heads"]
+        config["architecture"],
+        decoder["dim"],
+        decoder["depth"],
+        decoder["num_heads"],
+        **config.get("encoder_kwargs", {}),
     )
     load_encoder_weights(model.encoder, directory)
     path = directory / DECODER_NAME
@@ -276,7 +296,13 @@ def read_release(path: str | Path) -> tuple[dict[str, torch.Tensor], argparse.Na
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for any other global, or a broken file
-        reason = " ".join(str(err).split())[:300]
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        reason = (
+            f"it holds a pickled {refused.group(1)} (only argparse.Namespace is allowed), "
+            "so it was not loaded"
+            if refused
+            else " ".join(str(err).split())[:200]
+        )
         raise PretrainingError(f"{path} is not a MIRAGE release file we can read: {reason}") from err
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
         raise PretrainingError(f"{path} is not a MIRAGE release file: no 'model' dictionary")
@@ -292,6 +318,9 @@ def load_release(path: str | Path) -> MaskedReconstructor:
     key = "input_adapters.bscan.proj.weight"
     if key not in state:
         raise PretrainingError(f"{path} is not a MIRAGE release file: no {key}")
+    heads = getattr(args, "decoder_num_heads", 8)
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= 64:
+        raise PretrainingError(f"{path}: args.decoder_num_heads must be a small integer")
     width = state[key].shape[0]
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("encoder.")), default=-1)
     sizes = {(768, 12): "mirage_base_patch32_512", (1024, 24): "mirage_large_patch32_512"}
@@ -302,9 +331,6 @@ def load_release(path: str | Path) -> MaskedReconstructor:
         encoder.load_state_dict(checkpoint_filter_fn(state, encoder))
     except ValueError as err:
         raise PretrainingError(f"{path}: {err}") from err
-    heads = getattr(args, "decoder_num_heads", 8)
-    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= 64:
-        raise PretrainingError(f"{path}: args.decoder_num_heads must be a small integer")
     modalities = [m for m in RELEASE_MODALITIES if f"input_adapters.{m}.pos_emb" in state]
     decoders = {
         task: _release_decoder(state, task, width, heads, path)

@@ -121,6 +121,7 @@ def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
             config.decoder_depth,
             config.decoder_heads,
             config.drop_path,
+            **_encoder_kwargs(config),
         )
     except PretrainingError as err:
         raise UsageError(str(err)) from err
@@ -178,6 +179,14 @@ def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
     return run
 
 
+def _encoder_kwargs(config: TrainConfig) -> dict[str, int]:
+    """``--img-size`` and ``--model-kwargs`` (``img_size``, ``depth``) for the encoder."""
+    kwargs = dict(config.model_kwargs)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    return kwargs
+
+
 def _optimisation(
     config: TrainConfig, model: MaskedReconstructor, samples: int, dist: Dist
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, int]:
@@ -228,6 +237,7 @@ def _record(
     )
     return {
         "architecture": config.model,
+        "encoder_kwargs": _encoder_kwargs(config),
         "preprocessing": preprocessing.to_dict(),
         "mask_ratio": config.mask_ratio,
         "loss": "mean squared error on the hidden patches of the [0, 1] pixels",

@@ -67,6 +67,11 @@ from mirage_demo.models import (
     pretrained_source,
     set_training_mode,
 )
+from mirage_demo.pretraining import (
+    PretrainingError,
+    load_encoder_weights,
+    read_pretraining_config,
+)
 from mirage_demo.uncertainty import fit_uncertainty, save_uncertainty
 from train.config import TrainConfig, UsageError, check_resumable, parse_config
 from train.data import EpochSampler, FileImages, make_loader, to_model_input
@@ -288,7 +293,24 @@ def create_training_model(
             f"cannot load pretrained weights for {config.model} ({type(err).__name__}: {err}); "
             "offline? download them once, or pass --weights FILE"
         ) from err
+    if config.init and fresh:
+        _load_init(model, config)
     return model, kwargs, Preprocessing.from_model(model, input_size)
+
+
+def _load_init(model: nn.Module, config: TrainConfig) -> None:
+    """``--init DIR``: the encoder of a ``--mode pretrain`` checkpoint of the same architecture."""
+    init = Path(config.init)
+    try:
+        record = read_pretraining_config(init)
+        if record["architecture"] != config.model:
+            raise UsageError(
+                f"--init {init} pre-trained {record['architecture']}, not {config.model}: "
+                f"pass --model {record['architecture']}"
+            )
+        load_encoder_weights(model, init)
+    except PretrainingError as err:
+        raise UsageError(f"--init: {err}") from err
 
 
 def _teacher(
@@ -314,8 +336,10 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
         if config.pretrained or config.weights
         else "trained from scratch"
     )
+    if config.init:
+        how = f"pre-trained as a masked autoencoder ({Path(config.init).name}), fine-tuned ({config.mode})"
     if config.mode == "probe":
-        start = "pretrained" if config.pretrained or config.weights else "randomly initialised"
+        start = "pretrained" if config.pretrained or config.weights or config.init else "randomly initialised"
         how = f"frozen ({start} weights), a linear probe fitted"
     taught = f", distilled from {Path(config.teacher).name}" if config.teacher else ""
     classes = ", ".join(class_names)
@@ -323,6 +347,15 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
 
 
 def _source_weights(config: TrainConfig) -> dict[str, Any]:
+    if config.init:
+        record = read_pretraining_config(config.init)
+        return {
+            "name": f"{Path(config.init).name} (masked-autoencoder pre-training of this project)",
+            "checkpoint": str(config.init),
+            "from_scratch": False,
+            "pretraining_epochs": record.get("epoch"),
+            "license": record.get("license") or "unknown",
+        }
     if config.weights:
         weights = Path(config.weights)
         if (weights.parent / CONFIG_NAME).is_file():  # a checkpoint of this project
