@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -57,6 +58,8 @@ from mirage_demo.trust import compare_methods
 from tests.synthetic_oct import oct_like
 
 CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
+GRID = "compare all methods (grid + deletion + sanity)"
+SINGLE = "predict + gradcam"  # the single explanation the grid is compared with
 
 
 def synthetic_scan(height: int = 496, width: int = 768, seed: int = 0) -> np.ndarray:
@@ -104,7 +107,7 @@ print(json.dumps(out))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mirage_base_patch32_512")
     parser.add_argument(
@@ -116,25 +119,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--image", type=Path, help="a scan to use (default: synthetic 768x496)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
+    return parser
 
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    """``--checkpoint``'s predictor, or ``--model`` with random weights (``args.model`` then
+    names what was loaded)."""
     torch.manual_seed(0)
     if args.checkpoint:
         predictor = Predictor.from_pretrained(args.checkpoint)
-        model, preprocessing = predictor.model, predictor.preprocessing
         args.model = f"{predictor.config.architecture} ({args.checkpoint})"
-    else:
-        model = timm.create_model(args.model, num_classes=len(CLASSES)).eval()
-        preprocessing = Preprocessing.from_model(model)
-        predictor = Predictor(model, CLASSES, preprocessing)
-    methods = [m for m in methods if m in predictor.methods]
+        return predictor
+    model = timm.create_model(args.model, num_classes=len(CLASSES)).eval()
+    return Predictor(model, CLASSES, Preprocessing.from_model(model))
 
-    work = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
-    scan = args.image or work / "scan.jpeg"
-    if args.image is None:
-        Image.fromarray(synthetic_scan()).save(scan, quality=95)
+
+def single_image_tasks(
+    predictor: Predictor, scan: Path, methods: list[str]
+) -> tuple[dict[str, Callable[[], object]], torch.Tensor]:
+    """The timed operations on one scan (the first is the bare forward), and its input."""
+    model, preprocessing = predictor.model, predictor.preprocessing
     x = preprocessing.normalize(preprocessing.read_resized(scan))[None]
     layer = predictor.explainer.target_layer
     reshape = predictor.explainer.reshape_transform
@@ -152,82 +156,94 @@ def main(argv: list[str] | None = None) -> dict:
         "bare forward": bare,
         "predict": lambda: predictor.predict(scan),
         **{f"predict + {m}": (lambda m=m: predictor.explain(scan, m)) for m in methods},
-        "compare all methods (grid + deletion + sanity)": lambda: compare_methods(predictor, scan),
+        GRID: lambda: compare_methods(predictor, scan),
         "pytorch-grad-cam GradCAM (full backward)": library_gradcam,
     }
-    print(
-        f"{args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
-        f"{args.threads} threads, {args.rounds} rounds",
-        file=sys.stderr,
-    )
+    return tasks, x
+
+
+def timed_rounds(
+    tasks: dict[str, Callable[[], object]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds of every task per round, and each divided by that round's bare forward."""
     for task in tasks.values():  # warm-up
         task()
     times: dict[str, list[float]] = {name: [] for name in tasks}
     ratios: dict[str, list[float]] = {name: [] for name in tasks}
     order = list(tasks)
     shuffler = random.Random(0)
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         shuffler.shuffle(order)  # no task always follows the same one (e.g. BLAS threads spinning)
         measured = {name: seconds(tasks[name]) for name in order}
         for name, value in measured.items():
             times[name].append(value)
             ratios[name].append(value / measured["bare forward"])
         print(f"round {round_index + 1}: bare {measured['bare forward']:.3f}s", file=sys.stderr)
+    return times, ratios
 
-    # Batched throughput: one at a time vs predict_batch, interleaved.
-    images = [synthetic_scan(seed=i) for i in range(args.batch_images)]
+
+def batched_throughput(
+    predictor: Predictor, count: int, rounds: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Images per second one at a time and with ``predict_batch`` (interleaved), and the
+    speed-up per round."""
+    images = [synthetic_scan(seed=i) for i in range(count)]
     single, batched = [], []
-    for _ in range(max(1, args.rounds // 2)):
+    for _ in range(max(1, rounds // 2)):
         single.append(seconds(lambda: [predictor.predict(image) for image in images]))
         batched.append(seconds(lambda: predictor.predict_batch(images, batch_size=len(images))))
     throughput = {
         "one at a time (images/s)": [len(images) / s for s in single],
         f"predict_batch, batch {len(images)} (images/s)": [len(images) / s for s in batched],
     }
-    speedup = [s / b for s, b in zip(single, batched, strict=True)]
+    return throughput, [s / b for s, b in zip(single, batched, strict=True)]
 
-    # Checkpoint load time and memory.
+
+def load_cost(args: argparse.Namespace, predictor: Predictor, work: Path) -> dict[str, Any]:
+    """Checkpoint load times, a fresh process's resident memory, the weights' size."""
     if args.checkpoint:
         directory = args.checkpoint
     else:
-        config = CheckpointConfig(args.model, CLASSES, preprocessing)
-        directory = save_checkpoint(work / "checkpoint", model, config)
-    load_times = [seconds(lambda: Predictor.from_pretrained(directory)) for _ in range(3)]
-    memory = resident_memory(str(directory), args.threads)
-    weights_mib = (directory / "model.safetensors").stat().st_size / 2**20
+        config = CheckpointConfig(args.model, CLASSES, predictor.preprocessing)
+        directory = save_checkpoint(work / "checkpoint", predictor.model, config)
+    return {
+        "load_s": [seconds(lambda: Predictor.from_pretrained(directory)) for _ in range(3)],
+        "memory_mib": resident_memory(str(directory), args.threads),
+        "weights_mib": (directory / "model.safetensors").stat().st_size / 2**20,
+    }
 
-    rows = []
-    for name in tasks:
-        t_med, t_min, t_max = summary(times[name])
-        r_med, r_min, r_max = summary(ratios[name])
-        rows.append((name, t_med, t_min, t_max, r_med, r_min, r_max))
+
+def print_report(results: dict[str, Any], methods: int) -> None:
+    """The tables and lines the README quotes."""
+    times, ratios = results["times_s"], results["ratios"]
     print()
     print("| operation | median s | min-max s | x bare forward (median, range) |")
     print("| --- | ---: | ---: | ---: |")
-    for name, t_med, t_min, t_max, r_med, r_min, r_max in rows:
+    for name in times:
+        t_med, t_min, t_max = summary(times[name])
+        r_med, r_min, r_max = summary(ratios[name])
         print(
             f"| {name} | {t_med:.3f} | {t_min:.3f}-{t_max:.3f} | "
             f"{r_med:.2f} ({r_min:.2f}-{r_max:.2f}) |"
         )
-    grid = "compare all methods (grid + deletion + sanity)"
-    single = "predict + gradcam"
-    grid_ratio = [g / e for g, e in zip(times[grid], times.get(single, []), strict=False)]
+    grid_ratio = results["compare_vs_single_explanation"]
     if grid_ratio:
         print(
-            f"\n{grid}: {statistics.median(times[grid]):.3f} s, "
-            f"{statistics.median(grid_ratio):.2f}x a single explanation ({single}; "
+            f"\n{GRID}: {statistics.median(times[GRID]):.3f} s, "
+            f"{statistics.median(grid_ratio):.2f}x a single explanation ({SINGLE}; "
             f"range {min(grid_ratio):.2f}-{max(grid_ratio):.2f}), "
-            f"{len(predictor.methods)} methods"
+            f"{methods} methods"
         )
     print()
     print("| throughput | images/s (median) |")
     print("| --- | ---: |")
-    for name, values in throughput.items():
+    for name, values in results["throughput"].items():
         print(f"| {name} | {statistics.median(values):.2f} |")
-    print(f"| batched / one at a time | {statistics.median(speedup):.2f}x |")
+    print(f"| batched / one at a time | {statistics.median(results['batch_speedup']):.2f}x |")
     print()
+    load_times, memory = results["load_s"], results["memory_mib"]
     print(
-        f"checkpoint load (from_pretrained, {weights_mib:.0f} MiB weights): "
+        f"checkpoint load (from_pretrained, {results['weights_mib']:.0f} MiB weights): "
         f"median {statistics.median(load_times):.2f}s (min {min(load_times):.2f}s)"
     )
     print(
@@ -237,6 +253,26 @@ def main(argv: list[str] | None = None) -> dict:
         f"{memory['after_explain_mib']:.0f} MiB after predict + Grad-CAM, "
         f"peak {memory['peak_mib']:.0f} MiB"
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    predictor = load_predictor(args)
+    methods = [m for m in args.methods.split(",") if m and m in predictor.methods]
+    work = Path(tempfile.mkdtemp(prefix="mirage-bench-"))
+    scan = args.image or work / "scan.jpeg"
+    if args.image is None:
+        Image.fromarray(synthetic_scan()).save(scan, quality=95)
+    tasks, x = single_image_tasks(predictor, scan, methods)
+    print(
+        f"{args.model}, input {tuple(x.shape)}, torch {torch.__version__}, "
+        f"{args.threads} threads, {args.rounds} rounds",
+        file=sys.stderr,
+    )
+    times, ratios = timed_rounds(tasks, args.rounds)
+    throughput, speedup = batched_throughput(predictor, args.batch_images, args.rounds)
+    grid_ratio = [g / e for g, e in zip(times[GRID], times.get(SINGLE, []), strict=False)]
     results = {
         "model": args.model,
         "threads": args.threads,
@@ -246,10 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         "compare_vs_single_explanation": grid_ratio,
         "throughput": throughput,
         "batch_speedup": speedup,
-        "load_s": load_times,
-        "memory_mib": memory,
-        "weights_mib": weights_mib,
+        **load_cost(args, predictor, work),
     }
+    print_report(results, len(predictor.methods))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -169,7 +169,7 @@ def plot(results: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="the labelled scans (<CLASS>/* or splits)")
     parser.add_argument("--backbone", action="append", required=True, metavar="SPEC")
@@ -193,25 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir() / "features")
     parser.add_argument("--out", type=Path, default=Path("label-efficiency"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_dataset(args.data, split_from(args.split_from))
-    names = data.class_names
-    pools = {
-        "train": subsample(data.splits["train"], args.train_per_class, args.seed),
-        "test": subsample(data.splits["test"], args.test_per_class, args.seed + 1),
-    }
-    counts = {
-        s: np.bincount([x.label for x in p], minlength=len(names)).tolist()
-        for s, p in pools.items()
-    }
-    print(f"classes {names}; train pool {counts['train']}, test {counts['test']}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return parser
+
+
+def backbone_curves(
+    args: argparse.Namespace, pools: dict[str, list[Sample]], num_classes: int
+) -> dict[str, list[dict]]:
+    """Each ``--backbone``'s curve: its features of both pools (cached), then the probes."""
     results: dict[str, list[dict]] = {}
     cpu = torch.device("cpu")
     for spec in args.backbone:
-        model, preprocessing = backbone(spec, len(names), args.img_size)
+        model, preprocessing = backbone(spec, num_classes, args.img_size)
         features = {}
         for split, samples in pools.items():
             features[split] = cached_features(
@@ -220,16 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             f = features[split]
             speed = f"{f.images_per_s:.1f} img/s" if f.images_per_s else "all cached"
             print(f"{spec}: {split} {len(f.labels)} images ({speed})", flush=True)
-        results[spec] = curve(features["train"], features["test"], len(names), args)
+        results[spec] = curve(features["train"], features["test"], num_classes, args)
         for p in results[spec]:
             lo, hi = p["ci95"]
             shown = f"{p['balanced_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
             print(f"  {p['labels_per_class']:>4} per class: {shown} ({p['draws']} draws)")
-    (args.out / "label_efficiency.json").write_text(
-        json.dumps({"classes": names, "pools": counts, "c": args.c, "results": results}, indent=2)
-    )
-    title = f"linear probes, {sum(counts['test'])} test scans; C = {args.c:g}"
-    plot(results, args.out / "label_efficiency.png", title)
+    return results
+
+
+def print_table(results: dict[str, list[dict]]) -> None:
+    """The README's table: balanced accuracy [CI] per backbone and labels per class."""
     print("\n| labels per class | " + " | ".join(results) + " |")
     print("| ---: |" + " ---: |" * len(results))
     rows = {p["per_class"]: {} for points in results.values() for p in points}
@@ -244,6 +236,31 @@ def main(argv: list[str] | None = None) -> int:
             else f"all ({max(p['labels_per_class'] for v in results.values() for p in v)})"
         )
         print(f"| {label} | " + " | ".join(row.get(s, "") for s in results) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data, split_from(args.split_from))
+    names = data.class_names
+    pools = {
+        "train": subsample(data.splits["train"], args.train_per_class, args.seed),
+        "test": subsample(data.splits["test"], args.test_per_class, args.seed + 1),
+    }
+    counts = {
+        s: np.bincount([x.label for x in p], minlength=len(names)).tolist()
+        for s, p in pools.items()
+    }
+    print(f"classes {names}; train pool {counts['train']}, test {counts['test']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = backbone_curves(args, pools, len(names))
+    (args.out / "label_efficiency.json").write_text(
+        json.dumps({"classes": names, "pools": counts, "c": args.c, "results": results}, indent=2)
+    )
+    title = f"linear probes, {sum(counts['test'])} test scans; C = {args.c:g}"
+    plot(results, args.out / "label_efficiency.png", title)
+    print_table(results)
     print(f"\nwritten to {args.out}/label_efficiency.json and .png")
     return 0
 

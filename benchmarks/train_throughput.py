@@ -44,7 +44,9 @@ from mirage_demo.data import Preprocessing, Sample
 from train.config import TrainConfig
 from train.data import EpochSampler, make_loader, to_model_input
 from train.distributed import Dist, resolve_device
-from train.train import keep_large_blocks, setup_run, train_step
+from train.loop import train_step
+from train.run import setup_run
+from train.setup import keep_large_blocks
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -266,7 +268,7 @@ def bench_end_to_end(run: Any, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="OCT images, DIR/<CLASS>/* or splits")
     parser.add_argument("--model", default="mirage_base_patch32_512")
@@ -293,7 +295,56 @@ def main() -> int:
         choices=["trainer", "default"],
         help="glibc malloc as python -m train sets it (large blocks from the heap) or as is",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on (printed and stored with them)."""
+    cuda = device.type == "cuda"
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({cpu_name()})",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "malloc": args.malloc,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def report_pipeline(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    """Part 1, printed: the input pipeline per core."""
+    print(f"\n1. input pipeline, per core (1 thread, 0 workers), {size}x{size}:")
+    pipe = bench_pipeline(args, size)
+    for key, value in pipe.items():
+        unit = "x" if key.startswith("speedup") else (" img/s" if isinstance(value, float) else "")
+        print(
+            f"   {key:<40} {value:,.2f}{unit}"
+            if isinstance(value, float)
+            else f"   {key:<40} {value}"
+        )
+    return pipe
+
+
+def report_mode(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """Parts 2 and 3 for one fine-tuning mode, printed: the step alone, then end to end."""
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
+        run = make_run(args, mode, Path(out))
+        print(f"\n2. train step alone, {args.model} {mode}, batch {args.batch_size}, "
+              f"{run.amp_dtype or 'fp32'} on {run.dist.device}:")  # fmt: skip
+        step = bench_step(run, args)
+        for key, value in step.items():
+            print(f"   {key:<40} {value:,.3f}")
+        print(f"3. end to end ({args.e2e_batches} batches from the cache):")
+        e2e = bench_end_to_end(run, args)
+        for key, value in e2e.items():
+            print(f"   {key:<40} {value:,.3f}")
+        del run
+    return {"step": step, "end_to_end": e2e}
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.malloc == "trainer":
         keep_large_blocks()
     device = resolve_device(args.device)
@@ -305,16 +356,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.img_size or 512
-
-    env = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if cuda else f"CPU ({cpu_name()})",
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "malloc": args.malloc,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+    env = environment(args, device)
     print(json.dumps(env, indent=1))
     if not cuda:
         print(
@@ -322,35 +364,10 @@ def main() -> int:
             "of MIRAGE-Base at 512 are NOT measured here (run this script on a GPU for them)."
         )
     results: dict[str, Any] = {"environment": env}
-
     if not args.skip_pipeline:
-        print(f"\n1. input pipeline, per core (1 thread, 0 workers), {size}x{size}:")
-        pipe = bench_pipeline(args, size)
-        results["pipeline"] = pipe
-        for key, value in pipe.items():
-            unit = (
-                "x" if key.startswith("speedup") else (" img/s" if isinstance(value, float) else "")
-            )
-            print(
-                f"   {key:<40} {value:,.2f}{unit}"
-                if isinstance(value, float)
-                else f"   {key:<40} {value}"
-            )
-
+        results["pipeline"] = report_pipeline(args, size)
     for mode in args.modes.split(","):
-        with tempfile.TemporaryDirectory(prefix="bench-run-") as out:
-            run = make_run(args, mode, Path(out))
-            print(f"\n2. train step alone, {args.model} {mode}, batch {args.batch_size}, "
-                  f"{run.amp_dtype or 'fp32'} on {run.dist.device}:")  # fmt: skip
-            step = bench_step(run, args)
-            for key, value in step.items():
-                print(f"   {key:<40} {value:,.3f}")
-            print(f"3. end to end ({args.e2e_batches} batches from the cache):")
-            e2e = bench_end_to_end(run, args)
-            for key, value in e2e.items():
-                print(f"   {key:<40} {value:,.3f}")
-            results[f"train_{mode}"] = {"step": step, "end_to_end": e2e}
-            del run
+        results[f"train_{mode}"] = report_mode(args, mode)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nresults written to {args.json}")

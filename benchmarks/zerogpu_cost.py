@@ -8,7 +8,7 @@
 1. **Small models on the CPU, or through ZeroGPU.** Each bundled model answers ``/predict`` and
    ``/explain`` (Grad-CAM) on an example scan two ways, alternating within each round: as a
    ZeroGPU Space now serves it (``small_on_cpu``: in the main process, no ``spaces.GPU`` call)
-   and through the ``spaces.GPU`` stand-in the tests use (``tests.test_space.StandInZeroGPU``:
+   and through the ``spaces.GPU`` stand-in the tests use (``tests.test_zerogpu.StandInZeroGPU``:
    arguments and results pickled across, as to the real worker). Both run on this CPU, so the
    ratio is the wrapper's own overhead; what the real ZeroGPU adds on top (a scheduling request
    to the Hub, a worker process, the model's weights onto the GPU) and the quota each call
@@ -49,7 +49,7 @@ from mirage_demo.ui.batch import batch_gpu_seconds  # noqa: E402
 from mirage_demo.ui.context import COMPARE_GPU_SECONDS, PREDICTED, SCAN_GPU_SECONDS  # noqa: E402
 from mirage_demo.uncertainty import DEFAULT_LEVEL  # noqa: E402
 from mirage_demo.zerogpu import parameter_count  # noqa: E402
-from tests.test_space import StandInZeroGPU  # noqa: E402
+from tests.test_zerogpu import StandInZeroGPU  # noqa: E402
 
 SCAN = ROOT / "assets/examples/DME/DME-11053-1.jpeg"
 BUNDLED = {"demo-model": ROOT / "assets/demo-model", "demo-vit": ROOT / "assets/demo-vit"}

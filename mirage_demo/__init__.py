@@ -16,9 +16,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from mirage_demo import models  # noqa: F401  (registers the mirage_* timm models)
+from mirage_demo.version import __version__
 
 #: public name -> the module that defines it (imported on first access)
 _EXPORTS = {
@@ -27,10 +26,10 @@ _EXPORTS = {
     "optimizer_param_groups": "models",
     "checkpoint_filter_fn": "models",
     "load_dataset": "data",
-    "read_image": "data",
+    "read_image": "images",
     "Preprocessing": "data",
     "SplitSpec": "data",
-    "ImageReadError": "data",
+    "ImageReadError": "images",
     "DataError": "data",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
@@ -39,7 +38,7 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "compute_metrics": "metrics",
     "write_report": "metrics",
-    "write_predictions_csv": "metrics",
+    "write_predictions_csv": "predictions_csv",
     "Explainer": "explain",
     "METHODS": "explain",
     "Predictor": "inference",
@@ -82,23 +81,18 @@ if TYPE_CHECKING:
         push_to_hub,
         save_checkpoint,
     )
-    from mirage_demo.data import (
-        DataError,
-        ImageReadError,
-        Preprocessing,
-        SplitSpec,
-        load_dataset,
-        read_image,
-    )
+    from mirage_demo.data import DataError, Preprocessing, SplitSpec, load_dataset
     from mirage_demo.explain import METHODS, Explainer
+    from mirage_demo.images import ImageReadError, read_image
     from mirage_demo.inference import Explanation, Prediction, Predictor
-    from mirage_demo.metrics import compute_metrics, write_predictions_csv, write_report
+    from mirage_demo.metrics import compute_metrics, write_report
     from mirage_demo.models import (
         checkpoint_filter_fn,
         configure_finetuning,
         create_classifier,
         optimizer_param_groups,
     )
+    from mirage_demo.predictions_csv import write_predictions_csv
 
 
 def __getattr__(name: str) -> Any:

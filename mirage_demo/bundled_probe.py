@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from mirage_demo.cache import default_cache_dir
-from mirage_demo.data import IMAGE_SUFFIXES, Sample, SplitSpec, load_dataset, patient_id
+from mirage_demo.data import SplitSpec, load_dataset, patient_id
+from mirage_demo.images import IMAGE_SUFFIXES, Sample
 from mirage_demo.models import WeightsUnavailableError, hub_weights, registered_hub_weights
 
 __all__ = [

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mirage_demo.data import ImageReadError, Preprocessing, Sample
+from mirage_demo.data import Preprocessing
+from mirage_demo.images import ImageReadError, Sample
 
 __all__ = [
     "CACHE_VERSION",

@@ -29,7 +29,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import mirage_demo
 from mirage_demo.data import DataError, Preprocessing, SplitSpec
 from mirage_demo.fileio import atomic_write, atomic_write_text
 from mirage_demo.models import (
@@ -39,6 +38,7 @@ from mirage_demo.models import (
     hub_weights,
     registered_hub_weights,
 )
+from mirage_demo.version import __version__
 
 __all__ = [
     "CONFIG_NAME",
@@ -160,7 +160,7 @@ class CheckpointConfig:
     backbone: BackboneRef | None = None
     description: str = ""
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
-    library_version: str = mirage_demo.__version__
+    library_version: str = __version__
 
     @property
     def num_classes(self) -> int:

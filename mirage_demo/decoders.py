@@ -212,8 +212,8 @@ class PatchDecoder(nn.Module):
         for name, grid in segments:
             if tuple(grid) != self.grid:
                 raise ValueError(f"segment {name} has a {grid} grid; this decoder's is {self.grid}")
-            task = self.task_embeddings[name] if name in self.task_embeddings else 0.0
-            parts.append(positions + task)
+            embedding = self.task_embeddings.get(name)
+            parts.append(positions if embedding is None else positions + embedding)
         return torch.cat(parts, dim=1)
 
 

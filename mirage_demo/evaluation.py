@@ -2,10 +2,10 @@
 
 One code path computes the report wherever it is asked for: :func:`evaluate_samples` decodes the
 files with the checkpoint's preprocessing (:class:`~mirage_demo.data.FileImages`), predicts in
-batches (:func:`collect_logits`), calibrates with the checkpoint's temperature and writes
-:func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data split), the trainer's final
-report and the app's ``/evaluate`` (uploaded scans) all call it, so their numbers are the same
-for the same images.
+batches (:func:`~mirage_demo.logits.collect_logits`), calibrates with the checkpoint's
+temperature and writes :func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data
+split), the trainer's final report and the app's ``/evaluate`` (uploaded scans) all call it, so
+their numbers are the same for the same images.
 
 Uploaded labelled scans (:func:`labelled_upload`): a ``.zip`` laid out ``<CLASS>/<image>`` (any
 folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Zips are
@@ -20,46 +20,31 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mirage_demo.augment import BatchAugmentation
-from mirage_demo.cache import tqdm_disable
 from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.data import (
     _KERMANY_NAME,
-    IMAGE_SUFFIXES,
     DataError,
     FileImages,
-    ImageReadError,
-    Preprocessing,
-    Sample,
-    collate_skip_unreadable,
-    decoded_bytes,
-    image_header,
 )
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, Sample, decoded_bytes, image_header
+from mirage_demo.logits import collect_logits, make_loader
 from mirage_demo.metrics import softmax, write_report
-from mirage_demo.models import features_and_logits
+from mirage_demo.uncertainty import Uncertainty
 from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
-
-if TYPE_CHECKING:  # mirage_demo.uncertainty runs its models through this module
-    from mirage_demo.uncertainty import Uncertainty
 
 __all__ = [
     "LabelledUpload",
-    "collect_logits",
     "evaluate_samples",
     "evaluate_upload",
     "labelled_upload",
-    "make_loader",
     "summary",
-    "to_model_input",
 ]
 
 
@@ -71,102 +56,7 @@ MAX_NAME_BYTES = 120  # of an unpacked image's file name, before its suffix
 
 
 # --------------------------------------------------------------------------------------------
-# Loading images for the model
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    workers: int,
-    device: torch.device,
-    sampler: Sampler[int] | None = None,
-) -> DataLoader:
-    """A loader in dataset order (or ``sampler``'s); unreadable files are dropped."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        persistent_workers=workers > 0,  # datasets hold no per-epoch state (augment is later)
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_skip_unreadable,
-        generator=torch.Generator(),  # workers' seeds must not consume the global RNG
-    )
-
-
-def to_model_input(
-    images: torch.Tensor,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    augment: BatchAugmentation | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """A loader batch (cached uint8 or [0, 1] floats) as the model's input on ``device``."""
-    images = images.to(device, non_blocking=True)
-    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    if augment is not None:
-        images = augment(images, generator)
-    return preprocessing.normalize(images)
-
-
-# --------------------------------------------------------------------------------------------
 # Predicting and reporting
-
-
-@torch.no_grad()
-def collect_logits(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    preprocessing: Preprocessing,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool | None = None,
-    desc: str = "predicting",
-    on_batch: Callable[[int, int], None] | None = None,
-    tta: bool = False,
-    features: bool = False,
-) -> tuple[np.ndarray, ...]:
-    """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
-    ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
-    called after each batch (the app's progress bar); ``tta`` averages each image's logits
-    with its horizontal mirror's, as ``Predictor(tta=True)`` does; ``features`` adds a fourth
-    array, the penultimate features ``(n, D)`` of the same forward pass."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    logits, labels, indices, kept = [], [], [], []
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    )
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress))
-    total = len(loader)
-    for done, batch in enumerate(bar, start=1):
-        if on_batch is not None:
-            on_batch(done - 1, total)
-        if batch is None:  # every image of the batch was unreadable
-            continue
-        images, batch_labels, batch_indices = batch
-        x = to_model_input(images, preprocessing, device)
-        with autocast:
-            feats, out = features_and_logits(model, torch.cat([x, x.flip(-1)]) if tta else x)
-        if tta:
-            out, feats = (t.float().view(2, len(x), -1).mean(0) for t in (out, feats))
-        logits.append(out.float().cpu())
-        kept.append(feats.float().cpu())
-        labels.append(batch_labels)
-        indices.append(batch_indices)
-    if on_batch is not None:
-        on_batch(total, total)
-    if not logits:
-        empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return (*empty, np.zeros((0, 0), np.float32)) if features else empty
-    outputs = (
-        torch.cat(logits).numpy(),
-        torch.cat(labels).numpy().astype(np.int64),
-        torch.cat(indices).numpy().astype(np.int64),
-    )
-    return (*outputs, torch.cat(kept).numpy()) if features else outputs
 
 
 def evaluate_samples(
@@ -190,7 +80,7 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
     (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
-    :func:`collect_logits`, recorded in ``metrics.json``). With the checkpoint's
+    :func:`~mirage_demo.logits.collect_logits`, recorded in ``metrics.json``). With the checkpoint's
     ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and set sizes
     and the share of scans flagged (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
     dataset = FileImages(samples, config.preprocessing)

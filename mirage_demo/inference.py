@@ -38,14 +38,7 @@ from mirage_demo.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_dir,
 )
-from mirage_demo.data import (
-    ImageReadError,
-    ImageSource,
-    Preprocessing,
-    minmax,
-    open_image,
-    read_image,
-)
+from mirage_demo.data import Preprocessing, minmax
 from mirage_demo.explain import (
     CLASS_AGNOSTIC_METHODS,
     METHODS,
@@ -53,6 +46,7 @@ from mirage_demo.explain import (
     canonical_method,
     render_overlay,
 )
+from mirage_demo.images import ImageReadError, ImageSource, open_image, read_image
 from mirage_demo.models import features_and_logits
 from mirage_demo.quality import QualityReport, assess, full_scale_of, rgb_of
 from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty

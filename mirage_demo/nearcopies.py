@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mirage_demo.data import ImageReadError, Sample, open_image
+from mirage_demo.images import ImageReadError, Sample, open_image
 
 __all__ = ["NearCopyGroups", "group_near_copies", "near_copy_pairs", "thumbnails"]
 

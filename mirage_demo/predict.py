@@ -12,9 +12,9 @@ One line per image: ``file LABEL probability set warnings``, or with ``--json`` 
 uncertainty statistics). An unreadable file gives a line with an ``"error"`` and the run goes
 on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
 ``--out`` (default: the current directory), in the one predictions format
-(:func:`~mirage_demo.metrics.write_predictions_csv`). ``--explain`` writes an overlay PNG per
-image into ``--out``. Exit status: 0 when every image was classified, 1 when any failed, 2 when
-the checkpoint or the arguments are unusable.
+(:func:`~mirage_demo.predictions_csv.write_predictions_csv`). ``--explain`` writes an overlay
+PNG per image into ``--out``. Exit status: 0 when every image was classified, 1 when any
+failed, 2 when the checkpoint or the arguments are unusable.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import TextIO
 
 from mirage_demo.checkpoint import CheckpointError
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.explain import METHODS
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
-from mirage_demo.metrics import write_predictions_csv
+from mirage_demo.predictions_csv import write_predictions_csv
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 
 __all__ = ["main"]

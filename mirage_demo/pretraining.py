@@ -37,7 +37,6 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.models.vision_transformer import VisionTransformer
 
 from mirage_demo.cache import default_cache_dir
 from mirage_demo.decoders import MaskedReconstructor, PatchDecoder, visible_patches
@@ -73,7 +72,11 @@ LAYER_NAMES: tuple[str, ...] = tuple(f"class {i}" for i in range(13))
 
 FORMAT = "mirage-demo-pretraining"
 FORMAT_VERSION = 1
-CONFIG_NAME, ENCODER_NAME, DECODER_NAME = "config.json", "encoder.safetensors", "decoder.safetensors"
+CONFIG_NAME, ENCODER_NAME, DECODER_NAME = (
+    "config.json",
+    "encoder.safetensors",
+    "decoder.safetensors",
+)
 MAX_CONFIG_BYTES = 1_000_000
 _UNUSED_ENCODER_PREFIXES = ("norm.", "fc_norm.", "head.")
 #: Encoder arguments a pre-training checkpoint may record, with their allowed ranges.
@@ -276,7 +279,9 @@ def _check_tensors(
         raise PretrainingError(f"{source} does not fit the model: " + " | ".join(problems))
 
 
-def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: object) -> None:
+def _load_strict(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: object
+) -> None:
     _check_tensors(state, module.state_dict(), source)
     with torch.no_grad():
         module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -303,7 +308,9 @@ def read_release(path: str | Path) -> tuple[dict[str, torch.Tensor], argparse.Na
             if refused
             else " ".join(str(err).split())[:200]
         )
-        raise PretrainingError(f"{path} is not a MIRAGE release file we can read: {reason}") from err
+        raise PretrainingError(
+            f"{path} is not a MIRAGE release file we can read: {reason}"
+        ) from err
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("model"), Mapping):
         raise PretrainingError(f"{path} is not a MIRAGE release file: no 'model' dictionary")
     state = {k: v for k, v in checkpoint["model"].items() if isinstance(v, torch.Tensor)}
@@ -433,5 +440,6 @@ def _download(url: str, path: Path) -> None:
         atomic_write(path, fetch)
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = " ".join(str(getattr(err, "reason", err)).split())[:200]
-        raise PretrainingError(f"cannot download {url} ({reason}): offline? fetch it by hand "
-                               f"into {path.parent}") from err
+        raise PretrainingError(
+            f"cannot download {url} ({reason}): offline? fetch it by hand into {path.parent}"
+        ) from err

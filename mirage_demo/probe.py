@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirage_demo.data import DataError, FileImages, Preprocessing, Sample
-from mirage_demo.evaluation import make_loader, to_model_input
+from mirage_demo.data import DataError, FileImages, Preprocessing
 from mirage_demo.fileio import atomic_write
+from mirage_demo.images import Sample
+from mirage_demo.logits import make_loader, to_model_input
 from mirage_demo.metrics import compute_metrics, nll, softmax
 
 __all__ = [

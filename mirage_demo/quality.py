@@ -163,7 +163,7 @@ def rgb_of(source: Image.Image | np.ndarray, full_scale: float) -> np.ndarray | 
 
 def assess_image(source: str | Image.Image | np.ndarray) -> QualityReport:
     """Read an image (path, PIL image or array) and :func:`assess` it."""
-    from mirage_demo.data import open_image, read_image
+    from mirage_demo.images import open_image, read_image
 
     if isinstance(source, str) or hasattr(source, "__fspath__"):
         with open_image(source) as image:

@@ -37,8 +37,8 @@ from typing import Any
 from PIL import Image
 
 from mirage_demo.checkpoint import CheckpointError, read_config
-from mirage_demo.data import ImageReadError, read_image
 from mirage_demo.fileio import atomic_write_text
+from mirage_demo.images import ImageReadError, read_image
 
 __all__ = [
     "BUNDLED_SCANS",

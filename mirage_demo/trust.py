@@ -55,7 +55,6 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 
-from mirage_demo.data import ImageSource
 from mirage_demo.explain import (
     ATTENTION_METHODS,
     CLASS_AGNOSTIC_METHODS,
@@ -64,6 +63,7 @@ from mirage_demo.explain import (
     is_vit,
     render_overlay,
 )
+from mirage_demo.images import ImageSource
 from mirage_demo.inference import Prediction, Predictor
 
 __all__ = [

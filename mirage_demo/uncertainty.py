@@ -51,9 +51,10 @@ from mirage_demo.checkpoint import (
     CheckpointError,
     save_config,
 )
-from mirage_demo.data import DataError, FileImages, Sample
-from mirage_demo.evaluation import collect_logits, make_loader
+from mirage_demo.data import DataError, FileImages
 from mirage_demo.fileio import atomic_write
+from mirage_demo.images import Sample
+from mirage_demo.logits import collect_logits, make_loader
 from mirage_demo.metrics import softmax
 
 __all__ = [

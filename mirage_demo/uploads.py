@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError, image_header
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, image_header
 
 __all__ = [
     "MAX_MEMBER_BYTES",

@@ -170,11 +170,19 @@ def _decoder_weights(g, enc_dim: int, dim: int, depth: int, channels: int, patch
     sd["mlp.fc2.weight"], sd["mlp.fc2.bias"] = rnd(dim, 4 * dim, std=(4 * dim) ** -0.5), rnd(dim)
     for i in range(depth):
         block = encoder_weights(dim, 1, seed=int(torch.randint(0, 10**6, (1,), generator=g)))
-        sd.update({f"decoder_transformer.{i}." + k[len("encoder.0.") :]: v
-                   for k, v in block.items() if k.startswith("encoder.0.")})
+        sd.update(
+            {
+                f"decoder_transformer.{i}." + k[len("encoder.0.") :]: v
+                for k, v in block.items()
+                if k.startswith("encoder.0.")
+            }
+        )
     sd["out_proj.weight"] = rnd(channels * patch * patch, dim, std=dim**-0.5)
     sd["out_proj.bias"] = rnd(channels * patch * patch)
-    sd["proj_context.weight"], sd["proj_context.bias"] = rnd(dim, enc_dim, std=enc_dim**-0.5), rnd(dim)
+    sd["proj_context.weight"], sd["proj_context.bias"] = (
+        rnd(dim, enc_dim, std=enc_dim**-0.5),
+        rnd(dim),
+    )
     return sd
 
 
@@ -230,8 +238,14 @@ def _attention(q, k, v, heads):
     return (weights @ v).transpose(1, 2).reshape(batch, n, dim)
 
 
-def decoder_forward(w: dict, encoded: torch.Tensor, visible_all: torch.Tensor, task: str,
-                    tasks: list[str], heads: int = 8) -> torch.Tensor:
+def decoder_forward(
+    w: dict,
+    encoded: torch.Tensor,
+    visible_all: torch.Tensor,
+    task: str,
+    tasks: list[str],
+    heads: int = 8,
+) -> torch.Tensor:
     """One output adapter, as MIRAGE's code does it: project, append mask tokens, unshuffle
     with ``ids_restore``, add task and position embeddings, take the task's queries, keep the
     visible context (``ids_keep``) plus the global token, cross-attention, MLP, blocks, pixels."""
@@ -259,8 +273,10 @@ def decoder_forward(w: dict, encoded: torch.Tensor, visible_all: torch.Tensor, t
         p = f"decoder_transformer.{i}."
         h = ln(x, p + "norm1")
         qkv = lin(h, p + "attn.qkv")
-        x = x + lin(_attention(qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :], heads),
-                    p + "attn.proj")
+        x = x + lin(
+            _attention(qkv[..., :dim], qkv[..., dim : 2 * dim], qkv[..., 2 * dim :], heads),
+            p + "attn.proj",
+        )
         x = x + lin(F.gelu(lin(ln(x, p + "norm2"), p + "mlp.fc1")), p + "mlp.fc2")
     x = lin(x, "out_proj")
     channels, patch = RELEASE_TASKS[task]

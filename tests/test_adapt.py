@@ -27,7 +27,7 @@ from mirage_demo.ui import ModelChoice, ModelRegistry
 from mirage_demo.ui.featuremap import feature_map_choose, feature_map_click, feature_map_for
 from tests.synthetic_oct import tiny_cnn_checkpoint
 from tests.test_app import CHROMIUM, CHROMIUM_FLAGS, serving
-from train.train import main as train_main
+from train.cli import main as train_main
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402

@@ -456,14 +456,14 @@ def _train_args(tmp_path: Path, out: Path, *extra) -> list[str]:
 
 
 def _main(capsys, args) -> tuple[int, str]:
-    from train.train import main
+    from train.cli import main
 
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 
 def test_run_killed_during_its_first_save_restarts(tmp_path, capsys, monkeypatch):
-    import train.train
+    import train.loop
 
     out = tmp_path / "out"
 
@@ -472,7 +472,7 @@ def test_run_killed_during_its_first_save_restarts(tmp_path, capsys, monkeypatch
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(train.train, "save_state", killed)
+        patch.setattr(train.loop, "save_state", killed)
         code, err = _main(capsys, _train_args(tmp_path, out))
     assert code == 130 and (out / "model.safetensors").exists()
     assert not (out / "train_state.pt").exists()
@@ -490,11 +490,11 @@ def test_run_killed_during_its_first_save_restarts(tmp_path, capsys, monkeypatch
 
 @pytest.mark.parametrize("option", ["--out", "--cache-dir"])
 def test_unwritable_folders_stop_before_any_work(tmp_path, capsys, monkeypatch, option):
-    import train.train
+    import train.setup
 
     blocker = tmp_path / "a-file"
     blocker.write_text("in the way")
-    monkeypatch.setattr(train.train, "_load_data", lambda config: pytest.fail("data loaded"))
+    monkeypatch.setattr(train.setup, "_load_data", lambda config: pytest.fail("data loaded"))
     args = _train_args(tmp_path, tmp_path / "out")
     args[args.index(option) + 1] = blocker / "sub"
     code, err = _main(capsys, args)
@@ -507,10 +507,10 @@ def test_full_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
     import errno
     import shutil
 
-    import train.train
+    import train.loop
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(train.train.shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     code, err = _main(capsys, _train_args(tmp_path, tmp_path / "early"))
     assert code == 2 and "not enough disk space in" in err and "MB free" in err
     monkeypatch.undo()
@@ -518,7 +518,7 @@ def test_full_disk_is_one_line_that_says_what_to_do(tmp_path, capsys, monkeypatc
     def full(directory, state):  # the disk fills up while the state is written
         raise OSError(errno.ENOSPC, "No space left on device", str(directory))
 
-    monkeypatch.setattr(train.train, "save_state", full)
+    monkeypatch.setattr(train.loop, "save_state", full)
     code, err = _main(capsys, _train_args(tmp_path, tmp_path / "late"))
     assert code == 2 and "Traceback" not in err
     assert err.startswith("error: cannot write ") and "the disk is full" in err

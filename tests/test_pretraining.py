@@ -5,7 +5,6 @@ import argparse
 import importlib
 import os
 import pathlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -200,14 +199,22 @@ def small_model(**kwargs) -> MaskedReconstructor:
 
 def test_our_checkpoint_round_trip(tmp_path):
     model = small_model().eval()
-    save_pretraining(tmp_path, model, {"architecture": "mirage_tiny_patch32_512",
-                                       "encoder_kwargs": {"img_size": 128, "depth": 2},
-                                       "mask_ratio": 0.75, "license": "apache-2.0"})
+    save_pretraining(
+        tmp_path,
+        model,
+        {
+            "architecture": "mirage_tiny_patch32_512",
+            "encoder_kwargs": {"img_size": 128, "depth": 2},
+            "mask_ratio": 0.75,
+            "license": "apache-2.0",
+        },
+    )
     loaded, config = load_pretraining(tmp_path)
     assert config["decoder"] == {"dim": 32, "depth": 1, "num_heads": 2}
     images, visible = torch.rand(2, 1, 128, 128), visible_patches(2, 0.5, seed=0, patches=16)
-    assert torch.equal(loaded.reconstruct(images, visible)["bscan"],
-                       model.reconstruct(images, visible)["bscan"])
+    assert torch.equal(
+        loaded.reconstruct(images, visible)["bscan"], model.reconstruct(images, visible)["bscan"]
+    )
     assert set(loaded.reconstruct(images, visible)) == {"bscan"}
 
 
@@ -225,8 +232,14 @@ def test_our_checkpoint_round_trip(tmp_path):
 def test_our_checkpoint_config_is_checked(tmp_path, change, message):
     import json
 
-    save_pretraining(tmp_path, small_model(), {"architecture": "mirage_tiny_patch32_512",
-                                                "encoder_kwargs": {"img_size": 128, "depth": 2}})
+    save_pretraining(
+        tmp_path,
+        small_model(),
+        {
+            "architecture": "mirage_tiny_patch32_512",
+            "encoder_kwargs": {"img_size": 128, "depth": 2},
+        },
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(PretrainingError, match=message):

@@ -34,7 +34,7 @@ from tests import mirage_reference as ref
 from tests.test_space import read_front_matter
 from tests.test_train import make_bands
 from train import evaluate
-from train.train import main as train_main
+from train.cli import main as train_main
 
 TINY = ["--model", "mirage_tiny_patch32_512", "--model-kwargs", "{depth: 2}", "--img-size", "64"]
 FAST = ["--workers", "0", "--bootstrap", "100", "--threads", "1", "--no-progress"]

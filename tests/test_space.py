@@ -1,4 +1,4 @@
-"""Hugging Face Spaces: the staged folder, its boot, ZeroGPU wrapping on CPU, the deploy calls.
+"""Hugging Face Spaces: the staged folder, its boot, the deploy calls (ZeroGPU: test_zerogpu.py).
 
 Upload is tested at the ``HfApi`` boundary, without a network: :class:`RecordingHfApi`, a
 subclass of the real ``huggingface_hub.HfApi``, records every call the deploy makes (each one
@@ -12,13 +12,13 @@ as it would be on the Space.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-import pickle
 import subprocess
 import sys
 import time
-import zipfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
@@ -26,21 +26,15 @@ from typing import ClassVar
 import gradio as gr
 import httpx
 import pytest
-import spaces
 import yaml
 from gradio_client import Client, handle_file
 from huggingface_hub import HfApi, SpaceHardware
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import RepoUrl
-from spaces.zero.gradio import error as zerogpu_error
 
-from mirage_demo import space, zerogpu
+from mirage_demo import space
 from mirage_demo.inference import Predictor
-from mirage_demo.ui import LAUNCH_OPTIONS, ModelChoice, ModelRegistry, available_models, build_app
-from mirage_demo.ui import app as ui_app
-from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import PREDICTED
-from mirage_demo.ui.evaluate import evaluate_gpu_seconds
 from tests.test_app import CLASSES, NetworkGuard, free_port, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,41 +272,30 @@ def gradio_auto_wrap(task):  # what Gradio calls on every event handler on a Spa
 """
 
 
-@pytest.mark.parametrize("zero_gpu", [False, True], ids=["cpu", "zerogpu"])
-def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
-    """The staged Space boots with only its requirements and answers; under ZeroGPU's
-    variables (with the stand-in ``spaces``: CUDA emulated, so a model placed on it would fail
-    here) it serves the small models on the CPU without a single GPU call."""
-    out = tmp_path / "space"
-    staged = space.stage(out, space.check_checkpoints([str(trained)]))
-    site = requirements_only(tmp_path / "site", out / "requirements.txt")
-    log = tmp_path / "spaces.log"
-    zerogpu_env = {}
-    if zero_gpu:
-        (site / "spaces").mkdir()
-        (site / "spaces" / "__init__.py").write_text(SPACES_STAND_IN)
-        log.touch()
-        zerogpu_env = {
-            "SPACES_ZERO_GPU": "true",  # what the spaces package and the app read
-            "SPACES_GRADIO_AUTO_WRAP": "true",  # Gradio would wrap every handler: the app stops it
-            "SPACE_ID": "you/oct-demo",
-            "SYSTEM": "spaces",
-            "SPACES_STAND_IN_LOG": str(log),
-        }
-    port = free_port()
-    env = {
-        **os.environ,
-        **staged.variables,
-        **zerogpu_env,
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        # the staged library, not this checkout's; only what its requirements install
-        "PYTHONPATH": str(site),
+def zerogpu_variables(site: Path, log: Path) -> dict[str, str]:
+    """The stand-in ``spaces`` put on the path ``site``, and the variables a ZeroGPU Space sets
+    (the stand-in logs to ``log``)."""
+    (site / "spaces").mkdir()
+    (site / "spaces" / "__init__.py").write_text(SPACES_STAND_IN)
+    log.touch()
+    return {
+        "SPACES_ZERO_GPU": "true",  # what the spaces package and the app read
+        "SPACES_GRADIO_AUTO_WRAP": "true",  # Gradio would wrap every handler: the app stops it
+        "SPACE_ID": "you/oct-demo",
+        "SYSTEM": "spaces",
+        "SPACES_STAND_IN_LOG": str(log),
     }
-    app_log = tmp_path / "app.log"
+
+
+@contextlib.contextmanager
+def booted(folder: Path, env: dict[str, str], app_log: Path) -> Iterator[Client]:
+    """``python app.py`` run in ``folder`` with ``env`` (output in ``app_log``): a client once
+    it answers (within 240 s), the process stopped afterwards."""
+    port = free_port()
     with app_log.open("w") as stream:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port)],
-            cwd=out,
+            cwd=folder,
             env=env,
             stdout=stream,
             stderr=subprocess.STDOUT,
@@ -327,6 +310,30 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
                 client = Client(f"http://127.0.0.1:{port}/", verbose=False)
             except Exception:  # not listening yet
                 time.sleep(0.5)
+        yield client
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.mark.parametrize("zero_gpu", [False, True], ids=["cpu", "zerogpu"])
+def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
+    """The staged Space boots with only its requirements and answers; under ZeroGPU's
+    variables (with the stand-in ``spaces``: CUDA emulated, so a model placed on it would fail
+    here) it serves the small models on the CPU without a single GPU call."""
+    out = tmp_path / "space"
+    staged = space.stage(out, space.check_checkpoints([str(trained)]))
+    site = requirements_only(tmp_path / "site", out / "requirements.txt")
+    log = tmp_path / "spaces.log"
+    env = {
+        **os.environ,
+        **staged.variables,
+        **(zerogpu_variables(site, log) if zero_gpu else {}),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        # the staged library, not this checkout's; only what its requirements install
+        "PYTHONPATH": str(site),
+    }
+    with booted(out, env, tmp_path / "app.log") as client:
         scan = handle_file(str(out / SCAN))
         label, info = client.predict(scan, api_name="/predict")
         bundled, bundled_info = client.predict(scan, "demo-model (bundled)", api_name="/predict")
@@ -334,9 +341,6 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
             _, _, explained = client.predict(
                 scan, "demo-vit (bundled)", "attention", PREDICTED, 0.5, api_name="/explain"
             )
-    finally:
-        process.terminate()
-        process.wait(30)
     # the default model is the deployed checkpoint (the first in MIRAGE_DEMO_CHECKPOINTS) ...
     expected = Predictor.from_pretrained(trained).predict(out / SCAN).probabilities
     got = {c["label"]: c["confidence"] for c in label["confidences"]}
@@ -355,203 +359,6 @@ def test_staged_folder_boots_and_answers_predict(tmp_path, trained, zero_gpu):
         assert {"decorated on_predict", "decorated on_explain", "decorated on_batch"} <= set(events)
         # ... but the small models never called one: no quota reserved
         assert [e for e in events if e.startswith("called")] == []
-
-
-# --------------------------------------------------------------------------------------------
-# ZeroGPU wrapping, exercised on the CPU
-
-
-def test_spaces_gpu_is_the_identity_off_zerogpu():
-    def work(x):
-        return x
-
-    assert not zerogpu.ZERO_GPU
-    assert spaces.GPU(duration=30)(work) is work  # the real package, as installed
-    assert zerogpu.gpu_task(duration=30)(work) is work
-    assert zerogpu.resolve_device("auto") == "cpu"  # no CUDA here
-    assert zerogpu.resolve_device("cuda") == "cuda"
-
-
-class StandInZeroGPU:
-    """What ``spaces.GPU`` does on ZeroGPU, minus the GPU: arguments and results are pickled
-    across (the real one runs the function in a forked worker), ``duration`` is evaluated with
-    the call's arguments; ``refuse`` raises the error ``spaces`` raises when quota runs out."""
-
-    def __init__(self, refuse: bool = False) -> None:
-        self.refuse = refuse
-        self.calls: list[tuple[str, int]] = []
-
-    def __call__(self, duration):
-        def decorate(fn):
-            def on_gpu(*args, **kwargs):
-                seconds = duration(*args, **kwargs) if callable(duration) else duration
-                self.calls.append((fn.__name__, seconds))
-                if self.refuse:
-                    raise zerogpu_error(
-                        "ZeroGPU quota exceeded", "You have exceeded your free GPU quota"
-                    )
-                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
-                return pickle.loads(pickle.dumps(fn(*args, **kwargs)))
-
-            return on_gpu
-
-        return decorate
-
-
-def test_refused_gpu_call_runs_on_the_cpu_and_says_so():
-    gpu = StandInZeroGPU(refuse=True)
-
-    @zerogpu.gpu_task(duration=30, gpu=gpu)
-    def where(device):
-        return zerogpu.serving_device(device)
-
-    with pytest.warns(UserWarning, match="used up"):
-        assert where("cuda") == "cpu"
-    assert gpu.calls == [("where", 30)]
-    assert where.__name__ == "where"
-
-    @zerogpu.gpu_task(duration=30, gpu=StandInZeroGPU())
-    def granted(device):
-        return zerogpu.serving_device(device)
-
-    assert granted("cuda") == "cuda"
-
-
-def test_errors_of_the_task_itself_are_not_retried_on_cpu():
-    runs = []
-
-    @zerogpu.gpu_task(duration=30, gpu=StandInZeroGPU())
-    def broken():
-        runs.append(1)
-        raise gr.Error("Could not read scan.png")
-
-    with pytest.raises(gr.Error, match="Could not read"):
-        broken()
-    assert runs == [1]
-    assert not zerogpu.is_zerogpu_refusal(gr.Error("x", title="ZeroGPU worker error"))
-
-
-def test_batch_reserves_gpu_time_by_size(tmp_path):
-    archive = tmp_path / "scans.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for i in range(40):
-            zf.writestr(f"scan{i}.png", b"x")
-    assert batch_gpu_seconds([str(ROOT / SCAN)]) == 10
-    assert batch_gpu_seconds([str(archive), str(ROOT / SCAN)]) == 20  # 10 + 0.25 x 41
-    assert batch_gpu_seconds([str(archive)] * 20) == 120  # capped
-    assert evaluate_gpu_seconds([str(archive)]) == 30  # 10 + 0.25 x 40 + 10 for the report
-
-
-@pytest.mark.parametrize("zero_gpu", [True, False], ids=["zerogpu", "elsewhere"])
-def test_models_are_placed_at_start_up_on_zerogpu(tmp_path, monkeypatch, zero_gpu):
-    """On ZeroGPU every model is loaded (onto emulated CUDA) before the app is built; elsewhere
-    each loads on first use."""
-    loads: list[str] = []
-    real = Predictor.from_pretrained.__func__
-
-    def counting(cls, source, device="cpu", **kwargs):
-        loads.append(str(source))
-        return real(cls, source, device=device, **kwargs)
-
-    def stop_before_serving(registry, **options):
-        raise SystemExit(len(loads))
-
-    monkeypatch.setattr(Predictor, "from_pretrained", classmethod(counting))
-    monkeypatch.setattr(ui_app, "build_app", stop_before_serving)
-    monkeypatch.setattr(ui_app, "ZERO_GPU", zero_gpu)
-    a, b = tiny_checkpoint(tmp_path / "a", report=False), tiny_checkpoint(tmp_path / "b", 1, False)
-    with pytest.raises(SystemExit) as stopped:
-        ui_app.main(["--checkpoint", str(a), "--checkpoint", str(b)])
-    every = len(available_models([str(a), str(b)]))  # with the bundled ones
-    assert every >= 2
-    assert stopped.value.code == (every if zero_gpu else 0)
-
-
-@pytest.mark.parametrize("refuse", [False, True], ids=["gpu-granted", "quota-exhausted"])
-def test_app_handlers_run_through_zerogpu(tmp_path, monkeypatch, refuse):
-    """The app's model-running endpoints go through spaces.GPU with picklable arguments, and
-    still answer when ZeroGPU refuses (then on the CPU)."""
-    gpu = StandInZeroGPU(refuse=refuse)
-    monkeypatch.setattr(spaces, "GPU", gpu)
-    registry = ModelRegistry([ModelChoice("tiny", str(tiny_checkpoint(tmp_path / "m")))])
-    demo = build_app(registry)
-    demo.queue()
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        label, info = client.predict(handle_file(str(ROOT / SCAN)), api_name="/predict")
-        table, _, _ = client.predict([handle_file(str(ROOT / SCAN))], api_name="/batch")
-    finally:
-        demo.close()
-    assert label["label"] in CLASSES and "on CPU" in info
-    assert table["data"][0][0] == SCAN.name
-    assert [name for name, _ in gpu.calls] == ["on_predict", "on_batch"]
-    assert gpu.calls[0][1] == 10 and gpu.calls[1][1] == 10  # one scan; a batch of one
-
-
-@pytest.mark.parametrize(
-    ("architecture", "kwargs", "gpu"),
-    [
-        ("assets/demo-model", None, False),  # the bundled ResNet-18: 11.2 M parameters
-        ("assets/demo-vit", None, False),  # the bundled tiny ViT: 2.9 M
-        ("mirage_base_patch32_512", {}, True),  # 86 M
-        ("mirage_large_patch32_512", {}, True),  # 303 M
-        # a linear probe over MIRAGE-Base: its config declares the whole architecture
-        (
-            "mirage_base_patch32_512",
-            {"source_weights": {"hf_hub_id": "j-morano/MIRAGE-Base"}},
-            True,
-        ),
-        ("resnet50", {}, False),  # 23.5 M: small enough for the CPU
-        ("vit_base_patch16_224", {}, True),  # 86 M, not MIRAGE: its size decides
-    ],
-)
-def test_models_use_zerogpu_by_the_size_their_config_declares(architecture, kwargs, gpu):
-    from mirage_demo.checkpoint import CheckpointConfig, read_config
-
-    if kwargs is None:
-        config = read_config(ROOT / architecture)
-    else:
-        config = CheckpointConfig(architecture, list(CLASSES), **kwargs)
-    assert zerogpu.wants_gpu(config) is gpu
-    # the Space's card says so
-    assert space._runs_on(config, "zero-a10g").startswith("ZeroGPU") is gpu
-    assert space._runs_on(config, "cpu-upgrade") == "CPU"
-    assert (zerogpu.parameter_count(config) >= 30_000_000) is gpu
-
-
-@pytest.mark.parametrize("refuse", [False, True], ids=["gpu-granted", "quota-exhausted"])
-def test_small_models_never_ask_zerogpu(tmp_path, monkeypatch, refuse):
-    """On ZeroGPU (``small_on_cpu``) a small model's calls run here on the CPU: no spaces.GPU
-    call, no quota reserved; a MIRAGE-sized one (here: above a lowered threshold)
-    still goes through ZeroGPU."""
-    gpu = StandInZeroGPU(refuse=refuse)
-    monkeypatch.setattr(spaces, "GPU", gpu)
-    monkeypatch.setattr(zerogpu, "GPU_MIN_PARAMETERS", 5_000_000)  # the ResNet-18 counts as big
-    tiny = str(tiny_checkpoint(tmp_path / "m"))
-    big = str(ROOT / "assets" / "demo-model")
-    registry = ModelRegistry(
-        [ModelChoice("tiny", tiny), ModelChoice("big", big)], small_on_cpu=True
-    )
-    demo = build_app(registry)
-    demo.queue()
-    port = free_port()
-    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
-    scan = handle_file(str(ROOT / SCAN))
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        small = client.predict(scan, "tiny", api_name="/predict")
-        client.predict(scan, "tiny", "gradcam", PREDICTED, 0.5, api_name="/explain")
-        client.predict([scan], "tiny", api_name="/batch")
-        assert gpu.calls == []  # the small model never reached spaces.GPU
-        large = client.predict(scan, "big", api_name="/predict")
-    finally:
-        demo.close()
-    assert "on CPU" in small[1] and small[0]["label"] in CLASSES
-    assert gpu.calls == [("on_predict", 10)]
-    assert large[0]["label"] in CLASSES
-    assert not registry.on_cpu("big") and registry.on_cpu("tiny")
 
 
 # --------------------------------------------------------------------------------------------

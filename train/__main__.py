@@ -2,6 +2,6 @@
 
 import sys
 
-from train.train import main
+from train.cli import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """Data for the loop: the epoch sampler. Loaders and model inputs are
-:mod:`mirage_demo.evaluation`'s (the app evaluates with them too), the datasets of file and
+:mod:`mirage_demo.logits`' (the app evaluates with them too), the datasets of file and
 cached images :class:`mirage_demo.data.FileImages` and :class:`mirage_demo.cache.CachedImages`;
 re-exported here."""
 
@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from mirage_demo.data import FileImages, Sample, balanced_sampler
-from mirage_demo.evaluation import make_loader, to_model_input
+from mirage_demo.data import FileImages, balanced_sampler
+from mirage_demo.images import Sample
+from mirage_demo.logits import make_loader, to_model_input
 
 __all__ = ["EpochSampler", "FileImages", "make_loader", "to_model_input"]
 

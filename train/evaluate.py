@@ -32,7 +32,7 @@ from mirage_demo.checkpoint import (
     resolve_checkpoint_dir,
 )
 from mirage_demo.data import DataError, DatasetSplits, load_dataset
-from mirage_demo.evaluation import collect_logits, evaluate_samples, summary
+from mirage_demo.evaluation import evaluate_samples, summary
 from mirage_demo.uncertainty import (
     Uncertainty,
     fit_uncertainty,
@@ -42,9 +42,8 @@ from mirage_demo.uncertainty import (
 from train.config import UsageError
 from train.distributed import resolve_device
 
-# collect_logits, evaluate_samples and summary live in mirage_demo.evaluation (the app shares
-# them); re-exported here
-__all__ = ["collect_logits", "evaluate_samples", "main", "summary"]
+# the report itself is mirage_demo.evaluation's (the app and the trainer's finish share it)
+__all__ = ["build_parser", "main", "run"]
 
 log = logging.getLogger("train.evaluate")
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mirage_demo.augment import BatchAugmentation
 from mirage_demo.data import DatasetSplits, Preprocessing
 from mirage_demo.decoders import MaskedReconstructor, masked_mse, visible_patches
-from mirage_demo.evaluation import make_loader, to_model_input
+from mirage_demo.logits import make_loader, to_model_input
 from mirage_demo.models import optimizer_param_groups
 from mirage_demo.pretraining import (
     PretrainingError,
@@ -40,22 +40,21 @@ from mirage_demo.pretraining import (
 from train.config import TrainConfig, UsageError
 from train.data import EpochSampler
 from train.distributed import Dist, setup
-from train.state import get_rng_state, save_state, set_rng_state
-from train.train import (
+from train.loop import TrainingDivergedError, write_history
+from train.optim import lr_factor
+from train.run import checked_datasets
+from train.setup import (
     EVAL_BATCH_SIZE,
-    TrainingDivergedError,
-    _check_space,
-    _checked_data,
-    _checked_datasets,
-    _fingerprint,
-    _prepare_out,
-    _resolve_amp,
-    _say,
-    _set_threads,
-    _write_history,
-    lr_factor,
+    check_space,
+    checked_data,
+    fingerprint,
+    prepare_out,
+    resolve_amp,
+    say,
+    set_threads,
     write_resolved_options,
 )
+from train.state import get_rng_state, save_state, set_rng_state
 
 __all__ = ["PRETRAIN_BETAS", "pretrain"]
 
@@ -97,8 +96,10 @@ class PretrainRun:
 def pretrain(config: TrainConfig, explicit: set[str]) -> dict[str, Any] | None:
     """Run masked-autoencoder pre-training end to end; the last epoch's figures on rank 0."""
     if config.pretrained or config.weights or config.init:
-        raise UsageError("--mode pretrain starts from random weights: drop --pretrained/--weights/--init")
-    config, state = _prepare_out(config, explicit)
+        raise UsageError(
+            "--mode pretrain starts from random weights: drop --pretrained/--weights/--init"
+        )
+    config, state = prepare_out(config, explicit)
     dist = setup(config.device)
     try:
         run = _setup(config, state, dist)
@@ -110,9 +111,9 @@ def pretrain(config: TrainConfig, explicit: set[str]) -> dict[str, Any] | None:
 
 
 def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
-    _set_threads(config, dist)
-    amp_dtype = _resolve_amp(config.amp, dist.device)
-    data = _checked_data(config, state, dist)
+    set_threads(config, dist)
+    amp_dtype = resolve_amp(config.amp, dist.device)
+    data = checked_data(config, state, dist)
     torch.manual_seed(config.seed)
     try:
         model = create_pretraining_model(
@@ -127,8 +128,8 @@ def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
         raise UsageError(str(err)) from err
     preprocessing = Preprocessing.from_model(model.encoder)
     if dist.is_main:
-        _check_space(Path(config.out), config, data, preprocessing, model)
-    train_set, val_set = _checked_datasets(config, data, preprocessing, dist)
+        check_space(Path(config.out), config, data, preprocessing, model)
+    train_set, val_set = checked_datasets(config, data, preprocessing, dist)
     if state is not None:
         model.load_state_dict(state["model"])
     model.to(dist.device)
@@ -143,7 +144,10 @@ def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
     workers = config.workers if config.workers is not None else 0
     optimizer, scheduler, steps = _optimisation(config, model, len(sampler), dist)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    val_visible = visible_patches(len(data.splits["val"]), config.mask_ratio, generator=generator)
+    patches = model.grid[0] * model.grid[1]
+    val_visible = visible_patches(
+        len(data.splits["val"]), config.mask_ratio, patches=patches, generator=generator
+    )
     run = PretrainRun(
         config=config,
         dist=dist,
@@ -168,7 +172,7 @@ def _setup(config: TrainConfig, state: dict | None, dist: Dist) -> PretrainRun:
         _restore(run, state)
     if dist.is_main:
         write_resolved_options(config, run.out, run.record["training"]["derived"])
-    _say(
+    say(
         dist,
         f"pre-training {config.model} (mask ratio {config.mask_ratio:g}, decoder "
         f"{config.decoder_dim} wide x {config.decoder_depth}) on {dist.device} "
@@ -256,7 +260,7 @@ def _restore(run: PretrainRun, state: dict) -> None:
     run.history = list(state["progress"]["history"])
     if len(state["rng"]) == run.dist.world_size:
         set_rng_state(state["rng"][run.dist.rank])
-    _say(run.dist, f"resuming {run.out} after epoch {run.epoch} (step {run.step})")
+    say(run.dist, f"resuming {run.out} after epoch {run.epoch} (step {run.step})")
 
 
 def _epoch(run: PretrainRun, epoch: int) -> None:
@@ -267,15 +271,18 @@ def _epoch(run: PretrainRun, epoch: int) -> None:
         raise TrainingDivergedError(
             f"the validation loss became {val_loss} after epoch {epoch + 1}: training stopped"
         )
-    run.epoch, row = epoch + 1, {
-        "epoch": epoch + 1,
-        "step": run.step,
-        "lr": run.scheduler.get_last_lr()[-1],
-        "train_loss": train_loss,
-        "val_loss": val_loss,
-        "images_per_s": images / seconds,
-        "seconds": seconds,
-    }
+    run.epoch, row = (
+        epoch + 1,
+        {
+            "epoch": epoch + 1,
+            "step": run.step,
+            "lr": run.scheduler.get_last_lr()[-1],
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "images_per_s": images / seconds,
+            "seconds": seconds,
+        },
+    )
     run.history.append(row)
     rng = run.dist.gather(get_rng_state())
     if run.dist.is_main:
@@ -283,7 +290,7 @@ def _epoch(run: PretrainRun, epoch: int) -> None:
         save_pretraining(run.out, run.model, info)
         state = {
             "config": run.config.to_dict(),
-            "data": _fingerprint(run.data),
+            "data": fingerprint(run.data),
             "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
@@ -291,8 +298,8 @@ def _epoch(run: PretrainRun, epoch: int) -> None:
             "progress": {"epoch": run.epoch, "step": run.step, "history": run.history},
         }
         save_state(run.out, state)
-        _write_history(run.out, run.history)
-    _say(
+        write_history(run.out, run.history)
+    say(
         run.dist,
         f"epoch {epoch + 1}/{run.config.epochs}  train loss {train_loss:.5f}  val loss "
         f"{val_loss:.5f}  lr {row['lr']:.2e}  {row['images_per_s']:.1f} img/s  {seconds:.0f}s",
@@ -307,13 +314,15 @@ def _train_epoch(run: PretrainRun, epoch: int) -> tuple[float, int, float]:
     run.ddp_model.train()
     started, total, seen = time.perf_counter(), torch.zeros(()), 0
     std, mean = run.preprocessing.std[0], run.preprocessing.mean[0]
+    patches = run.model.grid[0] * run.model.grid[1]
     for batch in run.train_loader:
         if batch is None:
             continue
         images = batch[0]
         x = to_model_input(images, run.preprocessing, device, run.augment, generator)
         target = x * std + mean  # the augmented [0, 1] image
-        visible = visible_patches(len(x), config.mask_ratio, generator=generator).to(device)
+        visible = visible_patches(len(x), config.mask_ratio, patches=patches, generator=generator)
+        visible = visible.to(device)
         with run.autocast():
             prediction = run.ddp_model(x, visible)["bscan"]
             loss = masked_mse(prediction, target, visible, run.model.patch)
@@ -333,7 +342,7 @@ def _train_epoch(run: PretrainRun, epoch: int) -> tuple[float, int, float]:
         seen += len(x)
         if run.step % LOG_EVERY == 0:
             rate = seen / (time.perf_counter() - started)
-            _say(dist, f"  step {run.step}  loss {loss.item():.5f}  {rate:.1f} img/s")
+            say(dist, f"  step {run.step}  loss {loss.item():.5f}  {rate:.1f} img/s")
     seconds = time.perf_counter() - started
     parts = dist.gather((float(total), seen))
     images = sum(n for _, n in parts)

@@ -4,26 +4,25 @@ The same data, split, output and report options as every other mode. Each image 
 through the frozen backbone (features cached on disk: :mod:`mirage_demo.probe`), a
 class-balanced logistic regression is fitted on them (``C`` chosen on the validation split)
 and written into the model's linear head; then the run ends as every run does
-(:func:`train.train._finish`: temperature on the validation split, the report on the test
-split). A backbone whose weights come from the Hub (``--pretrained`` on MIRAGE or any timm
-model with Hub weights) is saved head-only: the checkpoint names it, never copies it.
+(:func:`train.finish.finish`: temperature on the validation split, the report on the test
+split). Its set-up steps are the fine-tuning run's (:mod:`train.setup`). A backbone whose
+weights come from the Hub (``--pretrained`` on MIRAGE or any timm model with Hub weights) is
+saved head-only: the checkpoint names it, never copies it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import mirage_demo
 from mirage_demo.cache import default_cache_dir
 from mirage_demo.checkpoint import BackboneRef, save_checkpoint
-from mirage_demo.data import DatasetSplits, Preprocessing
+from mirage_demo.data import Preprocessing
 from mirage_demo.models import WeightsUnavailableError, hub_weights, registered_hub_weights
 from mirage_demo.probe import (
     DEFAULT_CS,
@@ -34,33 +33,23 @@ from mirage_demo.probe import (
     fit_probe,
     weights_digest,
 )
+from mirage_demo.version import __version__
 from train.config import TrainConfig, UsageError
 from train.distributed import Dist, setup
-from train.train import (
-    _checked_data,
-    _checkpoint_config,
-    _finish,
-    _prepare_out,
-    _resolve_amp,
-    _say,
-    _set_threads,
+from train.finish import finish
+from train.setup import (
     check_unreadable,
+    checked_data,
+    checkpoint_config,
     create_training_model,
+    prepare_out,
+    resolve_amp,
+    say,
+    set_threads,
     write_resolved_options,
 )
 
-__all__ = ["ProbeRun", "feature_cache_dir", "probe"]
-
-
-@dataclass
-class ProbeRun:
-    """What the end of a run (:func:`train.train._finish`) needs."""
-
-    config: TrainConfig
-    dist: Dist
-    out: Path
-    data: DatasetSplits
-    workers: int
+__all__ = ["feature_cache_dir", "probe", "probe_model"]
 
 
 def feature_cache_dir(config: TrainConfig) -> Path:
@@ -75,7 +64,7 @@ def probe(config: TrainConfig, explicit: set[str]) -> dict[str, Any] | None:
             "a probe has nothing to resume: run it again without --resume (its features are "
             "cached, so it takes seconds)"
         )
-    config, _ = _prepare_out(config, explicit)
+    config, _ = prepare_out(config, explicit)
     dist = setup(config.device)
     try:
         return _probe(config, dist)
@@ -108,10 +97,10 @@ def probe_model(
 
 
 def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
-    _set_threads(config, dist)
+    set_threads(config, dist)
     device = dist.device
-    amp_dtype = _resolve_amp(config.amp, device)
-    data = _checked_data(config, None, dist)
+    amp_dtype = resolve_amp(config.amp, device)
+    data = checked_data(config, None, dist)
     torch.manual_seed(config.seed)  # a randomly initialised backbone is the same every run
     model, model_kwargs, preprocessing, backbone = probe_model(config, len(data.class_names))
     model.to(device)
@@ -167,22 +156,22 @@ def _probe(config: TrainConfig, dist: Dist) -> dict[str, Any] | None:
     )
     apply_probe(model, fit)
     facts.update(fit.summary(), feature_dim=int(train.features.shape[1]))
-    _say(dist, _speed_line(facts, len(data.splits["train"]) + len(data.splits["val"]), dist))
+    say(dist, _speed_line(facts, len(data.splits["train"]) + len(data.splits["val"]), dist))
     derived = {
         "world_size": dist.world_size,
         "device": str(device),
         "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
         "trainable_parameters": int(fit.weight.size + fit.bias.size),
         "images": {split: data.counts(split) for split in data.splits},
-        "versions": {"mirage_demo": mirage_demo.__version__, "torch": str(torch.__version__)},
+        "versions": {"mirage_demo": __version__, "torch": str(torch.__version__)},
     }
-    checkpoint = _checkpoint_config(config, data, preprocessing, model_kwargs, derived)
+    checkpoint = checkpoint_config(config, data, preprocessing, model_kwargs, derived)
     checkpoint.backbone = backbone
     checkpoint.training["probe"] = facts
     out = Path(config.out)
     save_checkpoint(out, model, checkpoint, getattr(torch, config.save_dtype))
     write_resolved_options(config, out, derived)
-    return _finish(ProbeRun(config, dist, out, data, workers))
+    return finish(config, data, out, device, workers)
 
 
 def _speed_line(facts: dict[str, Any], images: int, dist: Dist) -> str:

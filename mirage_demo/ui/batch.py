@@ -8,9 +8,9 @@ from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
-from mirage_demo.metrics import write_predictions_csv
+from mirage_demo.predictions_csv import write_predictions_csv
 from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL

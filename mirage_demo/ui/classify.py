@@ -12,8 +12,8 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from mirage_demo.data import ImageReadError
 from mirage_demo.explain import render_overlay
+from mirage_demo.images import ImageReadError
 from mirage_demo.inference import Explanation, Prediction
 from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (

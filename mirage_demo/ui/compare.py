@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import ImageReadError
+from mirage_demo.images import ImageReadError
 from mirage_demo.trust import compare_methods
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,

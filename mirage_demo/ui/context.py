@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import gradio as gr
 from PIL import Image
 
-from mirage_demo.data import IMAGE_SUFFIXES, ImageReadError
+from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE

@@ -15,7 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from mirage_demo.data import ImageReadError
+from mirage_demo.images import ImageReadError
 from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
 from mirage_demo.ui.context import (
     STATE_TTL_S,

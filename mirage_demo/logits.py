@@ -1,0 +1,116 @@
+"""Running a model over a loader of images: the loader, the model's input, the logits.
+
+The one batched forward path of evaluation (:mod:`mirage_demo.evaluation`), the uncertainty
+fit (:mod:`mirage_demo.uncertainty`), the feature cache (:mod:`mirage_demo.probe`) and the
+trainer (:mod:`train`): the files are decoded by :class:`~mirage_demo.data.FileImages` (or read
+from the trainer's cache), batched by :func:`make_loader`, normalised (and, in training,
+augmented) on the device by :func:`to_model_input`, and :func:`collect_logits` gathers the
+logits (and penultimate features) in the loader's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mirage_demo.augment import BatchAugmentation
+from mirage_demo.cache import tqdm_disable
+from mirage_demo.data import Preprocessing, collate_skip_unreadable
+from mirage_demo.models import features_and_logits
+
+__all__ = ["collect_logits", "make_loader", "to_model_input"]
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader:
+    """A loader in dataset order (or ``sampler``'s); unreadable files are dropped."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # datasets hold no per-epoch state (augment is later)
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_skip_unreadable,
+        generator=torch.Generator(),  # workers' seeds must not consume the global RNG
+    )
+
+
+def to_model_input(
+    images: torch.Tensor,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    augment: BatchAugmentation | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A loader batch (cached uint8 or [0, 1] floats) as the model's input on ``device``."""
+    images = images.to(device, non_blocking=True)
+    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    if augment is not None:
+        images = augment(images, generator)
+    return preprocessing.normalize(images)
+
+
+@torch.no_grad()
+def collect_logits(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    desc: str = "predicting",
+    on_batch: Callable[[int, int], None] | None = None,
+    tta: bool = False,
+    features: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
+    ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
+    called after each batch (the app's progress bar); ``tta`` averages each image's logits
+    with its horizontal mirror's, as ``Predictor(tta=True)`` does; ``features`` adds a fourth
+    array, the penultimate features ``(n, D)`` of the same forward pass."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    logits, labels, indices, kept = [], [], [], []
+    autocast = (
+        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    )
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress))
+    total = len(loader)
+    for done, batch in enumerate(bar, start=1):
+        if on_batch is not None:
+            on_batch(done - 1, total)
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images, batch_labels, batch_indices = batch
+        x = to_model_input(images, preprocessing, device)
+        with autocast:
+            feats, out = features_and_logits(model, torch.cat([x, x.flip(-1)]) if tta else x)
+        if tta:
+            out, feats = (t.float().view(2, len(x), -1).mean(0) for t in (out, feats))
+        logits.append(out.float().cpu())
+        kept.append(feats.float().cpu())
+        labels.append(batch_labels)
+        indices.append(batch_indices)
+    if on_batch is not None:
+        on_batch(total, total)
+    if not logits:
+        empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return (*empty, np.zeros((0, 0), np.float32)) if features else empty
+    outputs = (
+        torch.cat(logits).numpy(),
+        torch.cat(labels).numpy().astype(np.int64),
+        torch.cat(indices).numpy().astype(np.int64),
+    )
+    return (*outputs, torch.cat(kept).numpy()) if features else outputs
