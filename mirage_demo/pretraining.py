@@ -45,6 +45,7 @@ from mirage_demo.models import checkpoint_filter_fn
 
 __all__ = [
     "LAYER_NAMES",
+    "LAYER_NOTE",
     "RELEASES",
     "PretrainingError",
     "create_pretraining_model",
@@ -67,8 +68,13 @@ RELEASE_URL = "https://github.com/j-morano/MIRAGE/releases/download/weights/{fil
 #: (channels, patch side) over a 16x16 grid (B-scan and SLO 512x512, layer map 128x128).
 RELEASE_MODALITIES = ("bscan", "slo", "bscanlayermap")
 RELEASE_OUTPUTS = {"bscan": (1, 32), "slo": (1, 32), "bscanlayermap": (13, 8)}
-#: MIRAGE's 13 layer-map classes (its pseudo-labels, index = class).
-LAYER_NAMES: tuple[str, ...] = tuple(f"class {i}" for i in range(13))
+#: MIRAGE's 13 layer-map classes by number: its code and documentation do not name them
+#: (its issue #3 asks for a mapping to other data sets' layers), so neither do we.
+LAYER_NAMES: tuple[str, ...] = tuple(f"layer class {i}" for i in range(13))
+LAYER_NOTE = (
+    "MIRAGE numbers its 13 layer classes (automatic labels it was pre-trained on) but does "
+    "not publish their names; the colours show where the model places each class."
+)
 
 FORMAT = "mirage-demo-pretraining"
 FORMAT_VERSION = 1

@@ -23,11 +23,21 @@ from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
 from mirage_demo.metrics import load_report
 from mirage_demo.zerogpu import serving_device, wants_gpu
 
-__all__ = ["ASSETS", "ENV_CHECKPOINTS", "ModelChoice", "ModelRegistry", "available_models"]
+__all__ = [
+    "ASSETS",
+    "ENV_CHECKPOINTS",
+    "ENV_PRETRAINING",
+    "ModelChoice",
+    "ModelRegistry",
+    "available_models",
+    "pretraining_weights",
+]
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 BUNDLED_MODELS = (DEFAULT_CHECKPOINT, ASSETS / "demo-vit")
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
+#: The Space setting of ``--pretraining``: MIRAGE's release weights for "How it learned".
+ENV_PRETRAINING = "MIRAGE_DEMO_PRETRAINING"
 SESSION_PREFIX = "adapted: "  # the picker name of a session's adapted model starts so
 SESSION_MODEL_TTL_S = 600  # a session's adapted model is forgotten 10 minutes after its last use
 MAX_SESSION_MODELS = 16  # adapted models kept at once (each a head on a shared backbone)
@@ -59,6 +69,12 @@ def available_models(extra: Sequence[str] = ()) -> list[ModelChoice]:
             name = path.name if path.is_dir() else source
         choices.append(ModelChoice(name, source))
     return choices
+
+
+def pretraining_weights(asked: str | None = None) -> str | None:
+    """MIRAGE's release weights for the "How it learned" tab: ``--pretraining``, else
+    ``$MIRAGE_DEMO_PRETRAINING`` (``mirage_base`` or ``mirage_large``; empty: none)."""
+    return asked or os.environ.get(ENV_PRETRAINING, "").strip() or None
 
 
 class ModelRegistry:

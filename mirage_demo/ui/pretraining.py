@@ -1,0 +1,165 @@
+"""The "How it learned" tab: hide most of a scan and watch a masked autoencoder rebuild it
+(``/reconstruct``); with MIRAGE's own release weights, also the layer map and the SLO it
+predicts from the B-scan alone."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from mirage_demo.images import ImageReadError
+from mirage_demo.pretraining import LAYER_NOTE, PretrainingError
+from mirage_demo.reconstruction import (
+    SOURCES,
+    TINY_MIRAGE,
+    layer_legend_html,
+    load_reconstructor,
+    reconstruct_scan,
+)
+from mirage_demo.ui.context import (
+    SCAN_GPU_SECONDS,
+    AppContext,
+    output_file,
+    picture,
+    unreadable,
+    upload_path,
+)
+from mirage_demo.zerogpu import gpu_task
+
+__all__ = ["INTRO", "available_sources", "build_pretraining_tab", "reconstruct_view"]
+
+INTRO = """
+**How a foundation model learns without labels.** MIRAGE was trained on hundreds of
+thousands of scans that nobody had labelled: each time, most of a scan was hidden and the
+model had to fill in the rest. To do that well it has to learn what retinas look like. Hide
+part of a scan below and see what the model rebuilds.
+"""
+EMPTY = "Upload a scan or pick an example, then choose how much to hide."
+MIN_RATIO, MAX_RATIO = 0.1, 0.95
+
+
+def available_sources(release: str | None) -> list[str]:
+    """The reconstruction models this app offers: the bundled tiny MIRAGE (when bundled) and
+    MIRAGE's release weights when asked for (``--pretraining``)."""
+    sources = ["tiny"] if (TINY_MIRAGE / "config.json").is_file() else []
+    if release:
+        if release not in SOURCES or release == "tiny":
+            raise ValueError(f"--pretraining must be mirage_base or mirage_large, not {release!r}")
+        sources.insert(0, release)
+    return sources
+
+
+def reconstruct_view(upload: Any, ratio: Any, seed: Any, source: str) -> tuple[Any, ...]:
+    """``/reconstruct``: the masked scan, the reconstruction, the difference, a text, and
+    (MIRAGE's weights only) the layer map, the SLO and the legend."""
+    if upload is None:
+        return None, None, None, EMPTY, None, None, ""
+    if source not in SOURCES:
+        raise gr.Error("Choose one of the models offered.")
+    try:
+        ratio = min(MAX_RATIO, max(MIN_RATIO, float(ratio)))
+        seed = int(seed or 0) % 1_000_000
+    except (TypeError, ValueError) as err:
+        raise gr.Error("The share hidden must be a number and the seed a whole number.") from err
+    try:
+        model = load_reconstructor(source)
+    except PretrainingError as err:
+        raise gr.Error(html.escape(str(err)), title="Model not available") from err
+    try:
+        result = reconstruct_scan(model, upload_path(upload), ratio, seed)
+    except ImageReadError as err:
+        raise unreadable(err) from err
+    text = result.summary() + f" ({result.seconds:.2f} s)"
+    layers = _jpeg(result.layers) if result.layers is not None else None
+    slo = _jpeg(result.slo) if result.slo is not None else None
+    legend = layer_legend_html(result.layer_classes) if result.layers is not None else ""
+    images = [_jpeg(image) for image in (result.masked, result.rebuilt, result.difference)]
+    return *images, text, layers, slo, legend
+
+
+def _jpeg(image: Image.Image) -> str:
+    """``image`` as a new JPEG output file (WebP took ~0.27 s a picture: most of a request)."""
+    path = output_file("rebuild", ".jpg")
+    image.save(path, "JPEG", quality=92)
+    return str(path)
+
+
+def build_pretraining_tab(ctx: AppContext) -> None:
+    """A scan, how much of it to hide and which patches; the three pictures side by side."""
+    sources = available_sources(ctx.pretraining)
+    if not sources:
+        return
+    with gr.Tab("How it learned", id="pretraining"):
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                scan = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "clipboard"],
+                    label="OCT B-scan",
+                    height=240,
+                )
+                ratio = gr.Slider(
+                    MIN_RATIO, MAX_RATIO, value=0.75, step=0.05, label="Share of the scan hidden"
+                )
+                seed = gr.Number(
+                    0, precision=0, minimum=0, maximum=999_999, label="Seed (which patches)"
+                )
+                source = gr.Radio(
+                    [(SOURCES[s], s) for s in sources],
+                    value=sources[0],
+                    label="Model",
+                    visible=len(sources) > 1,
+                )
+                button = gr.Button("Hide and rebuild", variant="primary")
+                if ctx.examples:
+                    gr.Examples(
+                        examples=[[path] for path, _ in ctx.examples],
+                        example_labels=[cls for _, cls in ctx.examples],
+                        inputs=[scan],
+                        label="Example scans",
+                        examples_per_page=10,
+                    )
+            with gr.Column(scale=3):
+                with gr.Row():
+                    masked = picture("What the model saw", "rebuild-masked", height=260)
+                    rebuilt = picture("Its reconstruction", "rebuild-rebuilt", height=260)
+                    difference = picture("Difference", "rebuild-difference", height=260)
+                info = gr.Markdown(EMPTY, elem_id="rebuild-info")
+                release = any(s != "tiny" for s in sources)
+                with gr.Row(visible=release):
+                    layers = picture("Layer map, from the B-scan alone", "rebuild-layers")
+                    slo = picture("SLO, from the B-scan alone", "rebuild-slo")
+                legend = gr.HTML("", visible=release)
+                if release:
+                    gr.Markdown(f"<small>{LAYER_NOTE}</small>")
+        gr.Markdown(
+            "<small>The hidden patches are painted blue. In the reconstruction the visible "
+            "patches are the scan's own; the hidden ones are the model's guess. The difference "
+            "is bright where the guess is wrong.</small>"
+        )
+    outputs = [masked, rebuilt, difference, info, layers, slo, legend]
+    _wire(ctx, [scan, ratio, seed, source, button], outputs)
+
+
+def _wire(ctx: AppContext, inputs: list[Any], outputs: list[Any]) -> None:
+    scan, ratio, seed, source, button = inputs
+
+    def on_gpu(upload: Any, ratio: Any, seed: Any, source: str) -> bool:
+        return source != "tiny"  # the tiny model runs on the CPU, never asking for a GPU
+
+    handler = ctx.wrap_model_call(gpu_task(SCAN_GPU_SECONDS, use_gpu=on_gpu)(reconstruct_view))
+    gr.on(
+        [button.click, scan.change, ratio.release, seed.submit, source.change],
+        handler,
+        inputs=[scan, ratio, seed, source],
+        outputs=outputs,
+        api_name="reconstruct",
+        trigger_mode="always_last",
+        preprocess=False,
+        **ctx.model_events,
+    )
