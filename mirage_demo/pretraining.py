@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from mirage_demo.cache import default_cache_dir
 from mirage_demo.decoders import MaskedReconstructor, PatchDecoder, visible_patches
 from mirage_demo.fileio import atomic_write, atomic_write_text
-from mirage_demo.models import checkpoint_filter_fn
+from mirage_demo.models import checkpoint_filter_fn, create_classifier
 
 __all__ = [
     "LAYER_NAMES",
@@ -53,6 +53,7 @@ __all__ = [
     "load_encoder_weights",
     "load_pretraining",
     "load_release",
+    "pretrained_classifier",
     "release_path",
     "save_pretraining",
     "visible_patches",
@@ -254,6 +255,19 @@ def load_encoder_weights(encoder: torch.nn.Module, directory: str | Path) -> Non
     }
     _check_tensors(state, expected, path)
     encoder.load_state_dict(state, strict=False)
+
+
+def pretrained_classifier(
+    directory: str | Path, num_classes: int
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A classifier of the checkpoint's architecture whose encoder is the pre-trained one (a
+    fresh final norm and ``num_classes`` head), in eval mode, and the checked ``config.json``."""
+    config = read_pretraining_config(directory)
+    model = create_classifier(
+        config["architecture"], num_classes, **config.get("encoder_kwargs", {})
+    )
+    load_encoder_weights(model, directory)
+    return model.eval(), config
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
