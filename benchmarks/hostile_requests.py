@@ -6,6 +6,10 @@ Serves the app in this process as ``python app.py`` does (``build_app`` + ``setu
 model call per two cores), with its temporary folder (uploads, outputs, evaluations) in a fresh
 directory, builds the uploads of issues 12 and 20 there and sends each through
 ``gradio_client``; the baseline is ``/predict`` on a real 512x496 example scan in the same run.
+Issue 30's attacks first (``--part round3`` for them alone; :mod:`hostile_round3`): hostile
+checkpoints, a feature map of identical scans, ``--rounds`` rounds of /adapt + Use it +
+Download (the disk they leave), and a /predict sent while a feature map of ``--images``
+scans is computed.
 Peak memory is the process's ``VmHWM`` above its resident memory before the request (Linux);
 disk is the growth of the temporary folder. Last, a ``/predict`` is sent while an
 ``/evaluate`` of ``--images`` labelled scans (the bundled test scans, repeated) runs.
@@ -44,6 +48,9 @@ from mirage_demo.ui.app import LAUNCH_OPTIONS, default_concurrency  # noqa: E402
 from mirage_demo.ui.context import EXAMPLES_DIR  # noqa: E402
 from mirage_demo.ui.registry import ASSETS  # noqa: E402
 from tests.hostile_files import ico_bomb, many_entries_zip, scan_bomb, zeros_zip  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostile_round3  # noqa: E402
 
 EXAMPLE = EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg"
 TEST_SCANS = ASSETS / "test-scans" / "images"
@@ -125,17 +132,28 @@ def predict_during_evaluate(url: str, labelled: Path) -> tuple[float, float, str
     return answered, seconds, f"{note} (evaluation still running: {running})"
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steadiest on a busy machine)"
     )
     parser.add_argument("--images", type=int, default=1000, help="images of the long /evaluate")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--part",
+        choices=("all", "uploads", "round3"),
+        default="all",
+        help="uploads: issues 12 and 20; round3: issue 30 (feature map, /adapt, checkpoints)",
+    )
+    parser.add_argument("--rounds", type=int, default=17, help="/adapt rounds (round3)")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
     registry = ModelRegistry([ModelChoice("model", args.checkpoint)])
-    demo = setup_queue(build_app(registry), default_concurrency())
+    demo = setup_queue(build_app(registry), default_concurrency(), registry=registry)
     demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, **LAUNCH_OPTIONS)
     url = demo.local_url
     client = Client(url, verbose=False)
@@ -143,56 +161,70 @@ def main() -> None:
     try:
         uploads = build_uploads(folder, args.images)
 
-        def predict(key: str | Path) -> Any:
-            path = uploads[key] if isinstance(key, str) else key
+        def predict(path: Path) -> Any:
             return client.predict(handle_file(str(path)), api_name="/predict")[0]["label"]
-
-        def batch(paths: list[Path]) -> Any:
-            return client.predict([handle_file(str(p)) for p in paths], api_name="/batch")[2]
-
-        def evaluate(key: str) -> Any:
-            files = [handle_file(str(uploads[key]))]
-            return client.predict(files, "model", api_name="/evaluate")[0]
 
         predict(EXAMPLE)  # loads the model, warms up
         print(f"torch threads: {args.threads}; model: {args.checkpoint}; cores: {os.cpu_count()}")
-        print(
-            "| request | upload | seconds | x baseline | peak MiB above before | disk MiB |", end=""
-        )
-        print(" answer |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         base = measure(lambda: predict(EXAMPLE))[0]
-        row = functools.partial(print_row, base=base)
-        row("/predict, real 512x496 scan (baseline)", EXAMPLE, lambda: predict(EXAMPLE))
-        for key, what in (
-            ("png", "/predict, 8000x8000 PNG"),
-            ("jpeg", "/predict, 7999x7999 noise JPEG"),
-            ("scans", "/predict, 7999x7999 progressive JPEG + 20,000 empty scans"),
-            ("ico", "/predict, .ico of a 13000x13000 PNG, named scan.png"),
-        ):
-            row(what, uploads[key], lambda k=key: predict(k))
-        row(
-            "/batch, zip of sixteen 8000x8000 PNGs",
-            uploads["sixteen"],
-            lambda: batch([uploads["sixteen"]]),
-        )
-        for i in range(3):
-            key = f"zeros{i}"
-            what = f"/evaluate #{i + 1}, 4 real scans + 4 zero-filled 64 MB .jpeg"
-            row(what, uploads[key], lambda k=key: evaluate(k))
-        rss = status_mib("VmRSS")
-        what = "/batch, one 2,000-entry zip listed 200 times"
-        row(what, uploads["many"], lambda: batch([uploads["many"]] * 200))
-        time.sleep(5)
-        print(f"resident memory 5 s after it: {status_mib('VmRSS') - rss:+d} MiB", flush=True)
-        predicted, evaluated, note = predict_during_evaluate(url, uploads["labelled"])
-        print(
-            f"/evaluate of {args.images} labelled scans: {evaluated:.1f} s; a /predict sent "
-            f"meanwhile answered in {predicted:.2f} s ({predicted / base:.1f}x baseline); {note}"
-        )
+        if args.part in ("all", "round3"):
+            assets = {"checkpoint": Path(args.checkpoint), "example": EXAMPLE}
+            assets["test_scans"] = TEST_SCANS
+            hostile_round3.run(url, demo, uploads, assets, base, args.rounds)
+        if args.part in ("all", "uploads"):
+            uploads_part(client, url, uploads, base, args.images)
     finally:
         demo.close()
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(WORK, ignore_errors=True)
+
+
+def uploads_part(
+    client: Client, url: str, uploads: dict[str, Path], base: float, images: int
+) -> None:
+    """Issues 12 and 20: each hostile upload's row, then a /predict during a long /evaluate."""
+
+    def predict(key: str | Path) -> Any:
+        path = uploads[key] if isinstance(key, str) else key
+        return client.predict(handle_file(str(path)), api_name="/predict")[0]["label"]
+
+    def batch(paths: list[Path]) -> Any:
+        return client.predict([handle_file(str(p)) for p in paths], api_name="/batch")[2]
+
+    def evaluate(key: str) -> Any:
+        files = [handle_file(str(uploads[key]))]
+        return client.predict(files, "model", api_name="/evaluate")[0]
+
+    print("| request | upload | seconds | x baseline | peak MiB above before | disk MiB |", end="")
+    print(" answer |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
+    row = functools.partial(print_row, base=base)
+    row("/predict, real 512x496 scan (baseline)", EXAMPLE, lambda: predict(EXAMPLE))
+    for key, what in (
+        ("png", "/predict, 8000x8000 PNG"),
+        ("jpeg", "/predict, 7999x7999 noise JPEG"),
+        ("scans", "/predict, 7999x7999 progressive JPEG + 20,000 empty scans"),
+        ("ico", "/predict, .ico of a 13000x13000 PNG, named scan.png"),
+    ):
+        row(what, uploads[key], lambda k=key: predict(k))
+    row(
+        "/batch, zip of sixteen 8000x8000 PNGs",
+        uploads["sixteen"],
+        lambda: batch([uploads["sixteen"]]),
+    )
+    for i in range(3):
+        key = f"zeros{i}"
+        what = f"/evaluate #{i + 1}, 4 real scans + 4 zero-filled 64 MB .jpeg"
+        row(what, uploads[key], lambda k=key: evaluate(k))
+    rss = status_mib("VmRSS")
+    what = "/batch, one 2,000-entry zip listed 200 times"
+    row(what, uploads["many"], lambda: batch([uploads["many"]] * 200))
+    time.sleep(5)
+    print(f"resident memory 5 s after it: {status_mib('VmRSS') - rss:+d} MiB", flush=True)
+    predicted, evaluated, note = predict_during_evaluate(url, uploads["labelled"])
+    print(
+        f"/evaluate of {images} labelled scans: {evaluated:.1f} s; a /predict sent "
+        f"meanwhile answered in {predicted:.2f} s ({predicted / base:.1f}x baseline); {note}"
+    )
 
 
 def print_row(what: str, upload: Path, run: Callable[[], Any], base: float) -> None:

@@ -24,12 +24,17 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository's package
+
+from mirage_demo.ui.context import example_order, example_scans  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run"]
 OUT = ROOT / "docs" / "img"
 MAX_BYTES = 300_000  # each PNG stays under this (the README is the Space's card)
 EXAMPLE = "DME"  # the bundled example picked in the Classify screenshots
+VOLUME_FILE = ROOT / "assets" / "volumes" / "example-eye.dcm"  # the Volume and Batch shots
+VOLUME_EXAMPLE = VOLUME_FILE.name
 DESKTOP = {"width": 1440, "height": 900}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT_MS = 120_000  # a first answer loads the model (seconds on a busy 2-core machine)
@@ -82,9 +87,16 @@ def save_png(png: bytes, path: Path, max_bytes: int = MAX_BYTES) -> Path:
     return path
 
 
+def example_index(cls: str = EXAMPLE) -> int:
+    """The place of the first bundled example of class ``cls`` among the thumbnails (they are
+    shown in :func:`~mirage_demo.ui.context.example_order`, named "Example scan N")."""
+    ordered = example_order(example_scans())
+    return next(n for n, (_, label) in enumerate(ordered) if label == cls)
+
+
 def classify_example(page) -> None:
     """Pick the bundled example and wait for its answer and heat map."""
-    page.get_by_role("button", name=EXAMPLE, exact=True).first.click()
+    page.locator("#examples img").nth(example_index()).click()
     page.locator("#probabilities [data-testid=label-output-value]").wait_for(timeout=TIMEOUT_MS)
     page.locator("#overlay img").wait_for(timeout=TIMEOUT_MS)
     expect(page.locator("#info")).to_contain_text("Predicted", timeout=TIMEOUT_MS)
@@ -96,11 +108,49 @@ def model_tab(page) -> None:
     expect(page.get_by_text("Balanced accuracy").first).to_be_visible(timeout=TIMEOUT_MS)
 
 
+def open_tab(page, name: str) -> None:
+    """Click a tab, through the tab bar's overflow menu when it does not fit (a phone)."""
+    tab = page.get_by_role("tab", name=name, exact=True)
+    if tab.count() and tab.first.is_visible():
+        tab.first.click()
+        return
+    page.locator(".overflow-menu button").first.click()
+    page.locator(".overflow-dropdown button", has_text=name).first.click()
+
+
+def volume_example(page) -> None:
+    """Open the Volume tab, classify the bundled example volume, go two B-scans back with the
+    arrow keys and wait for that B-scan's map."""
+    page.get_by_role("tab", name="Volume", exact=True).click()
+    page.get_by_text(VOLUME_EXAMPLE).first.click()
+    answer = page.locator("#volume-answer")
+    expect(page.locator("#volume-summary")).to_contain_text("rests on B-scan", timeout=TIMEOUT_MS)
+    expect(answer).to_contain_text("of 25", timeout=TIMEOUT_MS)
+    page.locator("#volume-slider input[type=range]").focus()
+    for _ in range(2):
+        page.keyboard.press("ArrowLeft")
+    expect(answer).to_contain_text("B-scan 12 of 25", timeout=TIMEOUT_MS)
+    page.locator("#volume-map img").wait_for(timeout=TIMEOUT_MS)
+
+
+def batch_volume(page) -> None:
+    """Classify the bundled example volume in the Batch tab: a row per B-scan, a summary row."""
+    open_tab(page, "Batch")
+    page.locator("#batch-files input[type=file]").set_input_files(str(VOLUME_FILE))
+    page.get_by_role("button", name="Classify all").click()
+    expect(page.locator("#batch-summary")).to_contain_text("classified", timeout=TIMEOUT_MS)
+
+
 #: name -> (viewport, what to do before the screenshot, the element shown at the top)
 VIEWS: dict[str, tuple[dict[str, int], Callable, str | None]] = {
     "classify": (DESKTOP, classify_example, None),
     "classify-phone": (PHONE, classify_example, "#probabilities"),  # the answer, not the header
     "model": (DESKTOP, model_tab, None),
+    "volume": (DESKTOP, volume_example, "#volume-upload"),
+    "volume-strip": (DESKTOP, volume_example, "#volume-bscan"),
+    "volume-phone": (PHONE, volume_example, "#volume-slider"),
+    "batch-volume": (DESKTOP, batch_volume, "#batch-summary"),
+    "batch-volume-phone": (PHONE, batch_volume, "#batch-summary"),
 }
 
 

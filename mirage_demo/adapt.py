@@ -37,11 +37,19 @@ from mirage_demo.data import DataError, Preprocessing, Sample, discover_dataset,
 from mirage_demo.evaluation import LabelledUpload, labelled_upload
 from mirage_demo.fileio import atomic_write_text
 from mirage_demo.metrics import fit_temperature, softmax, write_report
-from mirage_demo.probe import DEFAULT_CS, ProbeFit, apply_probe, balanced_accuracy, embed, fit_probe
+from mirage_demo.probe import (
+    DEFAULT_CS,
+    ProbeFit,
+    apply_probe,
+    balanced_accuracy,
+    embed_in_chunks,
+    fit_probe,
+)
 
 __all__ = [
     "FOLDS",
     "LABELS_PER_CLASS",
+    "MIN_PATIENTS",
     "Adaptation",
     "CrossValidation",
     "adapt_upload",
@@ -56,7 +64,13 @@ FOLDS = 5  # at most; fewer when a class has fewer patients
 VAL_FRACTION = 0.15  # as python -m train (SplitSpec's default)
 LABELS_PER_CLASS = (1, 2, 5, 10, 20, 50)
 DRAWS = 5  # random draws of each size on the label-efficiency curve
-EMBED_CHUNK = 32  # images embedded between two progress updates
+#: Patients per class that always suffice (one scan each): every cross-validation fold's
+#: training part then keeps 7 of each class, what its validation split needs.
+MIN_PATIENTS = 9
+TOO_FEW = (
+    "too few scans of some class to fit a probe and check it on patients it has not seen: "
+    f"bring at least {MIN_PATIENTS} patients per class (one scan each is enough)"
+)
 
 
 @dataclass
@@ -305,39 +319,62 @@ def adapt_upload(
 ) -> Adaptation:
     """Adapt ``model`` (frozen; its checkpoint config ``base``) to labelled uploads of any
     classes: unpacked into ``out/scans/<CLASS>/``, embedded, cross-validated (the report in
-    ``out``), the label-efficiency curve, and the probe on all scans as a new model."""
+    ``out``), the label-efficiency curve, and the probe on all scans as a new model. Too few
+    scans for any step is a :class:`~mirage_demo.data.DataError` saying what is needed."""
     out = Path(out)
     upload = labelled_upload(uploads, None, out / "scans")
     data = discover_dataset(upload.root)  # the trainer's order, classes and patient groups
     class_names, everything = data.class_names, data.splits["all"]
     if len(class_names) < 2:
         raise DataError(f"only one class ({class_names[0]}): upload scans of at least two")
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
-    features, kept = [], []
-    for first in range(0, len(everything), EMBED_CHUNK):
-        chunk = everything[first : first + EMBED_CHUNK]
-        values, indices = embed(model, chunk, preprocessing, device, progress=False)
-        features.append(values)
-        kept += [first + i for i in indices]
-        if on_progress is not None:
-            on_progress(min(first + EMBED_CHUNK, len(everything)), len(everything))
-    seconds = {"embedding": time.perf_counter() - started}
+    feats, kept = embed_in_chunks(model, everything, preprocessing, device, on_progress)
+    seconds["embedding"] = time.perf_counter() - started
     samples = [everything[i] for i in kept]
-    feats = np.concatenate(features).astype(np.float32)
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    started = time.perf_counter()
-    cv = cross_validate(feats, samples, len(class_names), folds=folds, seed=seed)
-    seconds["cross_validation"] = time.perf_counter() - started
-    started = time.perf_counter()
-    curve = label_efficiency(feats, labels, cv, len(class_names), seed=seed)
-    seconds["label_efficiency"] = time.perf_counter() - started
-    final = fit_split(feats, samples, range(len(samples)), len(class_names), seed=seed)
+    try:
+        started = time.perf_counter()
+        cv = cross_validate(feats, samples, len(class_names), folds=folds, seed=seed)
+        seconds["cross_validation"] = time.perf_counter() - started
+        started = time.perf_counter()
+        curve = label_efficiency(feats, labels, cv, len(class_names), seed=seed)
+        seconds["label_efficiency"] = time.perf_counter() - started
+        final = fit_split(feats, samples, range(len(samples)), len(class_names), seed=seed)
+    except ValueError as err:  # scikit-learn's own complaint: too few of something, in words
+        raise DataError(f"{TOO_FEW} ({class_counts(samples, class_names)})") from err
     files = [Path(s.path).relative_to(upload.root).as_posix() for s in samples]
+    metrics = _write_report(out, labels, cv, final, class_names, files, n_bootstrap, seed)
+    config = _adapted_config(base, class_names, final, data.counts("all"), len(samples))
+    twin = adapted_model(model, final.fit)
+    return Adaptation(upload, samples, feats, cv, metrics, curve, final, twin, config, seconds)
+
+
+def class_counts(samples: Sequence[Sample], class_names: Sequence[str]) -> str:
+    """``"CNV: 12 scans of 5 patients, NORMAL: ..."``."""
+    parts = []
+    for k, name in enumerate(class_names):
+        mine = [s for s in samples if s.label == k]
+        parts.append(f"{name}: {len(mine)} scans of {len({s.group for s in mine})} patients")
+    return ", ".join(parts)
+
+
+def _write_report(
+    out: Path,
+    labels: np.ndarray,
+    cv: CrossValidation,
+    final: SplitFit,
+    class_names: Sequence[str],
+    files: list[str],
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The cross-validated report (``python -m train --mode probe``'s) with each scan's fold."""
     metrics = write_report(
         out,
         labels,
         cv.probs,
-        class_names,
+        list(class_names),
         files,
         split="cross-validated",
         temperature=final.temperature,
@@ -351,24 +388,33 @@ def adapt_upload(
         "temperature": [split.temperature for split in cv.fits],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    config = dataclasses.replace(
+    return metrics
+
+
+def _adapted_config(
+    base: CheckpointConfig,
+    class_names: Sequence[str],
+    final: SplitFit,
+    counts: dict[str, int],
+    scans: int,
+) -> CheckpointConfig:
+    """The adapted model's checkpoint config: the base's, with the probe's classes and
+    calibration, and what it was fitted on in words (no server path)."""
+    return dataclasses.replace(
         base,
         class_names=list(class_names),
         temperature=final.temperature,
         split=None,
         training={
             "mode": "probe",
-            "data": str(upload.root),
             "data_name": "uploaded scans",
-            "images": {"all": data.counts("all")},
+            "images": {"all": counts},
             "probe": final.fit.summary(),
             "adapted_from": base.description or base.architecture,
         },
         description=(
             f"A linear probe on the frozen features of {base.architecture}, fitted in the app "
-            f"on {len(samples)} uploaded scans ({', '.join(class_names)})."
+            f"on {scans} uploaded scans ({', '.join(class_names)})."
         ),
         created=dt.datetime.now(dt.timezone.utc).isoformat(),
     )
-    twin = adapted_model(model, final.fit)
-    return Adaptation(upload, samples, feats, cv, metrics, curve, final, twin, config, seconds)

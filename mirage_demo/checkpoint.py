@@ -89,6 +89,13 @@ ALLOWED_MODEL_KWARGS: dict[str, Any] = {
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 MAX_CLASSES = 1000
 MAX_INPUT_SIDE = 2048  # model input side in pixels (MIRAGE: 512)
+#: What one scan may cost a model a checkpoint declares, checked on the meta device before
+#: any weights are read or downloaded: parameters (MIRAGE-Large: 303 M), tokens of a
+#: transformer (MIRAGE at 512 px: 256; a ViT-L/16 at 1024 px: 4,096) and floating-point
+#: operations of one forward pass (ResNet-18 at 512 px: 18 G; a ViT-L/16 at 512 px: 724 G).
+MAX_PARAMETERS = 600_000_000
+MAX_TOKENS = 4096
+MAX_FORWARD_FLOPS = 1.0e12
 
 
 class CheckpointError(ValueError):
@@ -459,11 +466,26 @@ def model_from_config(
 def check_input_size(model: nn.Module, config: CheckpointConfig) -> None:
     """Run the model once on a shape-only (meta) input of the configured size: a
     ``preprocessing.input_size`` the architecture cannot take fails here, at load time, not on
-    every request."""
+    every request; so does a model that would cost one scan more than :data:`MAX_PARAMETERS`,
+    :data:`MAX_TOKENS` or :data:`MAX_FORWARD_FLOPS` (counted on that pass)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{CONFIG_NAME}: {config.architecture} has {parameters / 1e6:,.0f} M parameters "
+            f"(limit {MAX_PARAMETERS / 1e6:,.0f} M)"
+        )
+    tokens = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if isinstance(tokens, int) and tokens > MAX_TOKENS:
+        raise CheckpointError(
+            f"{CONFIG_NAME}: {config.architecture} at this input size and patch size makes "
+            f"{tokens:,} tokens per scan (limit {MAX_TOKENS:,})"
+        )
     height, width = config.preprocessing.input_size
     x = torch.zeros(1, config.preprocessing.in_chans, height, width, device="meta")
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             shape = tuple(model(x).shape)
     except Exception as err:  # any architecture's complaint, in one line
         raise CheckpointError(
@@ -474,6 +496,12 @@ def check_input_size(model: nn.Module, config: CheckpointConfig) -> None:
         raise CheckpointError(
             f"{CONFIG_NAME}: {config.architecture} gives outputs of shape {shape}, "
             f"expected (1, {config.num_classes}) for class_names"
+        )
+    flops = counter.get_total_flops()
+    if flops > MAX_FORWARD_FLOPS:
+        raise CheckpointError(
+            f"{CONFIG_NAME}: {config.architecture} at {height}x{width} needs "
+            f"{flops / 1e9:,.0f} GFLOP per scan (limit {MAX_FORWARD_FLOPS / 1e9:,.0f})"
         )
 
 
@@ -491,6 +519,9 @@ def load_checkpoint(
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {err}") from err
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{weights}: {broken[0]} holds values that are not finite numbers")
     model = model_from_config(config, device="meta")  # weights come from the file: allocate once
     check_input_size(model, config)
     if config.backbone is not None:

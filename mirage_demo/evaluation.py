@@ -31,10 +31,9 @@ from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.data import (
     _KERMANY_NAME,
     DataError,
-    FileImages,
 )
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, Sample, decoded_bytes, image_header
-from mirage_demo.logits import collect_logits, make_loader
+from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import softmax, write_report
 from mirage_demo.uncertainty import Uncertainty
 from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
@@ -44,6 +43,7 @@ __all__ = [
     "evaluate_samples",
     "evaluate_upload",
     "labelled_upload",
+    "report_outputs",
     "summary",
 ]
 
@@ -80,29 +80,61 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
     (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
-    :func:`~mirage_demo.logits.collect_logits`, recorded in ``metrics.json``). With the checkpoint's
-    ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and set sizes
-    and the share of scans flagged (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
-    dataset = FileImages(samples, config.preprocessing)
-    loader = make_loader(dataset, batch_size, workers, device)
-    logits, labels, indices, features = collect_logits(
+    :func:`~mirage_demo.logits.collect_logits`, recorded in ``metrics.json``). With the
+    checkpoint's ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and
+    set sizes and the share of scans flagged
+    (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
+    outputs = file_outputs(
         model,
-        loader,
+        samples,
         config.preprocessing,
         device,
-        amp_dtype,
-        progress,
+        batch_size=batch_size,
+        workers=workers,
+        amp_dtype=amp_dtype,
+        progress=progress,
         desc=f"{split} split",
         on_batch=on_batch,
         tta=tta,
-        features=True,
     )
+    return report_outputs(
+        config,
+        samples,
+        outputs,
+        data_root,
+        out,
+        split=split,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        tta=tta,
+        uncertainty=uncertainty,
+    )
+
+
+def report_outputs(
+    config: CheckpointConfig,
+    samples: Sequence[Sample],
+    outputs: Outputs,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    split: str,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    tta: bool = False,
+    uncertainty: Uncertainty | None = None,
+) -> dict[str, Any]:
+    """The report of :func:`evaluate_samples` from the model's ``outputs`` on ``samples``
+    however they were computed (from the files, or a probe's feature cache)."""
+    labels = outputs.labels
     if len(labels) == 0:
         raise DataError(f"no readable images in the {split} split")
-    probs = softmax(logits, config.temperature)
-    extra = {"uncertainty": uncertainty.report(probs, features, labels)} if uncertainty else {}
+    probs = softmax(outputs.logits, config.temperature)
+    extra = (
+        {"uncertainty": uncertainty.report(probs, outputs.features, labels)} if uncertainty else {}
+    )
     root = Path(data_root)
-    files = [_relative(samples[i].path, root) for i in indices]
+    files = [_relative(samples[i].path, root) for i in outputs.indices]
     return write_report(
         out,
         labels,

@@ -20,6 +20,7 @@ removed (see :mod:`mirage_demo.explain`).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +54,7 @@ from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_COLORMAP",
     "METHODS",
     "Explanation",
     "Prediction",
@@ -61,6 +63,12 @@ __all__ = [
 
 #: The demo model bundled with the repository (``assets/demo-model/`` at its root).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+DEFAULT_COLORMAP = "jet"  # the heat maps' matplotlib colormap
+
+
+def _finite(value: float | None) -> float | None:
+    """``value``, or None when it is not a finite number (JSON has no NaN or infinity)."""
+    return value if value is None or math.isfinite(value) else None
 
 
 @dataclass
@@ -90,10 +98,14 @@ class Prediction:
     def record(self) -> dict[str, Any]:
         """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
         ``label``, ``probabilities``, ``prediction_set``, ``level``, ``out_of_distribution``,
-        ``ood_score`` (the last four None without uncertainty statistics), ``warnings``."""
+        ``ood_score`` (the last four None without uncertainty statistics), ``warnings``. Valid
+        JSON: a number that is not finite (a distance beyond any number) is None."""
         keys = ("label", "probabilities", "prediction_set", "level")
         keys += ("out_of_distribution", "ood_score", "warnings")
-        return {"file": self.source, **{key: getattr(self, key) for key in keys}}
+        record = {"file": self.source, **{key: getattr(self, key) for key in keys}}
+        record["probabilities"] = {k: _finite(v) for k, v in self.probabilities.items()}
+        record["ood_score"] = _finite(self.ood_score)
+        return record
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``file``, ``label``, ``probabilities``, ``warnings`` and the rest."""
@@ -155,7 +167,7 @@ class Predictor:
         *,
         tta: bool = False,
         target_layer: nn.Module | None = None,
-        colormap: str = "jet",
+        colormap: str = DEFAULT_COLORMAP,
         opacity: float = 0.5,
         uncertainty: Uncertainty | None = None,
         level: float = DEFAULT_LEVEL,

@@ -5,13 +5,16 @@ fit (:mod:`mirage_demo.uncertainty`), the feature cache (:mod:`mirage_demo.probe
 trainer (:mod:`train`): the files are decoded by :class:`~mirage_demo.data.FileImages` (or read
 from the trainer's cache), batched by :func:`make_loader`, normalised (and, in training,
 augmented) on the device by :func:`to_model_input`, and :func:`collect_logits` gathers the
-logits (and penultimate features) in the loader's order.
+logits (and penultimate features) in the loader's order. :func:`file_outputs` does all of it for
+labelled image files: their :class:`Outputs`, what a report or an uncertainty fit is made of
+(a probe reads the same from its feature cache: :func:`mirage_demo.probe.head_outputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,10 +22,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mirage_demo.augment import BatchAugmentation
 from mirage_demo.cache import tqdm_disable
-from mirage_demo.data import Preprocessing, collate_skip_unreadable
+from mirage_demo.data import FileImages, Preprocessing, collate_skip_unreadable
+from mirage_demo.images import Sample
 from mirage_demo.models import features_and_logits
 
-__all__ = ["collect_logits", "make_loader", "to_model_input"]
+__all__ = ["Outputs", "collect_logits", "file_outputs", "make_loader", "to_model_input"]
 
 
 def make_loader(
@@ -114,3 +118,45 @@ def collect_logits(
         torch.cat(indices).numpy().astype(np.int64),
     )
     return (*outputs, torch.cat(kept).numpy()) if features else outputs
+
+
+@dataclass
+class Outputs:
+    """A model's outputs on the readable images of a list of labelled samples, in order."""
+
+    logits: np.ndarray  # (n, K) float32
+    labels: np.ndarray  # (n,) int64
+    indices: np.ndarray  # (n,) int64: which of the samples
+    features: np.ndarray  # (n, D) float32: the penultimate features of the same forward pass
+
+
+def file_outputs(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    desc: str = "predicting",
+    on_batch: Callable[[int, int], None] | None = None,
+    tta: bool = False,
+) -> Outputs:
+    """``samples`` decoded from their files (:class:`~mirage_demo.data.FileImages`) and run
+    through ``model`` in batches (:func:`collect_logits`, whose options these are)."""
+    loader = make_loader(FileImages(samples, preprocessing), batch_size, workers, device)
+    logits, labels, indices, features = collect_logits(
+        model,
+        loader,
+        preprocessing,
+        device,
+        amp_dtype,
+        progress,
+        desc=desc,
+        on_batch=on_batch,
+        tta=tta,
+        features=True,
+    )
+    return Outputs(logits, labels, indices, features)

@@ -38,6 +38,7 @@ import numpy as np
 
 from mirage_demo.fileio import atomic_write_text
 from mirage_demo.predictions_csv import write_predictions_csv
+from mirage_demo.reports import load_report  # its home is reports; re-exported here
 
 __all__ = [
     "ECE_BINS",
@@ -540,11 +541,3 @@ def write_report(
         title=f"Reliability, T={temperature:.2f}",
     )
     return metrics
-
-
-def load_report(directory: str | Path) -> dict[str, Any] | None:
-    """The ``metrics.json`` of a checkpoint directory, or ``None`` if it has none."""
-    path = Path(directory) / "metrics.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())

@@ -40,7 +40,7 @@ from torch import nn
 from mirage_demo.data import DataError, FileImages, Preprocessing
 from mirage_demo.fileio import atomic_write
 from mirage_demo.images import Sample
-from mirage_demo.logits import make_loader, to_model_input
+from mirage_demo.logits import Outputs, make_loader, to_model_input
 from mirage_demo.metrics import compute_metrics, nll, softmax
 
 __all__ = [
@@ -53,8 +53,10 @@ __all__ = [
     "bare_forward_speed",
     "cached_features",
     "embed",
+    "embed_in_chunks",
     "file_sha256",
     "fit_probe",
+    "head_outputs",
     "pooled_features",
     "weights_digest",
 ]
@@ -143,6 +145,29 @@ def embed(
     width = int(getattr(model, "num_features", 0))
     stacked = torch.cat(features).numpy() if features else np.zeros((0, width), np.float32)
     return stacked, indices
+
+
+def embed_in_chunks(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    on_progress: Callable[[int, int], None] | None = None,
+    chunk: int = 32,
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`embed`, ``chunk`` images at a time, calling ``on_progress(done, total)`` after
+    each (the app's progress bars): ``(features (n, D) float32, indices into samples)``."""
+    features, kept = [], []
+    for first in range(0, len(samples), chunk):
+        part = samples[first : first + chunk]
+        values, indices = embed(model, part, preprocessing, device, progress=False)
+        features.append(values)
+        kept += [first + i for i in indices]
+        if on_progress is not None:
+            on_progress(min(first + chunk, len(samples)), len(samples))
+    width = int(getattr(model, "num_features", 0))
+    stacked = np.concatenate(features) if features else np.zeros((0, width), np.float32)
+    return stacked.astype(np.float32, copy=False), kept
 
 
 class FeatureCache:
@@ -269,6 +294,18 @@ def cached_features(
         seconds=seconds if missing else 0.0,
         unreadable=unreadable,
     )
+
+
+@torch.no_grad()
+def head_outputs(model: nn.Module, found: Features) -> Outputs:
+    """What :func:`~mirage_demo.logits.file_outputs` gives, from pooled features already at hand
+    (:func:`cached_features`, float32 for a report): the logits from the model's own linear
+    head, the one part a probe fits."""
+    head = model.get_classifier()
+    weight = next(head.parameters())
+    logits = head(torch.from_numpy(found.features).to(weight.device, weight.dtype))
+    indices = np.asarray(found.indices, dtype=np.int64)
+    return Outputs(logits.float().cpu().numpy(), found.labels, indices, found.features)
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ from mirage_demo.checkpoint import (
     load_checkpoint,
     resolve_checkpoint_dir,
 )
-from mirage_demo.metrics import REPORT_FILES, load_report
+from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.models import registered_hub_weights
+from mirage_demo.reports import ReportError, load_report
 
 __all__ = [
     "DEFAULT_HARDWARE",
@@ -338,7 +339,10 @@ def space_readme(
         start = weights.get("name") or "none: trained from scratch"
         if weights.get("license"):
             start += f" (license {weights['license']})"
-        report = load_report(c.directory) if c.directory else None
+        try:
+            report = load_report(c.directory) if c.directory else None
+        except ReportError:
+            report = None  # unreadable: said as "no report"
         figure = ((report or {}).get("overall", {}).get("balanced_accuracy") or {}).get("value")
         shown = f"{figure:.3f} on {report.get('num_images', '?')} scans" if report else "no report"
         runs_on = _runs_on(config, hardware)

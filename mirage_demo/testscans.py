@@ -7,9 +7,14 @@ images relative to the data folder it was trained on. :func:`scan_set_for` finds
 1. the **bundled copies** in ``assets/test-scans/`` (downsized grayscale JPEGs and one manifest per
    bundled model, ``<checkpoint folder name>.json``), used only when the manifest was built from
    this very ``predictions.csv`` (its SHA-256 is recorded);
-2. the **original images**, when the data folder in the checkpoint's ``config.json`` is
-   reachable from here (e.g. on the machine that trained it);
+2. the **original images**, inside one of the data folders the caller allows (``roots``: the
+   folders the app's operator names, or an adapted model's own uploaded scans). A checkpoint is
+   untrusted data: the data folder its ``config.json`` names is never used, and a file name
+   that leads out of the folder (``..``, an absolute path, a link) finds nothing;
 3. otherwise nothing, with a sentence saying why.
+
+A ``predictions.csv`` of more than :data:`MAX_PREDICTION_ROWS` rows (or
+:data:`MAX_PREDICTIONS_BYTES`) is refused unread.
 
 Build (or rebuild, after retraining) the bundled copies from the original images::
 
@@ -42,9 +47,11 @@ from mirage_demo.images import ImageReadError, read_image
 
 __all__ = [
     "BUNDLED_SCANS",
+    "MAX_PREDICTION_ROWS",
     "ScanEntry",
     "ScanSet",
     "build_bundle",
+    "inside",
     "read_predictions",
     "scan_set_for",
 ]
@@ -52,6 +59,8 @@ __all__ = [
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_SCANS = REPO_ROOT / "assets" / "test-scans"
 MAX_WIDTH = 384
+MAX_PREDICTION_ROWS = 10_000  # a test set's predictions (the bundled models': 452)
+MAX_PREDICTIONS_BYTES = 4_000_000  # 10,000 rows of four classes: about 1 MB
 JPEG_QUALITY = 70  # OCT speckle is costly to encode: at 85, 404 scans took 10.9 MB; at 70, 7.2 MB
 ATTRIBUTION = (
     "Kermany, Zhang, Goldbaum (2018), Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
@@ -104,6 +113,8 @@ def read_predictions(path: str | Path, class_names: Sequence[str]) -> list[dict[
     Raises :class:`ValueError` naming the problem when the file does not match the classes.
     """
     path = Path(path)
+    if path.stat().st_size > MAX_PREDICTIONS_BYTES:
+        raise ValueError(f"{path.name} is larger than {MAX_PREDICTIONS_BYTES / 1e6:.0f} MB")
     with open(path, newline="") as stream:
         reader = csv.DictReader(stream)
         expected = {"file", "true", "predicted", *(f"prob_{c}" for c in class_names)}
@@ -112,6 +123,8 @@ def read_predictions(path: str | Path, class_names: Sequence[str]) -> list[dict[
             raise ValueError(f"{path.name} lacks the columns {', '.join(sorted(missing))}")
         rows = []
         for number, row in enumerate(reader, start=2):
+            if number > MAX_PREDICTION_ROWS + 1:
+                raise ValueError(f"{path.name} holds more than {MAX_PREDICTION_ROWS:,} rows")
             if row["true"] not in class_names or row["predicted"] not in class_names:
                 raise ValueError(f"{path.name} line {number}: a class the model does not know")
             probabilities = {c: float(row[f"prob_{c}"]) for c in class_names}
@@ -130,62 +143,78 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _data_roots(training: dict[str, Any], checkpoint: Path) -> list[Path]:
-    data = training.get("data")
-    if not data:
-        return []
-    data = Path(str(data)).expanduser()
-    if data.is_absolute():
-        return [data]
-    return [Path.cwd() / data, REPO_ROOT / data, checkpoint / data]
+def inside(root: str | Path, name: str | Path) -> Path | None:
+    """``root / name`` when it is a file inside ``root`` once resolved (no ``..``, absolute
+    path or link leading out), else ``None``."""
+    try:
+        base = Path(root).resolve()
+        path = (base / name).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return path if path.is_relative_to(base) and path.is_file() else None
 
 
 def scan_set_for(
-    checkpoint: str | Path, bundled: str | Path = BUNDLED_SCANS
+    checkpoint: str | Path, bundled: str | Path = BUNDLED_SCANS, roots: Sequence[str | Path] = ()
 ) -> tuple[ScanSet | None, str]:
     """A checkpoint directory's test scans and a sentence saying where they come from, or
-    ``None`` and a sentence saying why they cannot be shown."""
+    ``None`` and a sentence saying why they cannot be shown. Images are looked up only in
+    ``bundled`` (the manifest of this very predictions.csv) and in the allowed ``roots``."""
     checkpoint = Path(checkpoint)
     predictions = checkpoint / "predictions.csv"
     if not predictions.is_file():
         return None, (
-            "This checkpoint has no predictions.csv, so there are no test scans to explore "
-            "(python -m train.evaluate writes one)."
+            "This model comes without the answers it gave on its test scans, so there are no "
+            "test scans to explore."
         )
     try:
         config = read_config(checkpoint)
         rows = read_predictions(predictions, config.class_names)
     except (CheckpointError, ValueError, OSError) as err:
         return None, f"The test predictions cannot be read: {err}."
-    digest = _sha256(predictions)
-    manifest = Path(bundled) / f"{checkpoint.name}.json"
-    if manifest.is_file():
-        data = json.loads(manifest.read_text())
-        if data.get("predictions_sha256") == digest:
-            entries = [
-                ScanEntry(
-                    s["file"],
-                    Path(bundled) / s["image"],
-                    s["true"],
-                    s["predicted"],
-                    {k: float(v) for k, v in s["probabilities"].items()},
-                )
-                for s in data["scans"]
-            ]
-            if all(e.image.is_file() for e in entries):
-                origin = f"the {len(entries)} scans of its report, bundled with the app (downsized)"
-                return ScanSet(list(config.class_names), entries, origin), origin
-    for root in _data_roots(config.training or {}, checkpoint):
-        if all((root / row["file"]).is_file() for row in rows):
-            entries = [_entry(row, root / row["file"]) for row in rows]
-            origin = f"the {len(entries)} scans of its report, in {root}"
-            return ScanSet(list(config.class_names), entries, origin), origin
-    where = (config.training or {}).get("data") or "its data folder"
+    names = list(config.class_names)
+    found = _bundled_entries(Path(bundled), checkpoint.name, _sha256(predictions))
+    if found is not None:
+        origin = f"the {len(found)} scans of its report, bundled with the app (downsized)"
+        return ScanSet(names, found, origin), origin
+    for root in roots:
+        images = [inside(root, row["file"]) for row in rows]
+        if rows and all(images):
+            entries = [_entry(row, image) for row, image in zip(rows, images, strict=True)]
+            origin = f"the {len(entries)} scans of its report (the original images)"
+            return ScanSet(names, entries, origin), origin
     return None, (
-        "**The scans of this checkpoint's report are not reachable here.** Its predictions.csv "
-        f"names them relative to {where}, which is not on this machine: the matrix is shown, "
-        "its scans are not."
+        "**The scans of this model's test report are not reachable here** (they stayed on the "
+        "computer it was trained on): the matrix is shown, its scans are not."
     )
+
+
+def _bundled_entries(bundled: Path, name: str, digest: str) -> list[ScanEntry] | None:
+    """The bundled copies of a checkpoint's test scans, when its manifest was built from the
+    predictions.csv of SHA-256 ``digest`` and every image is inside ``bundled``."""
+    manifest = bundled / f"{name}.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+        if data.get("predictions_sha256") != digest:
+            return None
+        scans = data["scans"]
+        images = [inside(bundled, s["image"]) for s in scans]
+        if not all(images):
+            return None
+        return [
+            ScanEntry(
+                s["file"],
+                image,
+                s["true"],
+                s["predicted"],
+                {k: float(v) for k, v in s["probabilities"].items()},
+            )
+            for s, image in zip(scans, images, strict=True)
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def scan_set_from_predictions(

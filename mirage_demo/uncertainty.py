@@ -51,10 +51,10 @@ from mirage_demo.checkpoint import (
     CheckpointError,
     save_config,
 )
-from mirage_demo.data import DataError, FileImages
+from mirage_demo.data import DataError
 from mirage_demo.fileio import atomic_write
 from mirage_demo.images import Sample
-from mirage_demo.logits import collect_logits, make_loader
+from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import softmax
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "fit_uncertainty",
     "load_uncertainty",
     "save_uncertainty",
+    "uncertainty_from_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ GUARANTEE = (
     "What the set promises: for scans like the validation scans it was calibrated on, the "
     "set holds the true class {level:.0%} of the time, for each class (classes with very few "
     "validation scans: for them together). It holds only if the scan comes from the same kind "
-    "of data (same devices, same population: exchangeable, in statisticians' words); a scan "
-    "from another device may break it."
+    "of data (the same devices, the same kind of patients); a scan from another device may "
+    "break it."
 )
 OOD_NOTE = (
     "unlike the scans this model was trained on: another device or acquisition? "
@@ -174,13 +175,16 @@ class MahalanobisOOD:
         return self
 
     def score(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` distances (larger: less like the training scans)."""
+        """``(N,)`` distances (larger: less like the training scans); a distance that is not a
+        finite number (features or statistics out of range) is ``inf``: flagged, never NaN."""
         x = np.asarray(features, np.float64)
         squared = np.empty(len(x))
-        for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
-            diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
-            squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
-        return np.sqrt(np.maximum(squared, 0.0))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
+                diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
+                squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
+        distances = np.sqrt(np.maximum(squared, 0.0))
+        return np.where(np.isfinite(distances), distances, np.inf)
 
     def flags(self, features: np.ndarray) -> np.ndarray:
         """``(N,)`` bool: unlike the training scans."""
@@ -255,25 +259,6 @@ class Uncertainty:
 # Fitting, measuring
 
 
-@torch.no_grad()
-def _outputs(
-    model: torch.nn.Module,
-    config: CheckpointConfig,
-    samples: Sequence[Sample],
-    device: torch.device,
-    batch_size: int,
-    workers: int,
-    progress: bool | None,
-    desc: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Calibrated probabilities, penultimate features and labels of ``samples``' files."""
-    loader = make_loader(FileImages(samples, config.preprocessing), batch_size, workers, device)
-    logits, labels, _, features = collect_logits(
-        model, loader, config.preprocessing, device, progress=progress, desc=desc, features=True
-    )
-    return softmax(logits, config.temperature), features, labels
-
-
 def fit_uncertainty(
     model: torch.nn.Module,
     config: CheckpointConfig,
@@ -289,19 +274,37 @@ def fit_uncertainty(
     """Fit the sets on the validation scans (calibrated probabilities) and the OOD flag on the
     training scans' features (threshold on the validation scans'), from the image files as the
     app reads them."""
-    for split, samples in (("train", train_samples), ("val", val_samples)):
-        missing = set(range(config.num_classes)) - {s.label for s in samples}
+    _require_every_class(
+        config, {"train": [s.label for s in train_samples], "val": [s.label for s in val_samples]}
+    )
+    device = torch.device(device)
+    run = dict(batch_size=batch_size, workers=workers, progress=progress)
+    train = file_outputs(model, train_samples, config.preprocessing, device, desc="train", **run)
+    val = file_outputs(model, val_samples, config.preprocessing, device, desc="val", **run)
+    return uncertainty_from_outputs(config, train, val, false_alarm=false_alarm)
+
+
+def uncertainty_from_outputs(
+    config: CheckpointConfig, train: Outputs, val: Outputs, *, false_alarm: float = FALSE_ALARM
+) -> Uncertainty:
+    """:func:`fit_uncertainty` from the model's outputs on the training and validation scans,
+    however they were computed (from the files, or a probe's feature cache); the validation
+    probabilities are calibrated with the checkpoint's temperature."""
+    _require_every_class(config, {"train": train.labels, "val": val.labels})
+    val_probs = softmax(val.logits, config.temperature)
+    sets = ConformalSets().fit(val_probs, val.labels)
+    ood = MahalanobisOOD().fit(train.features, train.labels, val.features, false_alarm)
+    info = {"fitted_on": {"train": len(train.labels), "val": len(val.labels)}}
+    return Uncertainty(list(config.class_names), sets, ood, info)
+
+
+def _require_every_class(config: CheckpointConfig, labels: dict[str, Sequence[int]]) -> None:
+    """A :class:`DataError` naming the classes a split has no scans of."""
+    for split, values in labels.items():
+        missing = set(range(config.num_classes)) - {int(v) for v in values}
         if missing:
             names = ", ".join(config.class_names[k] for k in sorted(missing))
             raise DataError(f"cannot fit the uncertainty statistics: no {split} scans of {names}")
-    device = torch.device(device)
-    run = dict(device=device, batch_size=batch_size, workers=workers, progress=progress)
-    _, train_features, train_labels = _outputs(model, config, train_samples, desc="train", **run)
-    val_probs, val_features, val_labels = _outputs(model, config, val_samples, desc="val", **run)
-    sets = ConformalSets().fit(val_probs, val_labels)
-    ood = MahalanobisOOD().fit(train_features, train_labels, val_features, false_alarm)
-    info = {"fitted_on": {"train": len(train_labels), "val": len(val_labels)}}
-    return Uncertainty(list(config.class_names), sets, ood, info)
 
 
 def coverage_report(
@@ -419,8 +422,11 @@ def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise CheckpointError(f"{path}: calibration_labels must be class indices")
     for key in ("class_means", "precision", "calibration_scores"):
-        if arrays[key].dtype.kind != "f" or not np.isfinite(arrays[key]).all():
-            raise CheckpointError(f"{path}: {key} must hold finite floating-point numbers")
+        # float32's range: a distance of features within it cannot overflow in float64
+        with np.errstate(over="ignore"):
+            finite = arrays[key].dtype.kind == "f" and np.isfinite(arrays[key].astype(np.float32))
+        if not np.all(finite):
+            raise CheckpointError(f"{path}: {key} must hold finite float32 numbers")
     scores = arrays["calibration_scores"]
     if scores.min() < 0 or scores.max() > 1:
         raise CheckpointError(f"{path}: calibration_scores must lie in [0, 1]")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError, image_header
 
 __all__ = [
+    "LISTED_SUFFIXES",
     "MAX_MEMBER_BYTES",
     "MAX_REQUEST_BYTES",
     "MAX_REQUEST_ENTRIES",
@@ -45,6 +46,8 @@ MAX_REQUEST_ZIPS = 32  # zips opened by one request (each holds a file open)
 MAX_MEMBER_BYTES = 64 * 2**20  # one unpacked image file
 MAX_REQUEST_BYTES = 256 * 2**20  # unpacked from all zips of one request
 MAX_REQUEST_PIXELS = 500_000_000  # declared pixels of all images of one request
+#: What a zip's listing holds by default: images, and nested zips (to say they are skipped).
+LISTED_SUFFIXES = frozenset({*IMAGE_SUFFIXES, ".zip"})
 _CHUNK = 2**20  # inflate this much at a time: a bomb never expands in one call
 _SUPPORTED_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate"}
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError)
@@ -112,8 +115,11 @@ class ZipUpload:
     _archive: zipfile.ZipFile | None = None
 
     @classmethod
-    def open(cls, path: str | Path, label: str) -> ZipUpload:
-        """List ``path``'s entries (counted from the end record before any is read).
+    def open(
+        cls, path: str | Path, label: str, suffixes: Collection[str] = LISTED_SUFFIXES
+    ) -> ZipUpload:
+        """List ``path``'s entries (counted from the end record before any is read): those
+        whose names end with one of ``suffixes`` become items.
 
         Raises :class:`ImageReadError` (naming ``label``) for an archive that cannot be used
         at all: not a zip, too many entries, a table of contents too large."""
@@ -139,7 +145,7 @@ class ZipUpload:
             raise ImageReadError(
                 label, f"the archive holds {len(infos):,} entries (limit {MAX_ZIP_ENTRIES:,})"
             )
-        upload.items = [upload._item(info) for info in infos if _is_listed(info)]
+        upload.items = [upload._item(info) for info in infos if _is_listed(info, suffixes)]
         return upload
 
     def close(self) -> None:
@@ -156,8 +162,31 @@ class ZipUpload:
             name, reader=lambda budget: self._read(info, name, budget), member=info.filename
         )
 
-    def _read(self, info: zipfile.ZipInfo, name: str, budget: RequestBudget) -> bytes:
-        """One member, streamed: at most its declared size, at most MAX_MEMBER_BYTES."""
+    def read_member(self, member: str, limit: int, budget: RequestBudget) -> bytes | None:
+        """The member named exactly ``member`` (e.g. a manifest beside the images), streamed
+        with a cap of ``limit`` bytes; ``None`` if the archive has none. Raises
+        :class:`ImageReadError` for a member that is larger, encrypted or corrupt."""
+        if self._archive is None:
+            raise ImageReadError(self.label, "the archive is closed")
+        found = [info for info in self._archive.infolist() if info.filename == member]
+        if not found:
+            return None
+        info, name = found[0], f"{self.label}/{member}"
+        error = _unreadable_entry(info)
+        if error is None and info.file_size > limit:
+            error = f"skipped: larger than {limit:,} bytes"
+        if error is not None:
+            raise ImageReadError(name, error)
+        return self._read(info, name, budget, limit)
+
+    def _read(
+        self,
+        info: zipfile.ZipInfo,
+        name: str,
+        budget: RequestBudget,
+        limit: int = MAX_MEMBER_BYTES,
+    ) -> bytes:
+        """One member, streamed: at most its declared size, at most ``limit`` bytes."""
         if self._archive is None:
             raise ImageReadError(name, "the archive is closed")
         if not budget.take_bytes(info.file_size):
@@ -168,15 +197,15 @@ class ZipUpload:
         chunks, total = [], 0
         try:
             with self._archive.open(info) as stream:  # stops at the declared size, too
-                while total <= MAX_MEMBER_BYTES and (chunk := stream.read(_CHUNK)):
+                while total <= limit and (chunk := stream.read(min(_CHUNK, limit + 1))):
                     chunks.append(chunk)  # each read inflates at most _CHUNK bytes
                     total += len(chunk)
         except (*_ZIP_ERRORS, NotImplementedError, RuntimeError) as err:
             raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
         except Exception as err:  # zlib.error and other decompressor errors
             raise ImageReadError(name, f"corrupt in the zip ({_reason(err)})") from err
-        if total > MAX_MEMBER_BYTES:
-            raise ImageReadError(name, _too_big())
+        if total > limit:
+            raise ImageReadError(name, _too_big() if limit == MAX_MEMBER_BYTES else "too large")
         return b"".join(chunks)
 
 
@@ -239,15 +268,16 @@ def _declared_entries(path: str | Path, label: str) -> tuple[int, int]:
     return entries, directory
 
 
-def _is_listed(info: zipfile.ZipInfo) -> bool:
-    """Images and nested zips get a row; folders, other files (notes, spreadsheets) and
-    operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``) do not."""
+def _is_listed(info: zipfile.ZipInfo, suffixes: Collection[str] = LISTED_SUFFIXES) -> bool:
+    """Images and nested zips (by default) get a row; folders, other files (notes,
+    spreadsheets) and operating-system clutter (``__MACOSX/``, ``.DS_Store``, ``._x``) do
+    not."""
     path = PurePosixPath(info.filename)
     if info.is_dir() or not path.parts or path.parts[0] == "__MACOSX":
         return False
     if path.name.startswith("."):
         return False
-    return path.suffix.lower() in (*IMAGE_SUFFIXES, ".zip")
+    return path.suffix.lower() in suffixes
 
 
 def _unreadable_entry(info: zipfile.ZipInfo) -> str | None:

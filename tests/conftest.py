@@ -43,3 +43,56 @@ def hub_cache(tmp_path, monkeypatch):
         return snapshot
 
     return add_repo
+
+
+# --------------------------------------------------------------------------------------------
+# The adversarial tests' fixtures (tests/test_adversarial_*.py; helpers in tests/adversarial.py)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A one-block ViT checkpoint at 64 px, 4 classes: seconds to load and run."""
+    import timm
+
+    import mirage_demo  # noqa: F401  (registers the mirage_* models)
+    from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
+    from mirage_demo.data import Preprocessing
+    from tests.adversarial import CLASSES
+
+    directory = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 64, "depth": 1}
+    model = timm.create_model("mirage_tiny_patch32_512", num_classes=4, **kwargs).eval()
+    config = CheckpointConfig(
+        "mirage_tiny_patch32_512", CLASSES, Preprocessing.from_model(model), model_kwargs=kwargs
+    )
+    return save_checkpoint(directory, model, config)
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory):
+    """An 8000x8000 grayscale PNG (64 megapixels, the limit) of a few hundred KB."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    image = Image.new("L", (8000, 8000), 0)
+    image.paste(255, (0, 0, 4000, 8000))  # left half bright: orientation stays checkable
+    image.save(path, compress_level=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_ckpt):
+    """The app on the tiny checkpoint, queued as ``python app.py`` queues it (one model
+    call at a time, at most 2 waiting per session); yields (url, registry, demo)."""
+    from mirage_demo.ui import ModelChoice, ModelRegistry, build_app, setup_queue
+    from tests.test_app import serve
+
+    registry = ModelRegistry([ModelChoice("tiny", str(tiny_ckpt))])
+    demo = build_app(registry, max_batch=4)
+    setup_queue(demo, concurrency=1, per_session=2, registry=registry)
+    url = serve(demo)
+    try:
+        yield url, registry, demo
+    finally:
+        demo.close()

@@ -269,7 +269,7 @@ def test_model_report_tables_and_missing_report(served):
     assert set(figures) == {"confusion_matrix.png", "roc_curves.png", "reliability.png"}
     assert all(Path(path).is_file() for path in figures.values())
     _, message, figures = model_report(registry, "tiny (no report)")
-    assert "No evaluation report" in message and "python -m train.evaluate" in message
+    assert "No evaluation report" in message and "python -m" not in message  # no commands
     assert figures == {}
 
 
@@ -325,6 +325,7 @@ def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
 
             page.get_by_role("tab", name="Model").click()
             matrix = page.locator("#report-confusion-matrix img")
+            page.locator("#report-confusion-matrix").scroll_into_view_if_needed()  # lazy image
             matrix.wait_for(timeout=30_000)
             assert matrix.evaluate("img => img.naturalWidth") > 200
             sync_api.expect(page.get_by_text("Balanced accuracy").first).to_be_visible()
@@ -355,8 +356,10 @@ def test_trust_note_says_what_is_loaded_and_how_far_to_trust_it(served):
     registry = served[2]
     name = "tiny (report)"
     note = trust_note(name, registry.get(name).config, registry.report(name))
-    assert note.startswith("**Model: tiny (report)** (mirage_tiny_patch32_512, trained from")
-    assert "not MIRAGE" in note and "On its 20 test scans: balanced accuracy" in note
+    line = note[note.index("<summary>") : note.index("</summary>")]  # the banner's one line
+    assert "Model: tiny (report)" in line and "not MIRAGE" in line and "not a diagnosis" in line
+    assert "balanced accuracy" in line and "mirage_tiny_patch32_512" not in note  # plain words
+    assert "On its 20 test scans: balanced accuracy" in note  # the details, on demand
     assert "CNV 100% of 5" in note and "not a diagnosis" in note
     bare = trust_note("tiny (no report)", registry.get("tiny (no report)").config, None)
     assert "no test report" in bare
@@ -386,8 +389,8 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
     demo = build_app(registry)
     assert loads == []  # the layout needs no model
     blocks = list(demo.blocks.values())
-    (label,) = [b for b in blocks if isinstance(b, gr.Label)]
-    assert label.num_top_classes == 3
+    labels = [b for b in blocks if isinstance(b, gr.Label)]  # Classify's, the Volume tab's
+    assert len(labels) == 2 and all(label.num_top_classes == 3 for label in labels)
     texts = " ".join(str(b.value) for b in blocks if isinstance(b, gr.Markdown))
     assert "as CALM, SPOTS or WAVES" in texts
     assert "On its 15 val scans: balanced accuracy" in texts
@@ -443,17 +446,21 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_adapt",  # Adapt to your scans
         "on_answer",  # Test yourself
         "on_batch",
+        "on_bscan",  # the Volume tab's B-scan and its map
         "on_click",  # the feature map, Model tab
         "on_click",  # the feature map of evaluated scans
         "on_compare",
-        "on_draw",  # the feature map drawn, Model tab
-        "on_draw",  # ... and of evaluated scans
+        "on_compute",  # the feature map computed, Model tab
+        "on_compute",  # ... and of evaluated scans
         "on_evaluate",
+        "on_evaluate_page",  # ... the page's, which keeps an error in its panel
         "on_explain",
+        "on_explain_page",  # ... the page's, with the overlay's alt text
         "on_open",  # the Model tab's explorer
         "on_open",  # the explorer of evaluated scans
         "on_pick",  # a feature map's scan chosen from its list, Model tab
         "on_pick",  # ... and of evaluated scans
         "on_predict",
         "on_record",  # /predict_json
+        "on_volume",  # /volume
     ]

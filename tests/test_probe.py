@@ -173,6 +173,41 @@ def test_probe_mode_writes_a_complete_checkpoint_and_reuses_its_features(bands, 
     assert code == 2 and "nothing to resume" in err
 
 
+def test_a_probe_run_again_on_the_same_scans_sends_none_through_the_backbone(
+    bands, tmp_path, capsys, monkeypatch
+):
+    """Every pass of a probe run reads and fills the feature cache (train, val, the
+    temperature, the prediction sets and OOD flag, the test report): the first run sends each
+    scan through the backbone once, a second run none, and both report the same."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    import train.probe
+
+    images: list[int] = []  # the batch sizes that went through a ViT's forward_features
+    real = VisionTransformer.forward_features
+
+    def counting(self, x, *args, **kwargs):
+        if x.device.type != "meta":  # loading a checkpoint checks its input size on "meta"
+            images.append(len(x))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VisionTransformer, "forward_features", counting)
+    monkeypatch.setattr(train.probe, "bare_forward_speed", lambda *a, **k: 1.0)  # not a scan
+    args = ["--data", bands, "--cache-dir", tmp_path / "cache", "--mode", "probe", *TINY, *FAST]
+    code, _, err = run_train(capsys, *args, "--out", tmp_path / "first")
+    assert code == 0, err
+    assert sum(images) == 36 + 15 + 15  # train, val and test scans, once each
+    images.clear()
+    code, out, err = run_train(capsys, *args, "--out", tmp_path / "again")
+    assert code == 0, err
+    assert images == []
+    assert "51 from the feature cache, nothing to embed" in out
+    first, again = (
+        json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("first", "again")
+    )
+    assert again["overall"] == first["overall"] and again["uncertainty"] == first["uncertainty"]
+
+
 # --------------------------------------------------------------------------------------------
 # A head-only probe on MIRAGE-Base from a (temporary) Hugging Face cache
 

@@ -48,13 +48,14 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(setup):
-    _, _, three, lost = setup
+    _, data, three, lost = setup
     registry = ModelRegistry(
         [
             ModelChoice(DEMO, str(DEFAULT_CHECKPOINT)),
             ModelChoice("three", str(three)),
             ModelChoice("lost", str(lost)),
-        ]
+        ],
+        data_roots=[data],  # as python app.py --data-root DATA: its scans may be shown
     )
     with serving(registry) as url:
         yield url, registry
@@ -146,7 +147,7 @@ def test_explorer_and_quiz_work_for_every_checkpoint(served, model):
     registry = served[1]
     predictor = registry.get(model)
     names = list(predictor.class_names)
-    _, message, state = explorer_view(registry.directory(model), registry.report(model), names)
+    _, message, state = explorer_view(registry.scan_set(model), registry.report(model), names)
     assert state.scans is not None and "Choose a cell" in message
     total = sum(map(sum, state.counts))
     assert total == registry.report(model)["num_images"]
@@ -158,26 +159,27 @@ def test_explorer_and_quiz_work_for_every_checkpoint(served, model):
     overlay, caption = explorer_open(predictor, state, 0)
     assert overlay.size[0] > 0 and f"labelled **{names[row]}**" in caption
 
-    quiz, image, _ = quiz_start(registry.directory(model), names, 3, seed=0)
+    quiz, image, _ = quiz_start(registry.scan_set(model), names, 3, seed=0)
     seen = []
     while not quiz.finished:
         seen.append(image)
-        _, feedback, score = quiz_answer(predictor, quiz, names[0])
+        _, feedback, score, _ = quiz_answer(predictor, quiz, names[0])
         assert "Reference:" in feedback
         image, text = quiz_next(quiz)
     assert len(set(seen)) == 3 and "Round over" in text and "You:" in score
 
 
-def test_unreachable_test_scans_are_said_plainly(served):
-    registry = served[1]
+def test_unreachable_test_scans_are_said_plainly(setup):
+    """Its config.json names a data folder; the app was given none: no scans, said plainly."""
+    registry = ModelRegistry([ModelChoice("lost", str(setup[3]))], data_roots=[])
     names = list(registry.get("lost").class_names)
-    _, message, state = explorer_view(registry.directory("lost"), registry.report("lost"), names)
-    assert state.scans is None and "not reachable" in message
+    _, message, state = explorer_view(registry.scan_set("lost"), registry.report("lost"), names)
+    assert state.scans is None and "not available here" in message
     assert sum(map(sum, state.counts)) == 12  # the report's matrix is still shown
     gallery, text, _ = explorer_cell(state, 0, 1)
     assert gallery == [] and "not available" in text
-    quiz, _, text = quiz_start(registry.directory("lost"), names, 5)
-    assert quiz is None and "not reachable" in text
+    quiz, _, text = quiz_start(registry.scan_set("lost"), names, 5)
+    assert quiz is None and "not available here" in text
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium")

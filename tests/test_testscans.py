@@ -33,10 +33,12 @@ def checkpoint(tmp_path):
     return directory, data
 
 
-def test_original_scans_are_used_when_the_data_folder_is_reachable(checkpoint):
+def test_original_scans_are_used_when_their_folder_is_allowed(checkpoint):
     directory, data = checkpoint
-    scans, origin = scan_set_for(directory, bundled=directory / "none")
-    assert scans is not None and str(data) in origin
+    scans, _ = scan_set_for(directory, bundled=directory / "none")
+    assert scans is None  # the data folder its config.json names is never used by itself
+    scans, origin = scan_set_for(directory, bundled=directory / "none", roots=[data])
+    assert scans is not None and "6 scans of its report" in origin and str(data) not in origin
     assert sum(map(sum, scans.matrix())) == 6
     cell = scans.cell("DME", "CNV")
     assert [e.true for e in cell] == ["DME"] and cell[0].image.is_file()
@@ -58,7 +60,7 @@ def test_bundled_copies_replace_unreachable_originals(checkpoint, tmp_path):
     with open(directory / "predictions.csv", "a") as stream:
         stream.write("CNV/extra.png,CNV,CNV,0.9,0.05,0.05\n")
     scans, reason = scan_set_for(directory, bundled=out)
-    assert scans is None and "not reachable" in reason and str(data) in reason
+    assert scans is None and "not reachable" in reason and str(data) not in reason
 
 
 def test_missing_originals_stop_the_build(checkpoint, tmp_path):
@@ -71,7 +73,7 @@ def test_missing_originals_stop_the_build(checkpoint, tmp_path):
 
 def test_no_predictions_says_so(tmp_path):
     scans, reason = scan_set_for(tmp_path)
-    assert scans is None and "no predictions.csv" in reason
+    assert scans is None and "no test scans to explore" in reason
 
 
 @pytest.mark.parametrize("name", ["demo-model", "demo-vit"])

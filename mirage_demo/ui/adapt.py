@@ -6,6 +6,7 @@ then "Use it" (this session's picker serves it) and "Download" (its checkpoint).
 from __future__ import annotations
 
 import html
+import shutil
 import uuid
 import zipfile
 from pathlib import Path
@@ -13,30 +14,33 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import torch
 
-from mirage_demo.adapt import Adaptation, adapt_upload, plot_label_efficiency
+from mirage_demo.adapt import MIN_PATIENTS, Adaptation, adapt_upload, plot_label_efficiency
 from mirage_demo.checkpoint import WEIGHTS_NAME, save_checkpoint
 from mirage_demo.inference import Predictor
 from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.ui.batch import batch_gpu_seconds
-from mirage_demo.ui.context import STATE_TTL_S, AppContext, output_file
-from mirage_demo.ui.evaluate import _uploads, job_folder, labelled_scans_input
-from mirage_demo.ui.registry import SESSION_PREFIX
+from mirage_demo.ui.context import STATE_TTL_S, AppContext, current_session
+from mirage_demo.ui.evaluate import labelled_scans_input, uploaded_files
+from mirage_demo.ui.jobs import account, job_folder
+from mirage_demo.ui.registry import MAX_MODELS_PER_SESSION, SESSION_PREFIX
 from mirage_demo.ui.report import metrics_markdown
 
 __all__ = ["adapt_scans", "build_adapt_tab", "download_adapted", "use_adapted"]
 
-ADAPT_PREFIX = "oct-eval-adapt-"  # kept, capped and deleted with the evaluations (evaluate.py)
+ADAPT_PREFIX = "adapt-"  # a job folder (mirage_demo.ui.jobs): kept an hour, capped on disk
 CURVE_FILE = "label_efficiency.png"
+DOWNLOAD_NAME = "adapted-model.zip"
 
 
 def adapt_scans(predictor: Any, name: str, files: Any, progress: Any = None) -> dict[str, Any]:
     """``/adapt``: a probe on ``predictor``'s frozen features fitted to uploaded labelled
     scans of any classes. Returns ``adaptation``, ``folder``, ``note``, ``report`` (Markdown),
     ``matrix`` and ``curve`` (figure paths); a request that fails leaves nothing on disk."""
-    uploads = _uploads(files)
+    uploads = uploaded_files(files)
     if not uploads:
-        raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
+        raise gr.Error("Upload a .zip of labelled scans first: one folder per class (DME/a.png).")
 
     def on_progress(done: int, total: int) -> None:
         if progress is not None:
@@ -102,15 +106,11 @@ def _note(adaptation: Adaptation, name: str) -> str:
     return note
 
 
-def _saved(adaptation: Adaptation, folder: Path) -> Path:
-    """The adapted model's checkpoint in ``folder`` (written once)."""
-    if not (folder / WEIGHTS_NAME).is_file():
-        save_checkpoint(folder, adaptation.model, adaptation.config)
-    return folder
-
-
-def use_adapted(registry: Any, state: dict[str, Any] | None) -> tuple[str, str]:
-    """Serve the adapted model in this session's picker: ``(its name, message)``."""
+def use_adapted(
+    registry: Any, state: dict[str, Any] | None, session: str | None = None
+) -> tuple[str, str]:
+    """Serve the adapted model in the picker of the browser tab ``session`` (only there):
+    ``(its name, message)``. Nothing is written: the model is the served one's twin in memory."""
     if state is None:
         raise gr.Error("Adapt the model to your scans first.")
     adaptation, folder = state["adaptation"], state["folder"]
@@ -125,38 +125,56 @@ def use_adapted(registry: Any, state: dict[str, Any] | None) -> tuple[str, str]:
         adaptation.model, config.class_names, config.preprocessing, config.temperature
     )
     predictor.config = config
-    registry.add_session_model(state["name"], predictor, _saved(adaptation, folder))
+    replaced = registry.add_session_model(state["name"], predictor, folder, owner=session)
     message = (
         f"**Now serving “{html.escape(state['name'])}”** in the model picker above, for this "
         "browser tab only: Classify, Compare, the Model tab (its cross-validated report and "
-        "explorer on your scans) and Test yourself use it. Unused for 10 minutes, it is "
+        "explorer on your scans) and Test yourself use it. Each browser tab keeps its "
+        f"{MAX_MODELS_PER_SESSION} latest adapted models; one unused for 10 minutes is "
         "forgotten."
     )
+    if replaced:
+        message += f" It replaces {html.escape(replaced[0])}."
     return state["name"], message
 
 
 def download_adapted(state: dict[str, Any] | None) -> str:
-    """A zip of the adapted model's checkpoint and report: the path."""
+    """A zip of the adapted model's checkpoint (float16 weights) and report, written once into
+    the job's folder (counted with it) and handed out again on a second Download: its path."""
     if state is None:
         raise gr.Error("Adapt the model to your scans first.")
-    folder = _saved(state["adaptation"], state["folder"])
-    path = output_file("adapted-model", ".zip")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name in ("config.json", WEIGHTS_NAME, *REPORT_FILES, CURVE_FILE):
-            if (folder / name).is_file():
-                archive.write(folder / name, f"adapted-model/{name}")
+    folder, adaptation = Path(state["folder"]), state["adaptation"]
+    path = folder / DOWNLOAD_NAME
+    if not folder.is_dir():
+        raise gr.Error("This adapted model is no longer kept: adapt again to download it.")
+    if not path.is_file():
+        staging, part = folder / "checkpoint", path.with_suffix(".part")
+        save_checkpoint(staging, adaptation.model, adaptation.config, dtype=torch.float16)
+        try:
+            with zipfile.ZipFile(part, "w") as archive:  # weights stored: they do not deflate
+                for name in ("config.json", WEIGHTS_NAME):
+                    archive.write(staging / name, f"adapted-model/{name}")
+                for name in (*REPORT_FILES, CURVE_FILE):
+                    if (folder / name).is_file():
+                        archive.write(folder / name, f"adapted-model/{name}", zipfile.ZIP_DEFLATED)
+            part.rename(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            part.unlink(missing_ok=True)
+        account(keep=folder)  # the zip counts against the jobs' cap at once
     return str(path)
 
 
 ADAPT_INTRO = """
 A **foundation model** learns general features of OCT scans once; a new task then needs only
 a small **probe**: a linear classifier fitted on those frozen features. Bring a **.zip of
-labelled scans** laid out `<CLASS>/<image>`, **any classes** (another data set, another device,
-a two-class CNV-vs-NORMAL task): the loaded model computes each scan's features once, a probe
-is fitted with **patient-disjoint cross-validation** (the code of `python -m train --mode
-probe`), and you get its report, the **label-efficiency curve** (how good it is with 1, 2, 5,
-... labelled scans per class) and a model you can **use** here or **download**. At least two
-scans (of two patients) per class; at most 1,000 images. Nothing is kept after an hour.
+labelled scans**, one folder per class (`NORMAL/scan1.png`, ...), **any classes** (another
+data set, another device, a two-class CNV-vs-NORMAL task): the loaded model computes each
+scan's features once, a probe is fitted and tested on scans of other patients than those it
+learnt from (**patient-disjoint cross-validation**), and you get its report, the
+**label-efficiency curve** (how good it is with 1, 2, 5, ... labelled scans per class) and a
+model you can **use** here or **download**. At least {min} patients per class (one
+scan each is enough); at most 1,000 images. Nothing is kept after an hour.
 """
 
 
@@ -164,7 +182,7 @@ def build_adapt_tab(ctx: AppContext) -> None:
     """Adapt the loaded model to your labelled scans (named endpoint ``/adapt``)."""
     registry = ctx.registry
     with gr.Tab("Adapt to your scans", id="adapt"):
-        gr.Markdown(ADAPT_INTRO, elem_classes="teach-big")
+        gr.Markdown(ADAPT_INTRO.format(min=MIN_PATIENTS), elem_classes="teach-big")
         files = labelled_scans_input("adapt-files")
         button = gr.Button("Adapt the model to these scans", variant="primary")
         note = gr.Markdown(elem_id="adapt-note", elem_classes="teach-big")
@@ -174,7 +192,12 @@ def build_adapt_tab(ctx: AppContext) -> None:
         served = gr.Markdown(elem_id="adapt-served")
         checkpoint = gr.File(label="Adapted model (zip)", elem_id="adapt-checkpoint")
         curve = gr.Image(
-            label="Label efficiency", interactive=False, elem_id="adapt-curve", visible=False
+            label="Label efficiency",
+            interactive=False,
+            elem_id="adapt-curve",
+            visible=False,
+            alt_text="Label-efficiency curve: balanced accuracy of the probe against the number "
+            "of labelled scans per class",
         )
         report = gr.Markdown(elem_id="adapt-report")
         matrix = gr.Image(
@@ -182,6 +205,7 @@ def build_adapt_tab(ctx: AppContext) -> None:
             interactive=False,
             elem_id="adapt-cm",
             visible=False,
+            alt_text="Confusion matrix of the probe, cross-validated on your scans",
         )
         with gr.Accordion("All numbers (metrics.json, label-efficiency curve)", open=False):
             numbers = gr.JSON(elem_id="adapt-json")
@@ -213,9 +237,10 @@ def build_adapt_tab(ctx: AppContext) -> None:
     )
 
     def on_use(current):
-        name, message = use_adapted(registry, current)
-        picker = gr.update(choices=[*registry.names, name], value=name, visible=True)
-        return picker, message, current
+        session = current_session()
+        name, message = use_adapted(registry, current, session)
+        choices = [*registry.names, *registry.session_names(session)]
+        return gr.update(choices=choices, value=name, visible=True), message, current
 
     use.click(
         on_use,

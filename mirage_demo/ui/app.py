@@ -25,6 +25,7 @@ from mirage_demo.ui.context import (
     LONG_JOBS_CONCURRENCY_ID,
     MODEL_CONCURRENCY_ID,
     AppContext,
+    app_temp,
     example_scans,
 )
 from mirage_demo.ui.evaluate import build_evaluate_tab
@@ -34,12 +35,16 @@ from mirage_demo.ui.quiz import build_quiz_tab
 from mirage_demo.ui.registry import (
     ASSETS,
     ENV_CHECKPOINTS,
+    ENV_DATA_ROOTS,
     ENV_PRETRAINING,
+    NOT_SERVED_HERE,
     ModelRegistry,
     available_models,
     pretraining_weights,
 )
 from mirage_demo.ui.report import build_model_tab, trust_note
+from mirage_demo.ui.style import CSS, JS, TABS_ID
+from mirage_demo.ui.volume import build_volume_tab
 from mirage_demo.zerogpu import ZERO_GPU, resolve_device
 
 __all__ = [
@@ -62,6 +67,7 @@ TabBuilder = Callable[[AppContext], None]
 #: The tabs, in order.
 TABS: tuple[TabBuilder, ...] = (
     build_classify_tab,
+    build_volume_tab,
     build_model_tab,
     build_pretraining_tab,
     build_evaluate_tab,
@@ -70,16 +76,6 @@ TABS: tuple[TabBuilder, ...] = (
     build_quiz_tab,
     build_learn_tab,
 )
-CSS = """
-.disclaimer {border-left: 4px solid #d97706; padding: 6px 12px; background: #fffbeb;}
-.disclaimer p {margin: 0; color: #78350f;}
-footer {visibility: hidden}
-.explorer-matrix [role=gridcell], .explorer-matrix [role=columnheader] {
-  font-size: 1.2rem; min-height: 2.6rem; align-items: center;
-}
-.explorer-matrix [role=gridcell] {cursor: pointer;}
-.teach-big p, .teach-big li {font-size: 1.15rem;}
-"""
 FOOTER = (
     "Models fine-tuned from MIRAGE inherit its CC BY-NC-ND 4.0 license (Morano et al. "
     "2025, arXiv:2506.08900). Example scans: Kermany et al., Cell 2018, CC BY 4.0. "
@@ -111,11 +107,12 @@ def build_app(
     Serve it with :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
     """
     config = registry.config(registry.default)
+    app_temp()  # made here, in the serving process, before any worker is forked
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}")
+        header = gr.Markdown(f"# {TITLE}\n{subtitle(config.class_names)}", elem_classes="app-title")
         if notice:
             gr.Markdown(f"**Note:** {html.escape(notice)}", elem_classes="disclaimer")
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=True, elem_classes="header-row"):
             model = gr.Dropdown(
                 registry.names,
                 value=registry.default,
@@ -126,6 +123,8 @@ def build_app(
             trust = gr.Markdown(
                 trust_note(registry.default, config, registry.report(registry.default)),
                 elem_classes="disclaimer",
+                elem_id="model-banner",
+                scale=2,
             )
         ctx = AppContext(
             registry,
@@ -137,7 +136,7 @@ def build_app(
         )
         if wrap_model_call is not None:
             ctx.wrap_model_call = wrap_model_call
-        with gr.Tabs() as ctx.tabs:
+        with gr.Tabs(overflow_behavior="wrap", elem_id=TABS_ID) as ctx.tabs:
             for build_tab in tabs:
                 build_tab(ctx)
         gr.Markdown(FOOTER)
@@ -183,6 +182,15 @@ def main(argv: list[str] | None = None) -> None:
         "--share", action="store_true", help="also serve on a public gradio.live link"
     )
     parser.add_argument(
+        "--data-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a folder whose images may be shown as a checkpoint's test scans (its "
+        "predictions.csv names them relative to it; repeat for several; default: "
+        f"${ENV_DATA_ROOTS}, else only the bundled test scans)",
+    )
+    parser.add_argument(
         "--probe",
         metavar="BACKBONE",
         help="also serve MIRAGE itself, first in the picker: a linear probe on the frozen "
@@ -214,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             available_models(sources),
             device=resolve_device(args.device),
             small_on_cpu=ZERO_GPU,
+            data_roots=args.data_root,
         )
         registry = without_missing_backbones(registry, notices)
         if ZERO_GPU:  # models are placed (on emulated CUDA) before ZeroGPU packs them at launch
@@ -229,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         registry.get(registry.default)  # a broken default model stops here, not on first use
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")
-    setup_queue(demo, args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **LAUNCH_OPTIONS)
+    setup_queue(demo, args.concurrency, registry=registry)
+    options = dict(LAUNCH_OPTIONS)  # the operator's data folders are shown, nothing else of theirs
+    options["allowed_paths"] = [*options["allowed_paths"], *map(str, registry.data_roots)]
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **options)
 
 
 def without_missing_backbones(registry: ModelRegistry, notices: list[str]) -> ModelRegistry:
@@ -247,7 +258,12 @@ def without_missing_backbones(registry: ModelRegistry, notices: list[str]) -> Mo
         keep.append(registry.choices[name])
     if len(keep) == len(registry.names):
         return registry
-    return ModelRegistry(keep, device=registry.device, small_on_cpu=registry.small_on_cpu)
+    return ModelRegistry(
+        keep,
+        device=registry.device,
+        small_on_cpu=registry.small_on_cpu,
+        data_roots=registry.data_roots,
+    )
 
 
 def setup_queue(
@@ -255,17 +271,23 @@ def setup_queue(
     concurrency: int,
     max_size: int = MAX_QUEUE,
     per_session: int = MAX_WAITING_PER_SESSION,
+    registry: ModelRegistry | None = None,
 ) -> gr.Blocks:
     """Queue ``demo``'s requests: ``concurrency`` one-scan model calls at once (one group for
-    those events) beside one long job (``/batch``, ``/evaluate``: a group of its own), at most
-    ``max_size`` waiting in all and ``per_session`` model requests per session, so one client
-    cannot fill the queue; the next request past a limit is refused at once."""
-    demo.queue(default_concurrency_limit=concurrency, max_size=max_size)
+    those events) beside one long job (``/batch``, ``/evaluate``, ``/adapt``, the feature map:
+    a group of its own), at most ``max_size`` waiting in all and ``per_session`` model requests
+    per session, so one client cannot fill the queue; the next request past a limit is refused
+    at once. Every request joins the queue (the REST routes that would skip it are closed), and
+    one naming an adapted model of another session (``registry``) is refused there."""
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_size, api_open=False)
     queue = demo._queue  # Gradio has no per-session limit: wrap its queue's entry point
     push = queue.push
 
     async def push_limited(body: Any, request: Any, username: Any) -> Any:
         session = getattr(body, "session_hash", None)
+        values = body.data if isinstance(body.data, list) else []
+        if registry is not None and not all(registry.may_use(v, session) for v in values):
+            return False, NOT_SERVED_HERE, "error"
         fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
         # only model work counts: a page's own load events (a dozen, reading metadata) never do
         if session is not None and getattr(fn, "concurrency_id", None) in MODEL_LANES:
@@ -302,8 +324,13 @@ def theme() -> gr.themes.Base:
 LAUNCH_OPTIONS: dict[str, Any] = {
     "theme": theme(),
     "css": CSS,
+    "js": JS,
     "footer_links": ["api"],
     "max_file_size": MAX_FILE_SIZE,
     # the bundled scans are shown whatever the working directory (only these folders)
-    "allowed_paths": [str(ASSETS / "examples"), str(ASSETS / "test-scans")],
+    "allowed_paths": [
+        str(ASSETS / "examples"),
+        str(ASSETS / "test-scans"),
+        str(ASSETS / "volumes"),
+    ],
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -15,6 +16,9 @@ from mirage_demo.ui.context import AppContext, display_name, output_file, upload
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
+from mirage_demo.volume_io import load_volume, volume_kind
+from mirage_demo.volume_predict import VolumeSummary, classify_volume, summarize
+from mirage_demo.volumes import Volume, VolumeError, slice_label
 
 __all__ = ["MAX_BATCH_FILES", "build_batch_tab", "classify_batch"]
 
@@ -23,6 +27,7 @@ MAX_BATCH_FILES = 500  # images (and listed entries) per request
 BATCH_GPU_SECONDS = (10, 0.25, 120)
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
+VOLUME_FILE_KINDS = ("vol", "e2e", "dicom")  # zips stay batches of images here
 
 
 def batch_header(class_names: Sequence[str]) -> list[str]:
@@ -36,8 +41,11 @@ def _trust_cells(result: Prediction) -> list[str]:
     """The set and out-of-distribution columns ("n/a": the checkpoint has neither)."""
     if result.prediction_set is None:
         return ["n/a", "n/a"]
-    flag = f"yes ({result.ood_score:.1f})" if result.out_of_distribution else "no"
+    flag = "yes" if result.out_of_distribution else "no"  # its score is in the CSV
     return [", ".join(result.prediction_set), flag]
+
+
+Entry = tuple[str, "Prediction | ImageReadError | VolumeSummary"]  # (name, what to show)
 
 
 def classify_batch(
@@ -46,67 +54,140 @@ def classify_batch(
     model_name: str | None = None,
     progress: gr.Progress | None = None,
 ) -> tuple[list[list[Any]], str, str]:
-    """``/batch``: a table of predictions (one row per image), a CSV file and a summary.
+    """``/batch``: a table of predictions (one row per image; a volume gives one row per
+    B-scan and a summary row), a CSV file and a summary.
 
     Zip members are read (capped, see :mod:`mirage_demo.uploads`) only when their turn comes,
-    :data:`BATCH_SIZE` at a time; an entry that cannot be read is a row with the reason."""
+    :data:`BATCH_SIZE` at a time; an entry that cannot be read is a row with the reason.
+    Volume files (:mod:`mirage_demo.volume_io`, told by their content) are read B-scan by
+    B-scan, a batch at a time."""
     predictor = registry.get(model_name)
     files = [(display_name(u, upload_path(u)), upload_path(u)) for u in uploads or []]
     if not files:
         raise gr.Error("Upload some OCT scans (or a .zip of them) first.")
-    budget = RequestBudget()
-    names: list[str] = []
-    results: list[Prediction | ImageReadError] = []
+    volumes = [(n, p) for n, p in files if volume_kind(p) in VOLUME_FILE_KINDS]
+    images = [f for f in files if f not in volumes]
+    entries: list[Entry] = []
     with ExitStack() as stack:
-        items = expand_uploads(files, stack)
-        if len(items) > MAX_BATCH_FILES:
-            raise gr.Error(
-                f"{len(items)} files is too many for one batch (limit {MAX_BATCH_FILES})."
-            )
-        for start in range(0, len(items), BATCH_SIZE):
-            if progress is not None:
-                progress((start, len(items)), desc="Classifying", unit="images")
-            part = items[start : start + BATCH_SIZE]
-            sources: list[Any] = []
-            for item in part:
-                try:
-                    sources.append(item.load(budget))
-                except ImageReadError as err:
-                    sources.append(err)
-            names += [item.name for item in part]
-            results += predictor.predict_batch(
-                sources, batch_size=BATCH_SIZE, names=[i.name for i in part], on_error="return"
-            )
-            del sources  # the members' bytes: one batch at a time
-    classes = predictor.class_names
-    rows: list[list[Any]] = []
-    for name, result in zip(names, results, strict=True):
-        if isinstance(result, Prediction):
-            probs = [round(result.probabilities[c], 4) for c in classes]
-            trust = _trust_cells(result)
-            rows.append([name, result.label, *probs, *trust, "; ".join(result.warnings)])
-        else:
-            rows.append([name, UNREADABLE, *[None] * (len(classes) + 2), result.reason])
+        items = expand_uploads(images, stack)
+        total, opened = len(items), []
+        for name, path in volumes:  # headers only; stops at the limit
+            if total > MAX_BATCH_FILES:
+                break
+            opened.append(_open_volume(name, path, stack))
+            total += len(opened[-1][1]) if opened[-1][1] is not None else 1
+        if total > MAX_BATCH_FILES:
+            what = "files and B-scans are" if volumes else "files is"
+            raise gr.Error(f"{total} {what} too many for one batch (limit {MAX_BATCH_FILES}).")
+        entries += _classify_items(predictor, items, progress, total)
+        for (name, _), (error, volume) in zip(volumes, opened, strict=True):
+            if volume is None:
+                entries.append((name, ImageReadError(name, error)))
+                continue
+            entries += _classify_volume(predictor, volume, progress, len(entries), total)
+    rows = [_row(name, result, predictor.class_names) for name, result in entries]
+    return rows, _write_csv(entries, predictor.class_names), _summary_line(entries)
+
+
+def _open_volume(name: str, path: str, stack: ExitStack) -> tuple[str, Volume | None]:
+    """A volume file opened (closed with ``stack``), or the reason it cannot be."""
+    try:
+        volume = load_volume(path, name)
+    except VolumeError as err:
+        return err.reason, None
+    stack.callback(volume.close)
+    return "", volume
+
+
+def _classify_items(
+    predictor: Any, items: list[Any], progress: gr.Progress | None, total: int
+) -> list[Entry]:
+    budget = RequestBudget()
+    entries: list[Entry] = []
+    for start in range(0, len(items), BATCH_SIZE):
+        if progress is not None:
+            progress((start, total), desc="Classifying", unit="images")
+        part = items[start : start + BATCH_SIZE]
+        sources: list[Any] = []
+        for item in part:
+            try:
+                sources.append(item.load(budget))
+            except ImageReadError as err:
+                sources.append(err)
+        names = [item.name for item in part]
+        results = predictor.predict_batch(
+            sources, batch_size=BATCH_SIZE, names=names, on_error="return"
+        )
+        entries += zip(names, results, strict=True)
+        del sources  # the members' bytes: one batch at a time
+    return entries
+
+
+def _classify_volume(
+    predictor: Any, volume: Volume, progress: gr.Progress | None, done: int, total: int
+) -> list[Entry]:
+    """One entry per B-scan, then the volume's summary."""
+
+    def report(step: int, _: int) -> None:
+        if progress is not None:
+            progress((done + step, total), desc="Classifying", unit="images")
+
+    results = []
+    for item in classify_volume(predictor, volume, batch_size=BATCH_SIZE, progress=report):
+        item.image = None  # one batch of B-scans at a time
+        results.append(item)
+    entries: list[Entry] = [(slice_label(volume.name, r.index), r.result) for r in results]
+    entries.append((f"{volume.name}: the whole volume", summarize(results, predictor.class_names)))
+    return entries
+
+
+def _row(name: str, result: Any, classes: Sequence[str]) -> list[Any]:
+    if isinstance(result, Prediction):
+        probs = [round(result.probabilities[c], 4) for c in classes]
+        return [name, result.label, *probs, *_trust_cells(result), "; ".join(result.warnings)]
+    if isinstance(result, VolumeSummary):
+        highest = [round(result.highest[c][0], 4) if c in result.highest else None for c in classes]
+        text = f"{result.text()} (Probabilities: each class's highest in any B-scan.)"
+        return [name, f"volume: {result.finding or UNREADABLE}", *highest, "", "", text]
+    return [name, UNREADABLE, *[None] * (len(classes) + 2), result.reason]
+
+
+def _write_csv(entries: list[Entry], classes: Sequence[str]) -> str:
+    """The predictions CSV: a row per image or B-scan; a volume's summary row has its text
+    in ``warnings`` and no probabilities."""
+    results = [result for _, result in entries]
+    predicted = [r if isinstance(r, Prediction) else None for r in results]
     csv_path = output_file("oct-predictions", ".csv")
     write_predictions_csv(
         csv_path,
         classes,
-        names,
-        [
-            [r.probabilities[c] for c in classes] if isinstance(r, Prediction) else None
-            for r in results
+        [name for name, _ in entries],
+        [[p.probabilities[c] for c in classes] if p else None for p in predicted],
+        warnings=[
+            p.warnings if p else [r.text()] if isinstance(r, VolumeSummary) else []
+            for p, r in zip(predicted, results, strict=True)
         ],
-        warnings=[r.warnings if isinstance(r, Prediction) else [] for r in results],
-        errors=[None if isinstance(r, Prediction) else r.reason for r in results],
-        uncertainty=[r.to_dict() if isinstance(r, Prediction) else None for r in results],
+        errors=[r.reason if isinstance(r, ImageReadError) else None for r in results],
+        uncertainty=[p.to_dict() if p else None for p in predicted],
     )
-    failed = sum(not isinstance(r, Prediction) for r in results)
-    counts = {c: sum(row[1] == c for row in rows) for c in classes}
-    summary = f"**{len(rows) - failed} classified**" + (
-        f", **{failed} unreadable**" if failed else ""
-    )
-    summary += " — " + ", ".join(f"{c}: {n}" for c, n in counts.items())
-    return rows, str(csv_path), summary
+    return str(csv_path)
+
+
+def _summary_line(entries: list[Entry]) -> str:
+    """Counts per class, then each volume's summary in words (also its row in the table)."""
+    results = [result for _, result in entries]
+    classified = [r for r in results if isinstance(r, Prediction)]
+    failed = sum(isinstance(r, ImageReadError) for r in results)
+    counts: dict[str, int] = {}
+    for result in classified:
+        counts[result.label] = counts.get(result.label, 0) + 1
+    line = f"**{len(classified)} classified**" + (f", **{failed} unreadable**" if failed else "")
+    line += " — " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
+    for name, result in entries:
+        if isinstance(result, VolumeSummary):
+            text = html.escape(result.text())
+            line += f"\n\n**{html.escape(name)}** (its row at the end): {text}"
+    return line
 
 
 def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
@@ -115,8 +196,22 @@ def batch_gpu_seconds(uploads: Sequence[Any] | None, *_: Any, **__: Any) -> int:
     images = 0
     for upload in uploads or []:
         path = upload_path(upload)
-        images += zip_entry_count(path) if str(path).lower().endswith(".zip") else 1
+        if str(path).lower().endswith(".zip"):
+            images += zip_entry_count(path)
+        elif volume_kind(path) in VOLUME_FILE_KINDS:
+            images += _bscan_count(path)
+        else:
+            images += 1
     return int(min(cap, base + per_image * images))
+
+
+def _bscan_count(path: str) -> int:
+    """A volume file's B-scans, from its header (1 if it cannot be read)."""
+    try:
+        with load_volume(path) as volume:
+            return len(volume)
+    except VolumeError:
+        return 1
 
 
 def build_batch_tab(ctx: AppContext) -> None:
@@ -124,23 +219,26 @@ def build_batch_tab(ctx: AppContext) -> None:
     registry = ctx.registry
     with gr.Tab("Batch", id="batch"):
         gr.Markdown(
-            "Classify many scans at once: select several images, or a .zip of them. "
-            "Unreadable files are listed, not fatal."
+            "Classify many scans at once: select several images, or a .zip of them, or OCT "
+            "volumes (.vol, .e2e, DICOM: a row per B-scan and a summary row). Unreadable "
+            "files are listed, not fatal."
         )
         batch_files = gr.File(
             file_count="multiple",
-            file_types=[*sorted(IMAGE_SUFFIXES), ".zip"],
-            label="Scans or .zip archives",
+            file_types=[*sorted(IMAGE_SUFFIXES), ".zip", ".vol", ".e2e", ".dcm", ".dicom"],
+            label="Scans, .zip archives or OCT volumes",
+            elem_id="batch-files",
         )
         batch_button = gr.Button("Classify all", variant="primary")
-        batch_summary = gr.Markdown()
-        batch_table = gr.Dataframe(
+        batch_summary = gr.Markdown(elem_id="batch-summary")
+        batch_table = gr.Dataframe(  # shown with its rows; it scrolls sideways, words whole
             headers=batch_header(registry.config().class_names),
             label="Predictions",
             interactive=False,
-            wrap=True,
+            visible=False,
+            elem_id="batch-table",
         )
-        batch_csv = gr.File(label="Download as CSV")
+        batch_csv = gr.File(label="Download as CSV", visible=False, elem_id="batch-csv")
 
     @ctx.model_call(duration=batch_gpu_seconds)
     def on_batch(files, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
@@ -157,5 +255,9 @@ def build_batch_tab(ctx: AppContext) -> None:
         outputs=[batch_table, batch_csv, batch_summary],
         api_name="batch",
         **ctx.long_events,
+    ).success(  # shown once there are rows (the endpoint itself returns plain values)
+        lambda: (gr.update(visible=True), gr.update(visible=True)),
+        outputs=[batch_table, batch_csv],
+        api_visibility="private",
     )
     ctx.model.change(on_model, inputs=[ctx.model], outputs=[batch_table], api_visibility="private")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mirage_demo.explain import render_overlay
 from mirage_demo.images import ImageReadError
-from mirage_demo.inference import Explanation, Prediction
+from mirage_demo.inference import DEFAULT_COLORMAP, Explanation, Prediction
 from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (
     METHOD_LABELS,
@@ -24,19 +24,24 @@ from mirage_demo.ui.context import (
     display_name,
     example_label,
     image_file,
+    method_name,
+    neutral_examples,
     reference_line,
     timing_line,
     trust_markdown,
     unreadable,
     upload_path,
+    verdict,
     warnings_markdown,
 )
 from mirage_demo.ui.registry import ModelRegistry
+from mirage_demo.ui.slides import answer_figure_file, colour_bar_html, file_stem, overlay_alt
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 
 __all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan", "reblend"]
 
 EMPTY_INFO = "Upload a scan or pick an example."
+EMPTY_ALT = "Where the model looked: a heat map over the scan (none yet)"
 STATE_SIDE = 1024  # the overlay and the per-session state: at most this many pixels a side
 MIN_LEVEL, MAX_LEVEL = 0.5, 0.99  # the prediction sets' levels a user may pick
 
@@ -162,6 +167,16 @@ def explain_scan(
         + timing_line(prediction, what, str(predictor.device))
     )
     state = overlay_state(explanation, predictor.colormap)
+    state["about"] = {
+        "scan": name,
+        "method": method_name(explanation.method),
+        "target": explanation.target if explanation.class_specific else None,
+        "label": prediction.label,
+        "confidence": prediction.confidence,
+        "verdict": verdict(prediction),
+        "set": list(prediction.prediction_set or []),
+        "level": prediction.level,
+    }
     return reblend(state, opacity), prediction.probabilities, info, state
 
 
@@ -208,13 +223,17 @@ class ClassifyView:
     """The Classify tab's components: the scan and its settings, the answer panel."""
 
     scan: gr.Image
+    examples: gr.Gallery | None
     method: gr.Dropdown
     target: gr.Dropdown
     opacity: gr.Slider
     level: gr.Slider
     probabilities: gr.Label
     overlay: gr.Image
+    colour_bar: gr.HTML
     info: gr.Markdown
+    figure_button: gr.Button
+    figure: gr.File
     state: gr.State
     predict_button: gr.Button
     record: gr.JSON  # /predict_json's answer (not shown)
@@ -235,23 +254,30 @@ def build_classify_tab(ctx: AppContext) -> None:
         view = _classify_layout(ctx)
         build_compare_section(ctx, view.scan, view.target, PREDICTED)
     _wire_explain(ctx, view)
+    _wire_figure(ctx, view)
     _wire_predict(ctx, view)
+    _wire_examples(ctx, view)
 
 
 def _classify_layout(ctx: AppContext) -> ClassifyView:
-    """Left: the scan, the explanation settings, the set's level, the examples. Right: the
-    probabilities, the overlay, the text (warnings, the set, timing)."""
+    """Left: the scan, the examples, the explanation settings and the set's level. Right: the
+    probabilities, the overlay, the text (warnings, the set, timing). On a phone: the scan,
+    the examples, the answer, then the settings."""
     config = ctx.registry.config()
-    with gr.Row():
+    with gr.Row(elem_classes="ph-flat"):
         with gr.Column(scale=1):
             scan = gr.Image(
                 type="filepath",
                 image_mode=None,
                 sources=["upload", "clipboard"],
-                label="OCT B-scan (drop, paste or click to upload)",
+                label="OCT B-scan: drop, paste or click",
                 height=320,
+                alt_text="The OCT B-scan to classify",
+                elem_id="scan",
+                elem_classes=["ph-1", "phone-short"],
             )
-            with gr.Row():
+            examples = examples_gallery(ctx)
+            with gr.Row(elem_classes="ph-7"):
                 # the model's own methods arrive with on_model (they need the model)
                 method = gr.Dropdown(
                     [(label, m) for m, label in METHOD_LABELS.items()],
@@ -261,8 +287,10 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
                 target = gr.Dropdown(
                     [PREDICTED, *config.class_names], value=PREDICTED, label="Explain class"
                 )
-            with gr.Row():
-                opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity")
+            with gr.Row(elem_classes="ph-8"):
+                opacity = gr.Slider(
+                    0.0, 1.0, value=0.5, step=0.05, label="Opacity", elem_id="opacity"
+                )
                 level = gr.Slider(
                     MIN_LEVEL,
                     MAX_LEVEL,
@@ -272,42 +300,87 @@ def _classify_layout(ctx: AppContext) -> ClassifyView:
                     info="how often the set should hold the true class",
                     elem_id="level",
                 )
-            if ctx.examples:
-                gr.Examples(
-                    examples=[[path] for path, _ in ctx.examples],
-                    example_labels=[cls for _, cls in ctx.examples],
-                    inputs=[scan],
-                    label="Real scans from Kermany et al. 2018 (CC BY 4.0)",
-                    examples_per_page=12,
-                )
         with gr.Column(scale=1):
-            probabilities = gr.Label(
-                num_top_classes=config.num_classes,
-                label="Class probabilities",
-                elem_id="probabilities",
-            )
-            overlay = gr.Image(
-                label="Where the model looked",
-                elem_id="overlay",
-                type="pil",
-                interactive=False,
-                height=320,
-                buttons=["download", "fullscreen"],
-            )
-            info = gr.Markdown(EMPTY_INFO, elem_id="info")
+            answer = _answer_panel(config.num_classes)
     return ClassifyView(
         scan,
+        examples,
         method,
         target,
         opacity,
         level,
-        probabilities,
-        overlay,
-        info,
+        *answer,
         state=gr.State(None, time_to_live=STATE_TTL_S),
         predict_button=gr.Button("Predict only", visible=False),
         record=gr.JSON(visible=False),
     )
+
+
+def _answer_panel(classes: int) -> tuple[Any, ...]:
+    """The answer: probabilities, the overlay with its colour bar, the text, the figure
+    button and its file (in a phone's order: ``ph-3`` ...)."""
+    probabilities = gr.Label(
+        num_top_classes=classes,
+        label="Class probabilities",
+        elem_id="probabilities",
+        elem_classes="ph-3",
+    )
+    overlay = gr.Image(
+        label="Where the model looked",
+        elem_id="overlay",
+        type="filepath",
+        interactive=False,
+        height=320,
+        format="png",
+        alt_text=EMPTY_ALT,
+        buttons=["download", "fullscreen"],
+        elem_classes="ph-4",
+    )
+    colour_bar = gr.HTML(colour_bar_html(DEFAULT_COLORMAP), elem_classes="ph-5", padding=False)
+    info = gr.Markdown(EMPTY_INFO, elem_id="info", elem_classes="ph-6")
+    figure_button = gr.Button(
+        "Figure for slides (PNG: scan, map, colour bar, caption)",
+        elem_id="figure-button",
+        size="sm",
+        elem_classes="ph-9",
+    )
+    figure = gr.File(
+        label="Figure for slides", elem_id="figure", visible=False, elem_classes="ph-9"
+    )
+    return probabilities, overlay, colour_bar, info, figure_button, figure
+
+
+def examples_gallery(ctx: AppContext) -> gr.Gallery | None:
+    """The bundled example scans as thumbnails named "Example scan N" (copies under neutral
+    names, in an order that does not follow their class); None when there are none."""
+    if not ctx.examples:
+        return None
+    return gr.Gallery(
+        [
+            (path, f"Example scan {n}")
+            for n, (path, _) in enumerate(neutral_examples(ctx.examples), start=1)
+        ],
+        label="Or pick a real scan (Kermany et al. 2018, CC BY 4.0)",
+        columns=len(ctx.examples),
+        height="auto",
+        object_fit="cover",
+        allow_preview=False,
+        buttons=[],
+        elem_id="examples",
+        elem_classes=["ph-2", "examples-strip"],
+    )
+
+
+def _wire_examples(ctx: AppContext, view: ClassifyView) -> None:
+    """A click on an example thumbnail puts that scan in the upload box (which explains it)."""
+    if view.examples is None:
+        return
+    ordered = [path for path, _ in neutral_examples(ctx.examples)]
+
+    def on_pick(evt: gr.SelectData):
+        return ordered[int(evt.index)] if 0 <= int(evt.index) < len(ordered) else gr.skip()
+
+    view.examples.select(on_pick, outputs=[view.scan], api_visibility="private")
 
 
 def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
@@ -315,18 +388,31 @@ def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
     opacity re-blends the session's overlay without the model."""
     registry = ctx.registry
 
-    @ctx.model_call
-    def on_explain(upload, name, method_name, target_name, alpha, level):
+    def explained(upload, name, method_name, target_name, alpha, level):
         if upload is None:  # cleared
             return None, None, EMPTY_INFO, None
         picture, *rest = explain_scan(
             registry, upload, name, method_name, target_name, alpha, level
         )
-        return image_file(picture), *rest
+        return image_file(picture, "overlay", f"map-{file_stem(rest[-1])}"), *rest
+
+    @ctx.model_call
+    def on_explain(upload, name, method_name, target_name, alpha, level):
+        return explained(upload, name, method_name, target_name, alpha, level)  # the API: a path
+
+    @ctx.model_call
+    def on_explain_page(upload, name, method_name, target_name, alpha, level):
+        path, *rest = explained(upload, name, method_name, target_name, alpha, level)
+        alt = EMPTY_ALT if path is None else overlay_alt(rest[-1])
+        return gr.Image(value=path, alt_text=alt), *rest
 
     def on_reblend(saved, alpha):
         picture = reblend(saved, alpha)
-        return image_file(picture) if isinstance(picture, Image.Image) else picture
+        if not isinstance(picture, Image.Image):
+            return picture
+        return image_file(
+            picture, "overlay", f"map-{file_stem(saved)}" if "about" in saved else None
+        )
 
     def on_model(name):
         predictor = registry.get(name)
@@ -336,15 +422,26 @@ def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
             gr.update(choices=methods, value=chosen),
             gr.update(choices=[PREDICTED, *predictor.class_names], value=PREDICTED),
             gr.update(num_top_classes=len(predictor.class_names)),
+            colour_bar_html(predictor.colormap),
         )
 
     inputs = [view.scan, ctx.model, *view.explain_inputs[1:]]
-    explain = dict(fn=on_explain, inputs=inputs, outputs=view.explain_outputs, preprocess=False)
+    explain = dict(
+        fn=on_explain_page, inputs=inputs, outputs=view.explain_outputs, preprocess=False
+    )
     gr.on(
         [view.scan.change, view.method.change, view.target.change, view.level.release],
         **explain,
-        api_name="explain",
+        api_visibility="private",
         trigger_mode="always_last",
+        **ctx.model_events,
+    )
+    view.predict_button.click(  # /explain for API clients: the overlay as a file path
+        on_explain,
+        inputs=inputs,
+        outputs=view.explain_outputs,
+        preprocess=False,
+        api_name="explain",
         **ctx.model_events,
     )
     view.opacity.release(
@@ -352,9 +449,31 @@ def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:
         inputs=[view.state, view.opacity],
         outputs=[view.overlay],
         api_visibility="private",
+        trigger_mode="always_last",
     )
-    changed = ctx.on_model(on_model, [view.method, view.target, view.probabilities])
+    changed = ctx.on_model(
+        on_model, [view.method, view.target, view.probabilities, view.colour_bar]
+    )
     changed.then(**explain, api_visibility="private", **ctx.model_events)
+
+
+def _wire_figure(ctx: AppContext, view: ClassifyView) -> None:
+    """*Figure for slides*: the answer as one PNG; a new scan hides the last one's."""
+    view.scan.change(
+        lambda: gr.update(value=None, visible=False),
+        outputs=[view.figure],
+        api_visibility="private",
+    )
+
+    def on_figure(saved, name, alpha):
+        return gr.update(value=answer_figure_file(saved, name, alpha), visible=True)
+
+    view.figure_button.click(
+        on_figure,
+        inputs=[view.state, ctx.model, view.opacity],
+        outputs=[view.figure],
+        api_visibility="private",
+    )
 
 
 def _wire_predict(ctx: AppContext, view: ClassifyView) -> None:

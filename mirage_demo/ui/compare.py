@@ -9,17 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
+from mirage_demo.figures import strongest_region
 from mirage_demo.images import ImageReadError
 from mirage_demo.trust import compare_methods
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,
+    STATE_TTL_S,
     AppContext,
     example_label,
     method_name,
     reference_line,
     unreadable,
 )
+from mirage_demo.ui.slides import compare_grid_file
 
 __all__ = ["COMPARE_HEADERS", "build_compare_section", "compare_scan"]
 
@@ -57,9 +61,19 @@ def compare_scan(
     maps, randomized, rows = [], [], []
     for score in comparison.scores:
         label = method_name(score.method)
-        # the score first: a caption is cut to the thumbnail's width
-        maps.append((score.overlay, f"{score.faithfulness * 100:+.0f} {label}"))
-        randomized.append((score.randomized_overlay, f"ρ {score.similarity:.2f} {label}"))
+        # the score first: a caption is cut to the thumbnail's width (its whole text is the
+        # picture's alt text and tooltip)
+        where = strongest_region(score.heatmap)
+        maps.append(
+            (score.overlay, f"{score.faithfulness * 100:+.0f} {label}: map strongest {where}")
+        )
+        where = strongest_region(score.randomized_heatmap)
+        randomized.append(
+            (
+                score.randomized_overlay,
+                f"ρ {score.similarity:.2f} {label}, last block randomised: strongest {where}",
+            )
+        )
         rows.append(
             [
                 label,
@@ -117,11 +131,13 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
             columns=5,
             height="auto",
             object_fit="contain",
+            format="png",
+            buttons=["download", "fullscreen"],
             elem_id="compare-maps",
         )
-        table = gr.Dataframe(
-            headers=COMPARE_HEADERS, interactive=False, wrap=True, elem_id="compare-table"
-        )
+        grid = gr.File(label="The grid as one picture, for a slide (PNG)", elem_id="compare-grid")
+        table = gr.Dataframe(headers=COMPARE_HEADERS, interactive=False, elem_id="compare-table")
+        about = gr.State(None, time_to_live=STATE_TTL_S)  # the last scan and model, for its grid
 
     @ctx.model_call(duration=COMPARE_GPU_SECONDS)
     def on_compare(upload, name, target_name):
@@ -130,27 +146,44 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
         path = _path_of(upload)
         shown = upload.get("orig_name") if isinstance(upload, dict) else None
         explained = None if target_name in (None, "", predicted_label) else target_name
-        gallery, rows, info = compare_scan(
-            ctx.registry.get(name), path, shown or Path(path).name, explained
+        scan_name = shown or Path(path).name
+        gallery, rows, info = compare_scan(ctx.registry.get(name), path, scan_name, explained)
+        return gallery, rows, info, {"scan": scan_name, "model": name}
+
+    def on_grid(gallery, rows, saved):
+        if not gallery or saved is None:
+            return None
+        data = rows["data"] if isinstance(rows, dict) else rows.values.tolist()
+        title = f"Every method's map of {saved['scan']} ({saved['model']})"
+        return compare_grid_file(
+            [(_opened(item[0]), item[1]) for item in gallery], data, title, saved["scan"]
         )
-        return gallery, rows, info
 
     button.click(
         on_compare,
         inputs=[scan, ctx.model, target],
-        outputs=[maps, table, text],
+        outputs=[maps, table, text, about],
         api_name="compare",
         **ctx.model_events,
         preprocess=False,
-    )
+    ).success(on_grid, inputs=[maps, table, about], outputs=[grid], api_visibility="private")
 
     def on_model(name: str):  # one column per method: the randomised maps line up below
-        return gr.update(columns=len(ctx.registry.get(name).methods), value=None), None, ""
+        columns = len(ctx.registry.get(name).methods)
+        return gr.update(columns=columns, value=None), None, "", None
 
-    ctx.on_model(on_model, [maps, table, text])
+    ctx.on_model(on_model, [maps, table, text, grid])
 
 
 def _path_of(upload: Any) -> str:
     if isinstance(upload, dict):
         return str(upload.get("path") or upload.get("name"))
     return str(getattr(upload, "path", None) or upload)
+
+
+def _opened(item: Any) -> Any:
+    """A gallery item's picture as Gradio hands it to a handler (a path, or an image)."""
+    if isinstance(item, (str, Path)):
+        with Image.open(item) as image:
+            return image.convert("RGB")
+    return item

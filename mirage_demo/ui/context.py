@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import functools
 import hashlib
 import html
 import inspect
+import os
+import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -17,11 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
+from gradio.context import LocalContext
 from PIL import Image
 
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
-from mirage_demo.ui.registry import ASSETS, ModelRegistry
+from mirage_demo.ui.registry import ASSETS, NOT_SERVED_HERE, ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE
 from mirage_demo.zerogpu import gpu_task
 
@@ -36,15 +41,23 @@ __all__ = [
     "SCAN_GPU_SECONDS",
     "STATE_TTL_S",
     "AppContext",
+    "app_temp",
+    "current_session",
     "display_name",
     "example_label",
+    "example_order",
     "example_scans",
+    "image_file",
     "method_name",
+    "neutral_examples",
     "output_file",
     "picture",
     "reference_line",
+    "safe_file_name",
+    "shown_picture",
     "unreadable",
     "upload_path",
+    "verdict",
 ]
 
 EXAMPLES_DIR = ASSETS / "examples"
@@ -66,7 +79,6 @@ PREDICTED = "the predicted class"
 MODEL_CONCURRENCY_ID = "model"
 #: /batch and /evaluate: their own lane, one at a time, so they never hold up one scan.
 LONG_JOBS_CONCURRENCY_ID = "long-jobs"
-OUTPUT_DIR = Path(tempfile.gettempdir()) / "mirage-demo-outputs"
 OUTPUT_MAX_AGE_S = 600  # Gradio serves its own copy of each; ours are deleted after this
 STATE_TTL_S = 600  # a session's state (last explanation, explorer, quiz) lives 10 minutes
 #: ZeroGPU time a model call reserves by default (seconds): one scan, explanation included,
@@ -138,7 +150,19 @@ class AppContext:
         def use_gpu(*args: Any, **kwargs: Any) -> bool:
             return not all(self.registry.on_cpu(name) for name in models(*args, **kwargs))
 
-        return self.wrap_model_call(gpu_task(duration, use_gpu=use_gpu)(fn))
+        wrapped = self.wrap_model_call(gpu_task(duration, use_gpu=use_gpu)(fn))
+        if "names" in inspect.signature(fn).parameters:
+            return wrapped  # a Gradio batch mixes sessions: checked as each joins the queue
+
+        @functools.wraps(wrapped)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            session = current_session()
+            for name in models(*args, **kwargs):
+                if not self.registry.may_use(name, session):
+                    raise gr.Error(NOT_SERVED_HERE)
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def on_model(self, fn: Callable[[str], Any], outputs: Sequence[gr.components.Component]) -> Any:
         """Call ``fn(model_name)`` when the page loads and whenever the picker changes, to
@@ -147,6 +171,12 @@ class AppContext:
         return self.model.change(
             fn, inputs=[self.model], outputs=list(outputs), api_visibility="private"
         )
+
+
+def current_session() -> str | None:
+    """The Gradio session hash of the request being handled (None outside a request)."""
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None)
 
 
 def _model_names(fn: Callable[..., Any]) -> Callable[..., list[str | None]]:
@@ -173,6 +203,33 @@ def example_scans(folder: Path = EXAMPLES_DIR) -> list[tuple[str, str]]:
         for path in sorted(folder.glob("*/*"))
         if path.suffix.lower() in IMAGE_SUFFIXES
     ]
+
+
+def example_order(examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The example scans in a fixed order that does not follow their class (sorted by a hash
+    of their file name), so their place does not give the class away."""
+    return sorted(examples, key=lambda e: hashlib.sha256(Path(e[0]).name.encode()).hexdigest())
+
+
+def neutral_examples(examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The example scans in :func:`example_order`, each as a copy named ``example-N`` (their
+    file names, ``DME-11053-1.jpeg``, would give the class away in the page), made once in a
+    folder of the app's temporary folder named after their contents."""
+    ordered = example_order(examples)
+    digest = hashlib.sha256()
+    for path, _ in ordered:
+        digest.update(Path(path).read_bytes())
+    folder = app_temp() / "examples" / digest.hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for number, (path, cls) in enumerate(ordered, start=1):
+        copy = folder / f"example-{number}{Path(path).suffix.lower()}"
+        if not copy.is_file() or copy.stat().st_size != Path(path).stat().st_size:
+            partial = copy.with_name(f".{copy.name}.{uuid.uuid4().hex[:8]}")
+            shutil.copyfile(path, partial)
+            partial.replace(copy)
+        copies.append((str(copy), cls))
+    return copies
 
 
 def upload_path(upload: Any) -> str:
@@ -294,29 +351,102 @@ def reference_line(
     )
 
 
-def picture(label: str, elem_id: str, *, kind: str = "pil", height: int = 380) -> gr.Image:
-    """An output image (a scan or an overlay), not an upload."""
-    return gr.Image(label=label, type=kind, interactive=False, height=height, elem_id=elem_id)
+def picture(
+    label: str,
+    elem_id: str,
+    *,
+    kind: str = "pil",
+    height: int = 380,
+    alt_text: str | None = None,
+    elem_classes: str | list[str] | None = None,
+) -> gr.Image:
+    """An output image (a scan or an overlay), not an upload; ``alt_text`` says what it shows
+    (screen readers; set it again with each new picture)."""
+    return gr.Image(
+        label=label,
+        type=kind,
+        interactive=False,
+        height=height,
+        elem_id=elem_id,
+        alt_text=alt_text or label,
+        format="png",
+        buttons=["download", "fullscreen"],
+        elem_classes=elem_classes,
+    )
 
 
-def output_file(prefix: str, suffix: str) -> Path:
+@functools.lru_cache(maxsize=1)
+def app_temp() -> Path:
+    """This process's own temporary folder (its outputs and job folders), made on first use in
+    the system's temporary folder and deleted when the process exits: the app never cleans
+    up, or counts, anything but its own files."""
+    folder = Path(tempfile.mkdtemp(prefix="mirage-demo-"))
+    atexit.register(_remove, folder, os.getpid())
+    return folder
+
+
+def _remove(folder: Path, owner: int) -> None:
+    """Delete ``folder`` at exit, in the process that made it only (a forked worker, such as
+    ZeroGPU's, inherits the exit handlers and must leave the server's files alone)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def output_file(prefix: str, suffix: str, name: str | None = None) -> Path:
     """A new, unique path for a file the app returns (a CSV, an overlay image), in the app's
-    own temporary folder, whose files older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+    own temporary folder, whose entries older than :data:`OUTPUT_MAX_AGE_S` are deleted first.
+    With ``name``, the file is called ``<name><suffix>`` (made safe; what a download is saved
+    as), in a folder of its own.
 
     Gradio copies a returned file into its cache under a temporary name, then renames it:
     never rewritten in place while another request downloads it (as it does with images
     returned as PIL objects, which truncates concurrent downloads of identical images)."""
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    outputs = app_temp() / "outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    for old in OUTPUT_DIR.iterdir():
+    for old in outputs.iterdir():
         with contextlib.suppress(OSError):
             if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
-                old.unlink()
-    return OUTPUT_DIR / f"{prefix}-{uuid.uuid4().hex[:12]}{suffix}"
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    unique = uuid.uuid4().hex[:12]
+    if name is None:
+        return outputs / f"{prefix}-{unique}{suffix}"
+    folder = outputs / f"{prefix}-{unique}"
+    folder.mkdir()
+    return folder / f"{safe_file_name(name)}{suffix}"
 
 
-def image_file(image: Image.Image, prefix: str = "overlay") -> str:
-    """``image`` saved (WebP, as Gradio would) to a new :func:`output_file`; its path."""
-    path = output_file(prefix, ".webp")
-    image.save(path, "WEBP", quality=90)
+def safe_file_name(name: str, most: int = 80) -> str:
+    """``name`` as a file name: letters, digits, ``-``, ``_`` and ``.`` only (others become
+    ``-``), no leading dot, at most ``most`` characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return cleaned[:most] or "file"
+
+
+def image_file(image: Image.Image, prefix: str = "overlay", name: str | None = None) -> str:
+    """``image`` saved as a PNG (lossless: a download for slides) to a new
+    :func:`output_file` (called ``name`` when given); its path."""
+    path = output_file(prefix, ".png", name)
+    image.save(path, "PNG")
     return str(path)
+
+
+def shown_picture(image: Image.Image | None, prefix: str = "overlay") -> Any:
+    """An output picture for a ``gr.Image``: ``image`` saved by :func:`image_file`, with the
+    alt text kept in ``image.info["alt_text"]`` (None: cleared)."""
+    if image is None:
+        return None
+    return gr.Image(value=image_file(image, prefix), alt_text=image.info.get("alt_text"))
+
+
+def verdict(prediction: Prediction) -> str:
+    """How far to trust one answer, in a few words: ``"sure"``, ``"unsure"`` (a set of 2+
+    classes), ``"unlike the training scans"`` or ``"not an OCT B-scan"`` (the quality check's
+    warning); ``"no verdict"`` for a checkpoint without prediction sets."""
+    if prediction.warnings:
+        return "not an OCT B-scan"
+    if prediction.out_of_distribution:
+        return "unlike the training scans"
+    if prediction.prediction_set is None:
+        return "no verdict"
+    return "sure" if len(prediction.prediction_set) == 1 else "unsure"

@@ -4,35 +4,27 @@ the explorer on those scans and their predictions as CSV."""
 
 from __future__ import annotations
 
-import contextlib
 import html
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from mirage_demo.data import DataError
 from mirage_demo.evaluation import evaluate_upload
 from mirage_demo.testscans import scan_set_from_predictions
 from mirage_demo.ui.batch import batch_gpu_seconds
 from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.featuremap import build_feature_map
+from mirage_demo.ui.jobs import job_folder
 from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
 
-__all__ = ["build_evaluate_tab", "evaluate_scans", "job_folder", "labelled_scans_input"]
+__all__ = ["build_evaluate_tab", "evaluate_scans", "labelled_scans_input", "uploaded_files"]
 
-EVALUATIONS_KEPT_S = 3600  # unpacked uploads and reports older than this are deleted
 REPORT_GPU_SECONDS = 10  # ZeroGPU time /evaluate adds to /batch's: bootstrap and figures
-EVALUATIONS_MAX_BYTES = 2**30  # on disk for all kept evaluations; the oldest go first
-SIZE_FILE = "bytes.txt"  # an evaluation's size on disk, written when it is done
 
 
-def _uploads(files: Any) -> list[tuple[str, str]]:
+def uploaded_files(files: Any) -> list[tuple[str, str]]:
     """``(name, path)`` of Gradio file payloads; a name keeps its folder when it has one."""
     out = []
     for item in files or []:
@@ -46,51 +38,6 @@ def _uploads(files: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _make_room(parent: Path) -> None:
-    """Delete evaluations older than :data:`EVALUATIONS_KEPT_S`, then the oldest until those
-    kept hold at most :data:`EVALUATIONS_MAX_BYTES` (each records its size when done)."""
-    kept = []
-    for folder in parent.glob("oct-eval-*"):  # adapt's are "oct-eval-adapt-*": counted too
-        try:
-            age = time.time() - folder.stat().st_mtime
-            size = int((folder / SIZE_FILE).read_text()) if (folder / SIZE_FILE).is_file() else 0
-        except (OSError, ValueError):
-            continue
-        if age > EVALUATIONS_KEPT_S:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
-            kept.append((age, size, folder))
-    total = sum(size for _, size, _ in kept)
-    for _, size, folder in sorted(kept, key=lambda entry: -entry[0]):  # the oldest first
-        if total <= EVALUATIONS_MAX_BYTES:
-            break
-        shutil.rmtree(folder, ignore_errors=True)
-        total -= size
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
-@contextlib.contextmanager
-def job_folder(prefix: str, title: str) -> Iterator[Path]:
-    """A new folder for one upload's job (room made first, see :func:`_make_room`); its size
-    is recorded when the job is done, and a job that fails leaves nothing (a
-    :class:`~mirage_demo.data.DataError` becomes a message titled ``title``)."""
-    parent = Path(tempfile.gettempdir())
-    _make_room(parent)
-    out = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield out
-        (out / SIZE_FILE).write_text(str(_folder_bytes(out)))
-    except DataError as err:
-        shutil.rmtree(out, ignore_errors=True)
-        raise gr.Error(html.escape(str(err)), title=title) from err
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str, Any]:
     """``/evaluate``: the report of ``train.evaluate`` on uploaded labelled scans.
 
@@ -98,9 +45,9 @@ def evaluate_scans(predictor: Any, files: Any, progress: Any = None) -> dict[str
     scans), ``csv`` (predictions.csv), ``figures`` and the explorer's ``state``. A request
     that fails leaves nothing on disk.
     """
-    uploads = _uploads(files)
+    uploads = uploaded_files(files)
     if not uploads:
-        raise gr.Error("Upload a .zip of labelled scans laid out as <CLASS>/<image>.")
+        raise gr.Error("Upload a .zip of labelled scans first: one folder per class (DME/a.png).")
     config = predictor.config
 
     def on_batch(done: int, total: int) -> None:
@@ -144,12 +91,12 @@ def _note(evaluated: int, unpacked: int, skipped: list[str]) -> str:
 
 
 EVALUATE_INTRO = (
-    "Upload a **.zip** of labelled scans laid out as `<CLASS>/<image>` (or images named "
-    "`CLASS-PATIENT-N.jpeg`, as Kermany's are). You get the report of `python -m "
-    "train.evaluate`: metrics with 95% confidence intervals, per-class figures, confusion "
-    "matrix, ROC curves and reliability, an explorer of your scans and their predictions as "
-    "CSV. Class folders must be classes the model knows: **{classes}**. Nothing is kept after "
-    "an hour."
+    "Upload a **.zip** of labelled scans: one folder per class, named after it (`DME/scan1.png`"
+    ", ...), or images named as Kermany's are (`DME-1234-1.jpeg`). You get the same report as "
+    "the model's own test report: figures with 95% confidence intervals, per-class figures, "
+    "the confusion matrix, ROC curves and calibration, an explorer of your scans and the "
+    "answers as a spreadsheet (CSV). The folders must be classes the model knows: "
+    "**{classes}**. Nothing is kept after an hour."
 )
 
 
@@ -163,59 +110,79 @@ def labelled_scans_input(elem_id: str) -> gr.File:
     return gr.File(
         file_count="multiple",
         file_types=[".zip", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"],
-        label="Labelled scans: a .zip of <CLASS>/<image>",
+        label="Labelled scans: a .zip with one folder per class",
         elem_id=elem_id,
     )
 
 
 def build_evaluate_tab(ctx: AppContext) -> None:
-    """Evaluate your own labelled scans (named endpoint ``/evaluate``)."""
+    """Evaluate your own labelled scans (named endpoint ``/evaluate``). The page shows an
+    error in its panel, where it stays; the endpoint raises it."""
     registry = ctx.registry
     classes = ", ".join(registry.config(registry.default).class_names)
     with gr.Tab("Evaluate your scans", id="evaluate"):
         intro = gr.Markdown(EVALUATE_INTRO.format(classes=classes))
         files = labelled_scans_input("evaluate-files")
-        button = gr.Button("Evaluate", variant="primary")
-        note = gr.Markdown(elem_id="evaluate-note")
+        button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+        api_button = gr.Button("Evaluate (API)", visible=False)
+        note = gr.Markdown(elem_id="evaluate-note", elem_classes="teach-big")
         report = gr.Markdown(elem_id="evaluate-report")
         figures = [
             gr.Image(
-                label="Confusion matrix", interactive=False, visible=False, elem_id="evaluate-cm"
+                label="Confusion matrix",
+                interactive=False,
+                visible=False,
+                elem_id="evaluate-cm",
+                alt_text="Confusion matrix of the model on your scans: counts and shares",
             )
         ]
         with gr.Row():
             figures += [
-                gr.Image(label=label, interactive=False, visible=False, elem_id=f"evaluate-{key}")
-                for key, label in (("roc", "ROC curves"), ("reliability", "Reliability"))
+                gr.Image(
+                    label=label,
+                    interactive=False,
+                    visible=False,
+                    elem_id=f"evaluate-{key}",
+                    alt_text=f"{label} of the model on your scans",
+                )
+                for key, label in (("roc", "ROC curves"), ("reliability", "Reliability diagram"))
             ]
-        csv_file = gr.File(label="Predictions (CSV)", elem_id="evaluate-csv")
-        with gr.Accordion("All numbers (metrics.json)", open=False):
+        csv_file = gr.File(label="Answers (CSV)", elem_id="evaluate-csv", visible=False)
+        with gr.Accordion("All numbers (metrics.json)", open=False, visible=False) as details:
             numbers = gr.JSON(elem_id="evaluate-json")
-        gr.Markdown("### Explore your scans")
-        views = explorer_views(ctx, "evaluate")
-        build_feature_map(ctx, "evaluate-map", source=views.state)
+        with gr.Column(visible=False) as explore:
+            gr.Markdown("### Explore your scans")
+            views = explorer_views(ctx, "evaluate")
+            build_feature_map(ctx, "evaluate-map", source=views.state)
+    outputs = [note, report, *figures, csv_file, numbers, *views.outputs]
 
     @ctx.model_call(duration=evaluate_gpu_seconds)
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        result = evaluate_scans(registry.get(name), uploaded, progress)
-        state = result["state"]
-        message = "Choose a cell of the matrix to see those of your scans."
-        return (
-            result["note"],
-            metrics_markdown(result["metrics"]),
-            *[gr.update(value=path, visible=True) for path in result["figures"].values()],
-            result["csv"],
-            result["metrics"],
-            matrix_frame(state),
-            message,
-            state,
-        )
+        return _shown(evaluate_scans(registry.get(name), uploaded, progress), page=False)
 
-    button.click(
+    @ctx.model_call(duration=evaluate_gpu_seconds)
+    def on_evaluate_page(uploaded, name, progress=gr.Progress()):  # noqa: B008
+        try:
+            result = evaluate_scans(registry.get(name), uploaded, progress)
+        except gr.Error as err:  # kept in the panel, not a toast that fades
+            hidden = gr.update(value=None, visible=False)
+            failed = f"**{err.title or 'Cannot evaluate these scans'}:** {err.message}"
+            return failed, "", *[hidden] * 4, None, None, "", None, *[gr.update(visible=False)] * 2
+        shown = [gr.update(visible=True)] * 2
+        return *_shown(result, page=True), *shown
+
+    api_button.click(
         on_evaluate,
         inputs=[files, ctx.model],
-        outputs=[note, report, *figures, csv_file, numbers, *views.outputs],
+        outputs=outputs,
         api_name="evaluate",
+        **ctx.long_events,
+    )
+    button.click(
+        on_evaluate_page,
+        inputs=[files, ctx.model],
+        outputs=[*outputs, details, explore],
+        api_visibility="private",
         **ctx.long_events,
     )
 
@@ -224,3 +191,19 @@ def build_evaluate_tab(ctx: AppContext) -> None:
         return EVALUATE_INTRO.format(classes=names)
 
     ctx.on_model(on_model, [intro])
+
+
+def _shown(result: dict[str, Any], page: bool) -> tuple[Any, ...]:
+    """An evaluation's outputs: note, report, the three figures, the CSV (for the ``page``,
+    shown; for the API, its path), the numbers, the explorer's matrix, message and state."""
+    state = result["state"]
+    return (
+        result["note"],
+        metrics_markdown(result["metrics"]),
+        *[gr.update(value=path, visible=True) for path in result["figures"].values()],
+        gr.update(value=result["csv"], visible=True) if page else result["csv"],
+        result["metrics"],
+        matrix_frame(state),
+        "Choose a cell of the matrix to see those of your scans.",
+        state,
+    )

@@ -1,30 +1,33 @@
 """The confusion-matrix explorer: choose a cell, see its scans, open one with its map.
 
 Used twice: in the Model tab on the checkpoint's own test scans
-(:func:`~mirage_demo.testscans.scan_set_for`: the bundled copies, the original images, or a
-sentence saying why they cannot be shown) and in the Evaluate tab on uploaded labelled scans.
+(:meth:`~mirage_demo.ui.registry.ModelRegistry.scan_set`: the bundled copies, the original
+images in a folder the app was given, or a sentence saying why they cannot be shown) and in
+the Evaluate tab on uploaded labelled scans.
 """
 
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
+from mirage_demo.figures import describe_heatmap
 from mirage_demo.images import ImageReadError
-from mirage_demo.testscans import ScanEntry, ScanSet, scan_set_for
+from mirage_demo.inference import DEFAULT_COLORMAP
+from mirage_demo.testscans import ScanEntry, ScanSet
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
-    image_file,
     method_name,
     picture,
+    shown_picture,
     trust_markdown,
 )
+from mirage_demo.ui.slides import colour_bar_html
 
 __all__ = [
     "ExplorerState",
@@ -38,7 +41,7 @@ __all__ = [
 ]
 
 MAX_GALLERY = 60
-CORNER = "true ↓ · said →"
+CORNER = "true ↓ said →"  # rows: the reference class; columns: the model's answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,9 +85,12 @@ def matrix_frame(state: ExplorerState) -> Any:
     return frame.style.apply(colour, axis=1)
 
 
-def explorer_view(directory: Path, report: dict[str, Any] | None, class_names: list[str]):
-    """``(matrix, message, state)`` for a checkpoint: its test scans when reachable."""
-    scans, message = scan_set_for(directory)
+def explorer_view(
+    found: tuple[ScanSet | None, str], report: dict[str, Any] | None, class_names: list[str]
+):
+    """``(matrix, message, state)`` for a checkpoint: its test scans when it has them
+    (``found``: :meth:`~mirage_demo.ui.registry.ModelRegistry.scan_set`)."""
+    scans, message = found
     if scans is not None:
         counts = scans.matrix()
         message = (
@@ -164,7 +170,11 @@ def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tu
             f" (On the picture shown here, a downsized copy, it now says {now.label} "
             f"{now.confidence:.0%}.)"
         )
-    return explanation.overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
+    overlay = explanation.overlay
+    overlay.info["alt_text"] = describe_heatmap(
+        method_name(method), entry.predicted, explanation.heatmap, f"a scan labelled {entry.true}"
+    )
+    return overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
 
 
 @dataclass
@@ -206,8 +216,14 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
                 elem_id=f"{prefix}-gallery",
             )
     with gr.Row():
-        overlay = picture("The chosen scan and where the model looked", f"{prefix}-overlay")
-        caption = gr.Markdown(elem_id=f"{prefix}-caption")
+        overlay = picture(
+            "The chosen scan and where the model looked",
+            f"{prefix}-overlay",
+            elem_classes="phone-short",
+        )
+        with gr.Column():
+            caption = gr.Markdown(elem_id=f"{prefix}-caption")
+            gr.HTML(colour_bar_html(DEFAULT_COLORMAP), padding=False)
     state = gr.State(None, time_to_live=STATE_TTL_S)
 
     def on_cell(current: ExplorerState | None, evt: gr.SelectData):
@@ -225,7 +241,7 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
     @ctx.model_call
     def on_open(current: ExplorerState | None, name: str, evt: gr.SelectData):
         overlay, text = explorer_open(ctx.registry.get(name), current, int(evt.index))
-        return (image_file(overlay) if overlay is not None else None), text  # a new file each
+        return shown_picture(overlay), text  # a new file each
 
     gallery.select(
         on_open,
@@ -239,12 +255,12 @@ def explorer_views(ctx: AppContext, prefix: str) -> ExplorerViews:
 
 def build_model_explorer(ctx: AppContext) -> None:
     """The Model tab's explorer of the checkpoint's own test scans."""
-    gr.Markdown("## Explore the confusion matrix")
+    gr.Markdown("## Explore the confusion matrix", elem_id="explorer-heading")
     views = explorer_views(ctx, "explorer")
 
     def on_model(name: str):
         registry = ctx.registry
         names = list(registry.config(name).class_names)
-        return explorer_view(registry.directory(name), registry.report(name), names)
+        return explorer_view(registry.scan_set(name), registry.report(name), names)
 
     ctx.on_model(on_model, views.outputs)

@@ -1,16 +1,110 @@
-"""The Learn tab: what OCT shows, the classes of Kermany et al. 2018, how to read a heat map."""
+"""The Learn tab: what OCT shows, the classes of Kermany et al. 2018, how to read a heat map.
+
+The signs of each class (:data:`CLASS_SIGNS`) live here once: the Learn tab shows them, and
+the quiz's feedback quotes the one of the true class and links back to it
+(:func:`learn_anchor`). Facts about the loaded model come from its own card
+(:func:`model_scale_sentence`), never from this text.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 
+from mirage_demo.checkpoint import CheckpointConfig
 from mirage_demo.ui.context import AppContext
+from mirage_demo.ui.style import TABS_ID, scroll_to_js
 
-__all__ = ["LEARN_MD", "build_learn_tab"]
+__all__ = [
+    "CLASS_SIGNS",
+    "LEARN_MD",
+    "ClassSigns",
+    "build_learn_tab",
+    "go_to",
+    "learn_anchor",
+    "model_scale_sentence",
+]
 
-LEARN_MD = """
+
+@dataclass(frozen=True)
+class ClassSigns:
+    """One class of Kermany et al. 2018: its name, what it is, and what to look for (one
+    sentence, quoted by the quiz's feedback)."""
+
+    name: str
+    what: str
+    look_for: str
+
+
+CLASS_SIGNS: dict[str, ClassSigns] = {
+    "CNV": ClassSigns(
+        "choroidal neovascularisation",
+        'neovascular, "wet" age-related macular degeneration: vessels growing from the '
+        "choroid through Bruch's membrane",
+        "a lumpy, bright lesion under the retina or the RPE, often with dark pockets of fluid "
+        "and a raised, irregular RPE",
+    ),
+    "DME": ClassSigns(
+        "diabetic macular oedema",
+        "fluid leaking from damaged vessels in diabetes",
+        "a thickened retina with dark, cyst-like pockets of fluid inside it and bright dots of "
+        "hard exudate, sometimes fluid under the retina",
+    ),
+    "DRUSEN": ClassSigns(
+        "drusen",
+        "deposits between the RPE and Bruch's membrane (early or intermediate age-related "
+        "macular degeneration)",
+        "small domes or a wavy line lifting the RPE, with a dry retina above",
+    ),
+    "NORMAL": ClassSigns(
+        "a normal retina",
+        "no disease seen",
+        "a smooth foveal dip, continuous layers, no fluid and a straight RPE",
+    ),
+}
+
+
+def learn_anchor(class_name: str) -> str | None:
+    """The element id of a class's paragraph in the Learn tab, or None if it has none."""
+    return f"learn-{class_name.lower()}" if class_name in CLASS_SIGNS else None
+
+
+def class_markdown(class_name: str) -> str:
+    """A class's paragraph in the Learn tab."""
+    signs = CLASS_SIGNS[class_name]
+    return f"**{class_name}: {signs.name}** ({signs.what}). **Look for** {signs.look_for}."
+
+
+def model_scale_sentence(name: str, config: CheckpointConfig | None) -> str:
+    """What the loaded model was trained on, from its own card (``config.json``)."""
+    if config is None:
+        return f"The model loaded now ({name}) says nothing about how it was trained."
+    training = config.training or {}
+    images = training.get("images") or {}
+    total = sum(sum(counts.values()) for counts in images.values() if counts)
+    learnt = sum((images.get("train") or {}).values())
+    source = (config.source_weights or {}).get("name")
+    origin = (
+        f"fine-tuned from {source}"
+        if source and not (config.source_weights or {}).get("from_scratch")
+        else "trained from scratch"
+    )
+    scans = (
+        f" on {total:,} labelled scans ({learnt:,} to learn from, the others to choose and test it)"
+        if total
+        else ""
+    )
+    if origin == "trained from scratch":
+        return (
+            f"The model loaded now, {name}, was {origin}{scans}: not a foundation model, but "
+            "its features show the same ideas."
+        )
+    return f"The model loaded now, {name}, was {origin}{scans}."
+
+
+OCT_MD = """
 ## What is OCT?
 **Optical coherence tomography** measures how deep tissue reflects near-infrared light, by
 interferometry, and builds cross-sections of the retina at a few micrometres' resolution. One
@@ -19,31 +113,26 @@ bright nerve fibre layer down to the bright band of the retinal pigment epitheli
 Bruch's membrane — and the choroid below. The dip in the middle of a macular scan is the fovea.
 
 ## The four classes (Kermany et al. 2018)
-- **CNV — choroidal neovascularisation** (neovascular, "wet" age-related macular degeneration):
-  vessels growing from the choroid through Bruch's membrane. On OCT: a lumpy, hyper-reflective
-  lesion under the retina or the RPE, often with sub-retinal or intra-retinal fluid (dark spaces)
-  and a detached, irregular RPE.
-- **DME — diabetic macular oedema**: a thickened retina with dark, cyst-like pockets of
-  intra-retinal fluid, bright dots of hard exudate, sometimes fluid under the retina.
-- **DRUSEN** (early or intermediate AMD): deposits between the RPE and Bruch's membrane that
-  lift the RPE into small domes or a wavy line; the retina above is usually dry.
-- **NORMAL**: a smooth foveal dip, continuous layers, no fluid, a straight RPE.
+"""
 
+HEATMAP_MD = """
 ## Reading a heat map
 - **Grad-CAM and its variants** weigh the last block's features by how much they raise the score
   of the chosen class: warm colours mark image regions whose features pushed the model *towards*
   that class. Pick another class in "Explain class" to see the evidence for it.
 - **EigenCAM**, **attention** and **attention rollout** do not depend on the class: they show
   what the model's features or attention concentrate on, not why it chose a label.
-- A ViT at 512x512 with 32-pixel patches sees a 16x16 grid: the maps are coarse, then smoothed
-  to the scan's size. They show *where*, never *what*: they are not a segmentation of the lesion.
+- A Vision Transformer sees the scan as a grid of square patches (MIRAGE at 512x512 with
+  32-pixel patches: 16x16): its maps are coarse, then smoothed to the scan's size. They show
+  *where*, never *what*: they are not a segmentation of the lesion.
 
 ## Foundation models, features and probes
 - A **foundation model** such as MIRAGE is pre-trained once, without labels, on a very large
   number of OCT scans. It learns to turn a scan into **features**: a list of numbers (768 for
-  MIRAGE-Base) that describe what the scan shows. (The demo models here were trained from
-  scratch on about a thousand labelled scans: not a foundation model, but their features show
-  the same ideas.)
+  MIRAGE-Base) that describe what the scan shows.
+"""
+
+FEATURES_MD = """
 - If scans of one disease get similar features, a new task needs little: a **linear probe** is
   a single layer (a logistic regression) fitted on the frozen features, in seconds, from a few
   labelled scans. The large model itself is not changed.
@@ -51,10 +140,10 @@ Bruch's membrane — and the choroid below. The dip in the middle of a macular s
   (t-SNE or PCA squeeze them into two dimensions): when the colours (the reference classes)
   form clusters, the features already separate the diseases; crosses are the model's mistakes,
   often where two clusters meet.
-- **Adapt** fits a probe on scans you bring (any classes) with cross-validation, and draws the
-  **label-efficiency curve**: balanced accuracy with 1, 2, 5, ... labelled scans per class.
-  The better the features, the fewer labels the curve needs to rise; with a handful of scans
-  the estimates are rough (read the confidence interval).
+- **Adapt** fits a probe on scans you bring (any classes), tested on patients it did not learn
+  from, and draws the **label-efficiency curve**: balanced accuracy with 1, 2, 5, ... labelled
+  scans per class. The better the features, the fewer labels the curve needs to rise; with a
+  handful of scans the estimates are rough (read the confidence interval).
 
 ## Pitfalls
 - A plausible map does not make a prediction right: wrong answers get convincing maps too.
@@ -62,16 +151,28 @@ Bruch's membrane — and the choroid below. The dip in the middle of a macular s
   training data rather than disease.
 - Different methods disagree; some barely change when the model's weights are randomised
   (Adebayo et al., *Sanity checks for saliency maps*, 2018). Compare several before concluding.
-- The probabilities are the model's, calibrated on its validation split; they are not the
-  probability that a patient has a disease.
+- The probabilities are the model's, calibrated on scans it did not learn from; they are not
+  the probability that a patient has a disease.
 """
+
+#: The Learn tab's text, whole (the classes' paragraphs between its parts).
+LEARN_MD = (
+    OCT_MD
+    + "\n".join(f"- {class_markdown(name)}" for name in CLASS_SIGNS)
+    + "\n"
+    + HEATMAP_MD
+    + FEATURES_MD
+)
 
 
 def build_learn_tab(ctx: AppContext) -> None:
-    """Teaching text around a gallery of the bundled example scans."""
+    """Teaching text around a gallery of the bundled example scans; each class's paragraph
+    and the sentence about the loaded model are their own elements (links land on them)."""
+    registry = ctx.registry
     with gr.Tab("Learn", id="learn"):
-        intro, rest = LEARN_MD.split("## Reading a heat map")
-        gr.Markdown(intro)
+        gr.Markdown(OCT_MD)
+        for name in CLASS_SIGNS:
+            gr.Markdown(class_markdown(name), elem_id=learn_anchor(name))
         if ctx.examples:
             gr.Gallery(
                 [(path, f"{cls} ({Path(path).name})") for path, cls in ctx.examples],
@@ -79,18 +180,30 @@ def build_learn_tab(ctx: AppContext) -> None:
                 columns=5,
                 height="auto",
                 object_fit="contain",
+                elem_id="learn-examples",
             )
-        gr.Markdown("## Reading a heat map" + rest)
+        gr.Markdown(HEATMAP_MD)
+        scale = gr.Markdown(
+            "- " + model_scale_sentence(registry.default, registry.config(registry.default)),
+            elem_id="learn-this-model",
+        )
+        gr.Markdown(FEATURES_MD)
         build_learn_links(ctx.tabs)
 
+    def on_model(name: str):
+        return "- " + model_scale_sentence(name, registry.config(name))
 
-#: Learn tab: each concept and the place in the app where it can be seen (tab id).
+    ctx.model.change(on_model, inputs=[ctx.model], outputs=[scale], api_visibility="private")
+
+
+#: Learn tab: each concept, the button that shows it, its tab and the element it lands on.
 CONCEPTS = (
     (
         "**Sensitivity, specificity and the confusion matrix**: each cell counts the scans "
         "of one class given one answer; open a cell to see the scans behind a number.",
         "Model tab: explore the confusion matrix",
         "model",
+        "explorer-heading",
     ),
     (
         "**Class-agnostic methods** (EigenCAM, attention, rollout) show the same map whatever "
@@ -98,39 +211,51 @@ CONCEPTS = (
         "what the model uses and learnt.",
         "Classify tab: compare all methods",
         "classify",
+        "compare",
     ),
     (
         "**Calibration**: a model that says 80% should be right 8 times in 10; the reliability "
         "diagram shows how far it is.",
         "Model tab: reliability diagram",
         "model",
+        "report-reliability",
     ),
     (
         "**Features**: how the model arranges the test scans; do the diseases form clusters, "
         "and where are its mistakes?",
         "Model tab: feature map",
         "model",
+        "featuremap-plot",
     ),
     (
         "**A probe and the labels it needs**: fit one on your labelled scans and see how good "
         "it gets with 1, 2, 5, ... labelled scans per class.",
         "Adapt to your scans",
         "adapt",
+        None,
     ),
     (
         "**Generalisation**: a model is only as good as its figures on scans like yours; "
         "evaluate it on your own labelled scans.",
         "Evaluate your scans",
         "evaluate",
+        None,
     ),
     (
         "**Reading scans yourself**: classify the scans the model was evaluated on, then "
-        "compare your answers with the reference and "
-        "the model.",
+        "compare your answers with the reference and the model.",
         "Test yourself",
         "quiz",
+        None,
     ),
 )
+
+
+def go_to(button: gr.Button, tabs: gr.Tabs, tab_id: str, elem_id: str | None = None) -> None:
+    """Wire ``button`` to open the tab ``tab_id`` and land on its element ``elem_id`` (opened,
+    if it is a closed accordion); on the tab's top when ``elem_id`` is None."""
+    event = button.click(lambda: gr.Tabs(selected=tab_id), outputs=[tabs], api_visibility="private")
+    event.then(None, js=scroll_to_js(elem_id or TABS_ID))
 
 
 def build_learn_links(tabs: gr.Tabs | None) -> None:
@@ -138,15 +263,8 @@ def build_learn_links(tabs: gr.Tabs | None) -> None:
     if tabs is None:
         return
     gr.Markdown("## See it in the app")
-    for text, where, tab_id in CONCEPTS:
+    for text, where, tab_id, elem_id in CONCEPTS:
         with gr.Row(equal_height=True):
             gr.Markdown(text, scale=4)
             button = gr.Button(f"→ {where}", scale=1, size="sm")
-        button.click(
-            lambda tab_id=tab_id: gr.Tabs(selected=tab_id),
-            outputs=[tabs],
-            api_visibility="private",
-        )
-
-
-#: Styles of the teaching views: numbers readable from the back of a lecture room.
+        go_to(button, tabs, tab_id, elem_id)

@@ -6,6 +6,7 @@ loaded to describe one.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,36 @@ def _ci(entry: dict[str, Any] | None, percent: bool = True) -> str:
     return f"{value} ({fmt.format(low * scale)}–{fmt.format(high * scale)})"
 
 
+#: One line on what each figure of the report means, shown under its table.
+OVERALL_MEANING = (
+    "<small>**Accuracy**: the share of scans answered right. **Balanced accuracy**: the "
+    "share of each class found, averaged over the classes (a rare class counts as much as a "
+    "common one). **Macro F1**: F1 (below) averaged over the classes. **Macro AUROC**: how "
+    "well the probabilities put each class's scans above the others' (50 is chance, 100 "
+    "perfect), averaged. **MCC** (Matthews correlation) and **Cohen's κ**: how far answers "
+    "and labels agree beyond chance (0 is chance, 1 perfect). **ECE** (calibration error): how "
+    "far the stated probabilities are from how often the model is right (0 is perfect)."
+    "</small>"
+)
+PER_CLASS_MEANING = (
+    "<small>**Sensitivity**: the share of this class's scans the model found. "
+    "**Specificity**: the share of the other scans it did not call this class. "
+    "**Precision**: the share of its answers of this class that were right. **F1**: the "
+    "balance of precision and sensitivity. **AUROC**: how well the probability of this class "
+    "puts its scans above the others (50 is chance, 100 perfect).</small>"
+)
+NO_SCANS = "no scans"
+
+
 def metrics_markdown(metrics: dict[str, Any]) -> str:
-    """The report's figures as tables, with 95% bootstrap confidence intervals."""
+    """The report's figures as tables, with 95% bootstrap confidence intervals and a line on
+    what each figure means; a class without scans says so instead of figures."""
     overall = metrics.get("overall", {})
     per_class = metrics.get("per_class", {})
     counts = metrics.get("images_per_class", {})
     split = metrics.get("split", "test")
     lines = [
-        f"### Results on the {split} split ({metrics.get('num_images', '?')} images)",
+        f"### Results on {_scans_of(split)} ({metrics.get('num_images', '?')} images)",
         "Values in %, with 95% bootstrap confidence intervals. Classes with few images have "
         "wide intervals: read them as such.",
         "",
@@ -121,18 +144,17 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         )
         + " |",
         "",
+        OVERALL_MEANING,
+        "",
         "| Class | Images | Sensitivity | Specificity | Precision | F1 | AUROC |",
         "|---|---|---|---|---|---|---|",
     ]
+    keys = ("sensitivity", "specificity", "precision", "f1", "auroc")
     for cls, values in per_class.items():
-        lines.append(
-            f"| {cls} | {values.get('support', counts.get(cls, '?'))} | "
-            + " | ".join(
-                _ci(values.get(k))
-                for k in ("sensitivity", "specificity", "precision", "f1", "auroc")
-            )
-            + " |"
-        )
+        support = values.get("support", counts.get(cls, "?"))
+        cells = [NO_SCANS] * len(keys) if support == 0 else [_ci(values.get(k)) for k in keys]
+        lines.append(f"| {cls} | {support} | " + " | ".join(cells) + " |")
+    lines += ["", PER_CLASS_MEANING]
     return "\n".join(lines) + "\n\n" + uncertainty_markdown(metrics)
 
 
@@ -142,16 +164,15 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
     found = metrics.get("uncertainty")
     if not found:
         return (
-            "### How sure the model may be\nNot available for this checkpoint: fit its prediction "
-            "sets and out-of-distribution check with `python -m train.evaluate --checkpoint DIR "
-            "--data DATA --fit-uncertainty`."
+            "### How sure the model may be\nNot available for this model: whoever trained it did "
+            "not fit its prediction sets or its check for scans unlike its training scans."
         )
     level = found["level"]
     lines = [
         f"### How sure the model may be: its {level:.0%} prediction sets",
         GUARANTEE.format(level=level),
         "",
-        f"On the {metrics.get('split', 'test')} split: the set held the true class for "
+        f"On {_scans_of(metrics.get('split', 'test'))}: the set held the true class for "
         f"**{found['coverage']:.1%}** of scans, with **{found['mean_set_size']:.2f}** classes on "
         f"average; **{found['flagged']:.1%}** of scans were flagged as unlike the training scans "
         f"(set to {found['ood_false_alarm_target']:.0%} on the validation split); "
@@ -175,6 +196,11 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scans_of(split: str) -> str:
+    """The scans a report is on, in words: ``the test split``, or ``your scans``."""
+    return "your scans" if split == "uploaded" else f"the {split} split"
+
+
 def _share(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
@@ -193,48 +219,70 @@ def model_report(
     metrics = registry.report(name)
     if metrics is None:
         message = (
-            "### No evaluation report\nThis checkpoint has no `metrics.json`: evaluate it with "
-            f"`python -m train.evaluate --checkpoint {registry.choices[name].source} --data "
-            "DATA_DIR` to see its test figures, confusion matrix and ROC curves here."
+            "### No evaluation report\nThis model comes without a test report, so how well it "
+            "works is unknown here: there are no test figures, confusion matrix or ROC curves "
+            "to show. (Whoever trained it can add one: see the project's documentation.)"
         )
         return card, message, {}
     figures = {fig: str(directory / fig) for fig in REPORT_FIGURES if (directory / fig).is_file()}
     return card, metrics_markdown(metrics), figures
 
 
+def _origin(config: CheckpointConfig) -> tuple[str, str]:
+    """Where a model's weights come from: ``(a few words for the banner's line, a sentence)``."""
+    source = config.source_weights or {}
+    if not source.get("name"):
+        return "not MIRAGE", "It was trained from scratch: it is **not MIRAGE**."
+    if source.get("from_scratch"):
+        return "not MIRAGE", (
+            f"It was trained from scratch, in stages from {source['name']}: it is **not MIRAGE**."
+        )
+    return f"built on {source['name']}", f"It was fine-tuned from {source['name']}."
+
+
 def trust_note(
     name: str, config: CheckpointConfig | None, metrics: dict[str, Any] | None = None
 ) -> str:
-    """Which model is loaded, and how far to trust it (its report's figures, if it has any)."""
+    """The banner above the tabs: one line (which model, how well it did, that it is a
+    teaching tool), its details on demand: the model's own description (its card), its report's
+    figures and the disclaimer."""
     if config is None:
-        return f"**Model: {name}.** {DISCLAIMER}"
-    source = config.source_weights or {}
-    if not source.get("name"):
-        origin = "trained from scratch: **not MIRAGE**"
-    elif source.get("from_scratch"):
-        origin = f"trained from scratch, in stages from {source['name']}: **not MIRAGE**"
+        return (
+            f'<details class="model-banner"><summary><b>Model: {html.escape(name)}</b> · '
+            f"teaching tool, not a diagnosis</summary>\n\n{DISCLAIMER}\n\n</details>"
+        )
+    short_origin, origin = _origin(config)
+    line, narrow, figures = [short_origin], ["Not a diagnosis", short_origin], ""
+    overall = ((metrics or {}).get("overall") or {}).get("balanced_accuracy") or {}
+    if overall.get("value") is not None:
+        value, (low, high) = overall["value"], overall.get("ci95") or (None, None)
+        split, count = metrics.get("split", "test"), metrics.get("num_images", "?")
+        line.insert(0, f"balanced accuracy {value:.0%} on {count} {split} scans")
+        narrow.append(f"{value:.0%} balanced accuracy")
+        interval = f" (95% CI {low:.0%}–{high:.0%})" if low is not None else ""
+        parts = []
+        for cls, values in metrics.get("per_class", {}).items():
+            sens = (values.get("sensitivity") or {}).get("value")
+            shown = "–" if sens is None else f"{sens:.0%}"
+            parts.append(f"{cls} {shown} of {values.get('support', '?')}")
+        figures = (
+            f"On its {count} {split} scans: balanced accuracy {value:.0%}{interval} (the "
+            "average, over the classes, of the share of each class found); found per class "
+            f"(sensitivity): {', '.join(parts)}."
+        )
     else:
-        origin = f"fine-tuned from {source['name']}"
-    line = f"**Model: {name}** ({config.architecture}, {origin})."
-    if metrics:
-        overall = metrics.get("overall", {}).get("balanced_accuracy") or {}
-        value, (low, high) = overall.get("value"), overall.get("ci95") or (None, None)
-        if value is not None:
-            interval = f" (95% CI {low:.0%}–{high:.0%})" if low is not None else ""
-            split = metrics.get("split", "test")
-            line += (
-                f" On its {metrics.get('num_images', '?')} {split} scans: balanced accuracy "
-                f"{value:.0%}{interval}; sensitivity "
-            )
-            parts = []
-            for cls, values in metrics.get("per_class", {}).items():
-                sens = (values.get("sensitivity") or {}).get("value")
-                shown = "–" if sens is None else f"{sens:.0%}"
-                parts.append(f"{cls} {shown} of {values.get('support', '?')}")
-            line += ", ".join(parts) + "."
-    else:
-        line += " It has no test report: how well it works is unknown."
-    return f"{line} {DISCLAIMER}"
+        line.insert(0, "no test report")
+        narrow.append("no test report")
+        figures = "It has no test report: how well it works is unknown."
+    line.append("teaching tool, not a diagnosis")
+    about = config.description or origin
+    shown = html.escape(name)
+    return (
+        f'<details class="model-banner"><summary><span class="banner-name"><b>Model: {shown}'
+        f'</b> · </span><span class="wide">{" · ".join(line)}</span><span class="narrow">'
+        f"{' · '.join(narrow)}</span></summary>\n\n**{shown}**: {about}\n\n{figures}\n\n"
+        f"{DISCLAIMER}\n\n</details>"
+    )
 
 
 def _report_image(name: str, figures: dict[str, str]) -> gr.Image:
@@ -242,6 +290,7 @@ def _report_image(name: str, figures: dict[str, str]) -> gr.Image:
         figures.get(name),
         label=REPORT_FIGURES[name],
         show_label=False,  # the figure carries its own title; the label stays for screen readers
+        alt_text=REPORT_FIGURES[name] + ", on the model's test scans",
         elem_id="report-" + name.removesuffix(".png").replace("_", "-"),
         visible=name in figures,
         interactive=False,
