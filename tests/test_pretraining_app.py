@@ -8,11 +8,25 @@ from gradio import Error as GradioError
 from PIL import Image
 
 import mirage_demo.reconstruction as reconstruction
-from mirage_demo.decoders import MaskedReconstructor, PatchDecoder
-from mirage_demo.pretraining import create_pretraining_model
+import mirage_demo.ui.pretraining as ui_pretraining
+from mirage_demo.data import Preprocessing
+from mirage_demo.decoders import (
+    MaskedReconstructor,
+    PatchDecoder,
+    patch_mask_image,
+    visible_patches,
+)
+from mirage_demo.images import read_image
+from mirage_demo.pretraining import create_pretraining_model, load_pretraining
+from mirage_demo.reconstruction import reconstruct_scan
 from mirage_demo.ui import EXAMPLES_DIR
 from mirage_demo.ui.app import main
-from mirage_demo.ui.pretraining import available_sources, reconstruct_view
+from mirage_demo.ui.learn import LEARN_MD
+from mirage_demo.ui.pretraining import (
+    available_sources,
+    label_efficiency_markdown,
+    reconstruct_view,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCAN = str(EXAMPLES_DIR / "CNV" / "CNV-451136-1.jpeg")
@@ -95,3 +109,32 @@ def test_the_app_offers_only_registered_release_weights(monkeypatch, capsys):
         main([])
     assert exit_.value.code == 2
     assert "MIRAGE_DEMO_PRETRAINING" in capsys.readouterr().err
+
+
+def test_the_bundled_tiny_mirage_rebuilds_scans_offline(monkeypatch):
+    """Our own weights (no MIRAGE tensors, small enough to ship) rebuild the hidden patches
+    of a real scan better than the visible patches' mean brightness does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bundle = reconstruction.TINY_MIRAGE
+    assert sum(f.stat().st_size for f in bundle.iterdir()) < 25_000_000
+    model, config = load_pretraining(bundle)
+    assert config["license"] == "apache-2.0" and "not MIRAGE" in config["description"]
+    result = reconstruct_scan(model.eval(), SCAN, 0.75, seed=0)
+    scan = Preprocessing(input_size=(512, 512)).resize_minmax(
+        torch.from_numpy(read_image(SCAN))[None]
+    )[0]
+    visible = visible_patches(1, 0.75, seed=0, patches=256)
+    hidden = patch_mask_image(~visible, scan.shape, 32)[0] > 0
+    mean_fill = (scan[hidden] - scan[~hidden].mean()).abs().mean().item()
+    assert result.visible == 64
+    assert result.hidden_error < 0.8 * mean_fill, (result.hidden_error, mean_fill)
+
+
+def test_learn_shows_the_measured_label_efficiency_curve(monkeypatch, tmp_path):
+    table = label_efficiency_markdown()
+    assert "| 563 (all) | 0.44 [0.40, 0.48] | 0.34 [0.29, 0.38] |" in table
+    assert table.count("\n|") == 8  # the header's rule and 7 points
+    assert "## How a foundation model learns without labels" in LEARN_MD
+    (tmp_path / "bad.json").write_text('{"results": {}}')
+    monkeypatch.setattr(ui_pretraining, "LABEL_EFFICIENCY", tmp_path / "bad.json")
+    assert label_efficiency_markdown() == ""

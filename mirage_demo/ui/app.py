@@ -150,8 +150,8 @@ def build_app(
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python app.py [--checkpoint DIR_OR_HUB_ID ...] [--port N] [--share]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python app.py``."""
     parser = argparse.ArgumentParser(description="Serve the MIRAGE OCT demo app.")
     parser.add_argument(
         "--checkpoint",
@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also show MIRAGE's own decoders in 'How it learned' (its GitHub release weights: "
         f"downloaded once, SHA-256 recorded; also ${ENV_PRETRAINING})",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python app.py [--checkpoint DIR_OR_HUB_ID ...] [--port N] [--share]``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     notices: list[str] = []
     release = pretraining_weights(args.pretraining)
