@@ -184,6 +184,7 @@ def build_pretraining_tab(ctx: AppContext) -> None:
                         inputs=[scan],
                         label="Example scans",
                         examples_per_page=10,
+                        elem_id="rebuild-examples",
                     )
             with gr.Column(scale=3):
                 with gr.Row():
