@@ -19,7 +19,8 @@ from mirage_demo.lesson import MAX_LESSON_SCANS, LessonError, lesson_code, write
 from mirage_demo.quiz import Quiz, QuizItem
 from mirage_demo.testscans import ScanSet
 from mirage_demo.ui.context import AppContext, output_file
-from mirage_demo.ui.evaluate import job_folder, uploaded_files
+from mirage_demo.ui.evaluate import uploaded_files
+from mirage_demo.ui.jobs import job_folder
 
 __all__ = [
     "TEST_SCANS",

@@ -35,7 +35,7 @@ from mirage_demo.ui.context import (
     unreadable,
     verdict,
 )
-from mirage_demo.ui.evaluate import job_folder
+from mirage_demo.ui.jobs import job_folder
 from mirage_demo.ui.learn import CLASS_SIGNS, learn_anchor
 from mirage_demo.ui.lesson import build_lesson_maker
 from mirage_demo.ui.slides import colour_bar_html
