@@ -43,6 +43,7 @@ from mirage_demo.checkpoint import (
 )
 from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.models import registered_hub_weights
+from mirage_demo.pretraining import is_pretraining_checkpoint
 from mirage_demo.reports import ReportError, load_report
 
 __all__ = [
@@ -392,12 +393,13 @@ def _runs_on(config: CheckpointConfig, hardware: str) -> str:
 
 
 def _bundled() -> list[ServedCheckpoint]:
-    """The bundled demo models the app serves when no checkpoint is given."""
+    """The bundled demo models the app serves when no checkpoint is given (not the tiny
+    MIRAGE, a pre-training checkpoint that "How it learned" reads)."""
     from mirage_demo.checkpoint import read_config
 
     found = []
     for directory in sorted((REPO_ROOT / "assets").iterdir()):
-        if (directory / CONFIG_NAME).is_file():
+        if (directory / CONFIG_NAME).is_file() and not is_pretraining_checkpoint(directory):
             found.append(ServedCheckpoint(str(directory), read_config(directory), directory, True))
     found.sort(key=lambda c: c.directory.name != "demo-model")  # the app's default first
     return found

@@ -8,6 +8,7 @@ from gradio import Error as GradioError
 from PIL import Image
 
 import mirage_demo.reconstruction as reconstruction
+import mirage_demo.space as space
 import mirage_demo.ui.pretraining as ui_pretraining
 from mirage_demo.data import Preprocessing
 from mirage_demo.decoders import (
@@ -138,3 +139,9 @@ def test_learn_shows_the_measured_label_efficiency_curve(monkeypatch, tmp_path):
     (tmp_path / "bad.json").write_text('{"results": {}}')
     monkeypatch.setattr(ui_pretraining, "LABEL_EFFICIENCY", tmp_path / "bad.json")
     assert label_efficiency_markdown() == ""
+
+
+def test_a_space_serves_the_bundled_classifiers_not_the_tiny_mirage():
+    """The tiny MIRAGE's folder is a pre-training checkpoint: the Space's list of bundled
+    models (its README card) skips it instead of failing on its config.json."""
+    assert [c.directory.name for c in space._bundled()] == ["demo-model", "demo-vit"]
