@@ -69,8 +69,11 @@ REQUIREMENTS = "requirements.txt"  # staged through space_requirements()
 #: ("No candidate PyTorch version found for ZeroGPU").
 ZEROGPU_TORCH = {"2.8.0": "0.23.0", "2.9.1": "0.24.1", "2.10.0": "0.25.0", "2.11.0": "0.26.0"}
 #: The files of a checkpoint directory the app reads (weights, config, uncertainty statistics,
-#: report, card).
-SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"})
+#: report, card; the tiny MIRAGE's encoder, decoder and label-efficiency curve).
+SERVED_FILES = frozenset(
+    {CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"}
+    | {"encoder.safetensors", "decoder.safetensors", "label_efficiency.json"}
+)
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
 DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: the hardware free accounts may use for Gradio
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
