@@ -12,6 +12,7 @@ import numpy as np
 
 from mirage_demo.figures import answer_figure, colour_stops, describe_heatmap, grid_figure
 from mirage_demo.ui.context import image_file
+from mirage_demo.verdict import NOT_A_BSCAN
 
 __all__ = [
     "answer_figure_file",
@@ -45,6 +46,8 @@ def figure_caption(state: dict[str, Any], model_name: str) -> tuple[str, list[st
     """``(title, caption lines)`` of a session's answer figure."""
     about = state["about"]
     title = f"The model says {about['label']} ({about['confidence']:.0%})"
+    if about.get("trust") == NOT_A_BSCAN:  # no class headline for what is not a B-scan
+        title = "Not an OCT B-scan: the model's answer means nothing here"
     explained = (
         f"map for class {about['target']}" if about["target"] else "a map that ignores the class"
     )
