@@ -117,6 +117,9 @@ class AppContext:
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
     #: Gradio batching of ``/predict``: up to this many waiting requests in one call (1: off).
     max_batch: int = 1
+    #: MIRAGE's release weights the "How it learned" tab also offers (``mirage_base`` or
+    #: ``mirage_large``; ``--pretraining``), or ``None``: the bundled tiny MIRAGE only.
+    pretraining: str | None = None
     #: Options of every event that runs a model: one concurrency group, so at most
     #: ``--concurrency`` model calls run at once, whichever tab they come from.
     model_events: dict[str, Any] = field(

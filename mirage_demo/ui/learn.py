@@ -21,6 +21,11 @@ from mirage_demo.data import minmax
 from mirage_demo.explain import render_overlay
 from mirage_demo.images import read_image
 from mirage_demo.ui.context import AppContext
+from mirage_demo.ui.pretraining import (
+    LEARN_PRETRAINING_MD,
+    available_sources,
+    label_efficiency_markdown,
+)
 from mirage_demo.ui.registry import ASSETS
 from mirage_demo.ui.style import TABS_ID, scroll_to_js
 
@@ -154,7 +159,9 @@ FEATURES_MD = """
   from, and draws the **label-efficiency curve**: balanced accuracy with 1, 2, 5, ... labelled
   scans per class. The better the features, the fewer labels the curve needs to rise; with a
   handful of scans the estimates are rough (read the confidence interval).
+"""
 
+PITFALLS_MD = """
 ## Pitfalls
 - A confident answer is not a right one: read its verdict (above) before its probability.
 - A plausible map does not make a prediction right: wrong answers get convincing maps too.
@@ -199,6 +206,8 @@ LEARN_MD = (
     + "\n"
     + HEATMAP_MD
     + FEATURES_MD
+    + LEARN_PRETRAINING_MD
+    + PITFALLS_MD
     + TRUST_MD
 )
 
@@ -266,7 +275,11 @@ def build_learn_tab(ctx: AppContext) -> None:
             elem_id="learn-this-model",
         )
         gr.Markdown(FEATURES_MD)
-        build_learn_links(ctx.tabs)
+        pretraining_tab = bool(available_sources(ctx.pretraining))
+        if pretraining_tab:
+            gr.Markdown(LEARN_PRETRAINING_MD + "\n" + label_efficiency_markdown())
+        gr.Markdown(PITFALLS_MD)
+        build_learn_links(ctx.tabs, pretraining_tab)
 
     def on_model(name: str):
         return "- " + model_scale_sentence(name, registry.config(name))
@@ -335,6 +348,15 @@ CONCEPTS = (
 )
 
 
+PRETRAINING_CONCEPT = (
+    "**Masked pre-training**: hide most of a scan and watch a model that learnt without "
+    "labels fill it in.",
+    "How it learned",
+    "pretraining",
+    None,
+)
+
+
 def go_to(button: gr.Button, tabs: gr.Tabs, tab_id: str, elem_id: str | None = None) -> None:
     """Wire ``button`` to open the tab ``tab_id`` and land on its element ``elem_id`` (opened,
     if it is a closed accordion); on the tab's top when ``elem_id`` is None."""
@@ -342,12 +364,14 @@ def go_to(button: gr.Button, tabs: gr.Tabs, tab_id: str, elem_id: str | None = N
     event.then(None, js=scroll_to_js(elem_id or TABS_ID))
 
 
-def build_learn_links(tabs: gr.Tabs | None) -> None:
-    """Buttons that take the reader from a concept to where the app shows it."""
+def build_learn_links(tabs: gr.Tabs | None, pretraining_tab: bool = False) -> None:
+    """Buttons that take the reader from a concept to where the app shows it (to "How it
+    learned" when ``pretraining_tab``)."""
     if tabs is None:
         return
     gr.Markdown("## See it in the app")
-    for text, where, tab_id, elem_id in CONCEPTS:
+    concepts = (*CONCEPTS, PRETRAINING_CONCEPT) if pretraining_tab else CONCEPTS
+    for text, where, tab_id, elem_id in concepts:
         with gr.Row(equal_height=True):
             gr.Markdown(text, scale=4)
             button = gr.Button(f"→ {where}", scale=1, size="sm")
