@@ -143,10 +143,10 @@ def batch_volume(page) -> None:
 
 
 def pretraining_example(page) -> None:
-    """Open "How it learned", pick the bundled DME example and wait for its reconstruction."""
+    """Open "How it learned", pick the DME example scan and wait for its reconstruction."""
     page.get_by_role("tab", name="Classify", exact=True).wait_for(timeout=TIMEOUT_MS)
     open_tab(page, "How it learned")
-    page.locator("#rebuild-examples button", has_text=EXAMPLE).first.click()
+    page.locator("#rebuild-examples img").nth(example_index()).click()
     expect(page.locator("#rebuild-info")).to_contain_text("The model saw", timeout=TIMEOUT_MS)
     page.locator("#rebuild-difference img").wait_for(timeout=TIMEOUT_MS)
 

@@ -36,7 +36,15 @@ from mirage_demo.ui.slides import answer_figure_file, colour_bar_html, file_stem
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 from mirage_demo.verdict import verdict_words
 
-__all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan", "reblend"]
+__all__ = [
+    "build_classify_tab",
+    "examples_gallery",
+    "explain_scan",
+    "overlay_state",
+    "predict_scan",
+    "reblend",
+    "wire_examples",
+]
 
 EMPTY_INFO = "Upload a scan or pick an example."
 EMPTY_ALT = "Where the model looked: a heat map over the scan (none yet)"
@@ -246,7 +254,7 @@ def build_classify_tab(ctx: AppContext) -> None:
     _wire_explain(ctx, view)
     _wire_figure(ctx, view)
     _wire_predict(ctx, view)
-    _wire_examples(ctx, view)
+    wire_examples(ctx, view.examples, view.scan)
 
 
 def _classify_layout(ctx: AppContext) -> ClassifyView:
@@ -340,9 +348,10 @@ def _answer_panel(classes: int) -> tuple[Any, ...]:
     return probabilities, overlay, colour_bar, info, figure_button, figure
 
 
-def examples_gallery(ctx: AppContext) -> gr.Gallery | None:
+def examples_gallery(ctx: AppContext, elem_id: str = "examples") -> gr.Gallery | None:
     """The bundled example scans as thumbnails named "Example scan N" (copies under neutral
-    names, in an order that does not follow their class); None when there are none."""
+    names, in an order that does not follow their class); None when there are none. Wire it
+    with :func:`wire_examples`."""
     if not ctx.examples:
         return None
     return gr.Gallery(
@@ -356,21 +365,22 @@ def examples_gallery(ctx: AppContext) -> gr.Gallery | None:
         object_fit="cover",
         allow_preview=False,
         buttons=[],
-        elem_id="examples",
+        elem_id=elem_id,
         elem_classes=["ph-2", "examples-strip"],
     )
 
 
-def _wire_examples(ctx: AppContext, view: ClassifyView) -> None:
-    """A click on an example thumbnail puts that scan in the upload box (which explains it)."""
-    if view.examples is None:
+def wire_examples(ctx: AppContext, gallery: gr.Gallery | None, scan: gr.Image) -> None:
+    """A click on an example thumbnail of ``gallery`` puts that scan in the upload box
+    ``scan`` (whose change handlers do the rest)."""
+    if gallery is None:
         return
     ordered = [path for path, _ in neutral_examples(ctx.examples)]
 
     def on_pick(evt: gr.SelectData):
         return ordered[int(evt.index)] if 0 <= int(evt.index) < len(ordered) else gr.skip()
 
-    view.examples.select(on_pick, outputs=[view.scan], api_visibility="private")
+    gallery.select(on_pick, outputs=[scan], api_visibility="private")
 
 
 def _wire_explain(ctx: AppContext, view: ClassifyView) -> None:

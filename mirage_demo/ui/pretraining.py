@@ -20,6 +20,7 @@ from mirage_demo.reconstruction import (
     load_reconstructor,
     reconstruct_scan,
 )
+from mirage_demo.ui.classify import examples_gallery, wire_examples
 from mirage_demo.ui.context import (
     AppContext,
     output_file,
@@ -164,6 +165,7 @@ def build_pretraining_tab(ctx: AppContext) -> None:
                     label="OCT B-scan",
                     height=240,
                 )
+                examples = examples_gallery(ctx, elem_id="rebuild-examples")
                 ratio = gr.Slider(
                     MIN_RATIO, MAX_RATIO, value=0.75, step=0.05, label="Share of the scan hidden"
                 )
@@ -177,15 +179,6 @@ def build_pretraining_tab(ctx: AppContext) -> None:
                     visible=len(sources) > 1,
                 )
                 button = gr.Button("Hide and rebuild", variant="primary")
-                if ctx.examples:
-                    gr.Examples(
-                        examples=[[path] for path, _ in ctx.examples],
-                        example_labels=[cls for _, cls in ctx.examples],
-                        inputs=[scan],
-                        label="Example scans",
-                        examples_per_page=10,
-                        elem_id="rebuild-examples",
-                    )
             with gr.Column(scale=3):
                 with gr.Row():
                     masked = picture("What the model saw", "rebuild-masked", height=260)
@@ -205,6 +198,7 @@ def build_pretraining_tab(ctx: AppContext) -> None:
             "is bright where the guess is wrong.</small>"
         )
     outputs = [masked, rebuilt, difference, info, layers, slo, legend]
+    wire_examples(ctx, examples, scan)
     _wire(ctx, [scan, ratio, seed, source, button], outputs)
 
 
