@@ -5,6 +5,8 @@
     python benchmarks/inference.py                       # MIRAGE-Base at 512, random weights
     python benchmarks/inference.py --model mirage_tiny_patch32_512 --rounds 3 --json out.json
     python benchmarks/inference.py --checkpoint assets/demo-model --threads 2   # the bundled CNN
+    python benchmarks/inference.py --checkpoint assets/demo-model --threads 2 --rounds 1 \
+        --grid-scans 20      # + the Compare grid on 20 of its bundled real test scans
 
 All timings of a round are taken back to back (in a shuffled order) and each is divided by that
 round's bare forward, so the ratios hold on a machine shared with other work; the table gives the
@@ -22,7 +24,11 @@ common size):
   a full backward), for comparison;
 - batched throughput: ``predict_batch`` vs ``predict`` one image at a time;
 - checkpoint load time (``Predictor.from_pretrained`` on a local directory) and the resident
-  memory of a loaded predictor, measured in a fresh process.
+  memory of a loaded predictor, measured in a fresh process;
+- with ``--grid-scans N`` (and ``--checkpoint``): the Compare grid on N of the checkpoint's
+  bundled real test scans (the classes in turn), each timed after a bare forward of the same
+  scan: median and max seconds, the median ratio, where the time goes, and the load average
+  before and after (on a shared machine the seconds are upper bounds; the ratio holds).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,6 +61,7 @@ from mirage_demo.checkpoint import CheckpointConfig, save_checkpoint
 from mirage_demo.data import Preprocessing
 from mirage_demo.explain import METHODS
 from mirage_demo.inference import Predictor
+from mirage_demo.testscans import scan_set_for
 from mirage_demo.trust import compare_methods
 from tests.synthetic_oct import oct_like
 
@@ -75,6 +83,45 @@ def seconds(function: Callable[[], object]) -> float:
 
 def summary(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
+
+
+def grid_times(predictor: Predictor, checkpoint: Path, count: int) -> dict:
+    """The Compare grid on ``count`` bundled test scans of ``checkpoint`` (the classes in
+    turn), each after a bare forward of the same scan: seconds, ratios, the grid's parts."""
+    scans, why = scan_set_for(checkpoint)
+    if scans is None:
+        print(f"--grid-scans: {why}", file=sys.stderr)
+        return {}
+    by_class: dict[str, list[Path]] = defaultdict(list)
+    for entry in scans.entries:
+        by_class[entry.true].append(entry.image)
+    turns = zip(*by_class.values(), strict=False)  # each class in turn, to the rarest's end
+    images = [image for turn in turns for image in turn][:count]
+    compare_methods(predictor, images[0])  # warm-up (and the randomised model's copy)
+    load_before = os.getloadavg()
+    grids, bares, parts = [], [], defaultdict(list)
+    for image in images:
+        x = predictor.preprocessing.normalize(predictor.preprocessing.read_resized(image))[None]
+        with torch.inference_mode():
+            bares.append(seconds(lambda x=x: predictor.model(x)))
+        began = time.perf_counter()
+        comparison = compare_methods(predictor, image)
+        grids.append(time.perf_counter() - began)
+        for key, value in comparison.timing.items():
+            parts[key].append(value)
+    ratios = [g / b for g, b in zip(grids, bares, strict=True)]
+    load = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    print(
+        f"\nCompare grid on {len(images)} bundled test scans: median "
+        f"{statistics.median(grids):.2f} s, max {max(grids):.2f} s; "
+        f"{statistics.median(ratios):.1f}x a bare forward (range {min(ratios):.1f}-"
+        f"{max(ratios):.1f}); load average (1 min) {load}"
+    )
+    print(
+        "  parts (median s): "
+        + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in parts.items())
+    )
+    return {"grid_s": grids, "bare_s": bares, "ratio": ratios, "load": load, "parts": parts}
 
 
 def resident_memory(directory: str, threads: int) -> dict[str, float]:
@@ -119,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--image", type=Path, help="a scan to use (default: synthetic 768x496)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--grid-scans", type=int, default=0, help="time the Compare grid on N bundled test scans"
+    )
     return parser
 
 
@@ -285,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         **load_cost(args, predictor, work),
     }
     print_report(results, len(predictor.methods))
+    if args.grid_scans and args.checkpoint:
+        results["compare_grid"] = grid_times(predictor, args.checkpoint, args.grid_scans)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -17,7 +17,9 @@ interval over draws and test resamples (each draw's test predictions bootstrappe
 
 Backbones: ``ARCH:pretrained`` (timm's registered weights: MIRAGE from the Hugging Face Hub),
 ``ARCH:random`` (the same architecture randomly initialised: the no-pre-training reference),
-``checkpoint:DIR`` (a checkpoint's network without its classifier, with its own preprocessing).
+``checkpoint:DIR`` (a checkpoint's network without its classifier, with its own preprocessing),
+``pretraining:DIR`` (the encoder of a ``python -m train --mode pretrain`` checkpoint, e.g.
+``assets/tiny-mirage``; compare it with ``mirage_tiny_patch32_512:random``).
 
 The split is ``load_dataset(DATA, SplitSpec(...))`` with ``--split-from``'s settings (default: the
 bundled demo models' training config), so a bundled model is never tested on scans it was
@@ -44,6 +46,7 @@ from mirage_demo.cache import default_cache_dir
 from mirage_demo.checkpoint import load_checkpoint
 from mirage_demo.data import Preprocessing, Sample, SplitSpec, load_dataset
 from mirage_demo.models import create_classifier
+from mirage_demo.pretraining import pretrained_classifier
 from mirage_demo.probe import cached_features, fit_probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +85,13 @@ def backbone(
     if kind == "checkpoint":
         model, config = load_checkpoint(rest)
         return model, config.preprocessing
+    if kind == "pretraining":  # the encoder of a --mode pretrain checkpoint
+        model, _ = pretrained_classifier(rest, num_classes)
+        return model, Preprocessing.from_model(model)
     if rest not in ("pretrained", "random"):
         raise SystemExit(
-            f"--backbone {spec}: expected ARCH:pretrained, ARCH:random or checkpoint:DIR"
+            f"--backbone {spec}: expected ARCH:pretrained, ARCH:random, checkpoint:DIR or "
+            "pretraining:DIR"
         )
     torch.manual_seed(0)
     kwargs = {"img_size": img_size} if img_size and kind.startswith("mirage_") else {}

@@ -2,7 +2,8 @@
 
 Starts ``python app.py`` (the bundled models) on a free local port, opens it in headless
 Chromium (Playwright) and writes optimised PNGs into ``docs/img/`` (or ``--out``): the Classify
-tab after picking a bundled example, at 1440x900 and on a phone (390x844), and the Model tab.
+tab after picking a bundled example, at 1440x900 and on a phone (390x844), the Model, Volume,
+Batch and How it learned tabs.
 Run it again after changing a view.
 """
 
@@ -141,6 +142,15 @@ def batch_volume(page) -> None:
     expect(page.locator("#batch-summary")).to_contain_text("classified", timeout=TIMEOUT_MS)
 
 
+def pretraining_example(page) -> None:
+    """Open "How it learned", pick the bundled DME example and wait for its reconstruction."""
+    page.get_by_role("tab", name="Classify", exact=True).wait_for(timeout=TIMEOUT_MS)
+    open_tab(page, "How it learned")
+    page.locator("#rebuild-examples button", has_text=EXAMPLE).first.click()
+    expect(page.locator("#rebuild-info")).to_contain_text("The model saw", timeout=TIMEOUT_MS)
+    page.locator("#rebuild-difference img").wait_for(timeout=TIMEOUT_MS)
+
+
 #: name -> (viewport, what to do before the screenshot, the element shown at the top)
 VIEWS: dict[str, tuple[dict[str, int], Callable, str | None]] = {
     "classify": (DESKTOP, classify_example, None),
@@ -151,6 +161,8 @@ VIEWS: dict[str, tuple[dict[str, int], Callable, str | None]] = {
     "volume-phone": (PHONE, volume_example, "#volume-slider"),
     "batch-volume": (DESKTOP, batch_volume, "#batch-summary"),
     "batch-volume-phone": (PHONE, batch_volume, "#batch-summary"),
+    "pretraining": (DESKTOP, pretraining_example, None),
+    "pretraining-phone": (PHONE, pretraining_example, "#rebuild-masked"),
 }
 
 

@@ -405,6 +405,7 @@ def _adapted_config(
         class_names=list(class_names),
         temperature=final.temperature,
         split=None,
+        uncertainty={},  # the base model's sets and flag are not this probe's
         training={
             "mode": "probe",
             "data_name": "uploaded scans",

@@ -62,7 +62,7 @@ PROBE_BACKBONES = {
     "mirage_base": ("mirage_base_patch32_512", "MIRAGE-Base-probe"),
     "mirage_large": ("mirage_large_patch32_512", "MIRAGE-Large-probe"),
 }
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the uncertainty statistics gained image statistics (format 2)
 
 
 class ProbeUnavailableError(RuntimeError):

@@ -1,11 +1,12 @@
 """Evaluate a checkpoint on labelled scans: the report of ``python -m train.evaluate`` and the app.
 
 One code path computes the report wherever it is asked for: :func:`evaluate_samples` decodes the
-files with the checkpoint's preprocessing (:class:`~mirage_demo.data.FileImages`), predicts in
-batches (:func:`~mirage_demo.logits.collect_logits`), calibrates with the checkpoint's
-temperature and writes :func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data
-split), the trainer's final report and the app's ``/evaluate`` (uploaded scans) all call it, so
-their numbers are the same for the same images.
+files with the checkpoint's preprocessing and the quality gate
+(:class:`~mirage_demo.quality.CheckedImages`), predicts in batches
+(:func:`~mirage_demo.logits.file_outputs`), calibrates with the checkpoint's temperature and
+writes :func:`~mirage_demo.metrics.write_report`. ``train.evaluate`` (a data split), the
+trainer's final report and the app's ``/evaluate`` (uploaded scans) all call it, so their
+numbers are the same for the same images.
 
 Uploaded labelled scans (:func:`labelled_upload`): a ``.zip`` laid out ``<CLASS>/<image>`` (any
 folders above the class folder are ignored) or image files named ``<CLASS>/<image>``. Zips are
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import torch
 
 from mirage_demo.checkpoint import CheckpointConfig
@@ -37,6 +39,7 @@ from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import softmax, write_report
 from mirage_demo.uncertainty import Uncertainty
 from mirage_demo.uploads import RequestBudget, UploadItem, expand_uploads
+from mirage_demo.verdict import decide
 
 __all__ = [
     "LabelledUpload",
@@ -80,10 +83,11 @@ def evaluate_samples(
 ) -> dict[str, Any]:
     """Predict ``samples`` from their files, calibrate, and write the report into ``out``
     (file names in ``predictions.csv`` relative to ``data_root``; ``tta``: see
-    :func:`~mirage_demo.logits.collect_logits`, recorded in ``metrics.json``). With the
-    checkpoint's ``uncertainty``, ``metrics.json`` also holds its prediction sets' coverage and
-    set sizes and the share of scans flagged
-    (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
+    :func:`~mirage_demo.logits.collect_logits`, recorded in ``metrics.json``). Each scan gets
+    its verdict in ``predictions.csv`` (``trust``: the quality gate's, and with the
+    checkpoint's ``uncertainty`` its prediction set and flag too); ``metrics.json`` then also
+    holds the sets' coverage and set sizes, the share of scans flagged and the share of each
+    verdict with the accuracy within it (:meth:`~mirage_demo.uncertainty.Uncertainty.report`)."""
     outputs = file_outputs(
         model,
         samples,
@@ -96,6 +100,7 @@ def evaluate_samples(
         desc=f"{split} split",
         on_batch=on_batch,
         tta=tta,
+        copies=[],
     )
     return report_outputs(
         config,
@@ -130,9 +135,17 @@ def report_outputs(
     if len(labels) == 0:
         raise DataError(f"no readable images in the {split} split")
     probs = softmax(outputs.logits, config.temperature)
-    extra = (
-        {"uncertainty": uncertainty.report(probs, outputs.features, labels)} if uncertainty else {}
-    )
+    features, statistics = outputs.features, outputs.statistics
+    passes = outputs.looks_like_oct
+    if passes is None:  # not checked (a probe's feature cache): every scan passes the gate
+        passes = np.ones(len(labels), dtype=bool)
+    extra: dict[str, Any] = {}
+    answers: list[dict[str, Any]] = [{"trust": decide(bool(p), None, None)} for p in passes]
+    if uncertainty is not None:
+        extra["uncertainty"] = uncertainty.report(
+            probs, features, labels, statistics=statistics, looks_like_oct=passes
+        )
+        answers = uncertainty.answers(probs, features, statistics=statistics, looks_like_oct=passes)
     root = Path(data_root)
     files = [_relative(samples[i].path, root) for i in outputs.indices]
     return write_report(
@@ -147,6 +160,7 @@ def report_outputs(
         seed=seed,
         tta=tta,
         extra=extra,
+        answers=answers,
     )
 
 

@@ -11,7 +11,9 @@ Images go through the checkpoint's own preprocessing (``config.preprocessing``:
 the logits are the mean over the image and its horizontal flip. Every result carries the
 quality check of :mod:`mirage_demo.quality` in ``warnings`` and, when the checkpoint carries
 them (:mod:`mirage_demo.uncertainty`), its prediction set at ``level`` (default 90%) and whether
-the scan is unlike the training scans, both from the same forward pass.
+the scan is unlike the training scans, both from the same forward pass; and its verdict,
+``trust`` (:mod:`mirage_demo.verdict`: ``"not_a_bscan"``, ``"unlike_training"``, ``"unsure"``
+or ``"sure"``), decided here for every caller.
 
 A :class:`Predictor` keeps no per-call state, so one instance may serve several threads: the
 model stays in eval mode, hooks are registered per call for the calling thread only and always
@@ -51,6 +53,7 @@ from mirage_demo.images import ImageReadError, ImageSource, open_image, read_ima
 from mirage_demo.models import features_and_logits
 from mirage_demo.quality import QualityReport, assess, full_scale_of, rgb_of
 from mirage_demo.uncertainty import DEFAULT_LEVEL, Uncertainty, load_uncertainty
+from mirage_demo.verdict import decide
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -90,6 +93,9 @@ class Prediction:
     level: float | None = None
     ood_score: float | None = None
     out_of_distribution: bool | None = None
+    #: how far to trust the answer (:mod:`mirage_demo.verdict`): "not_a_bscan",
+    #: "unlike_training", "unsure", "sure"; None: no statistics (and a B-scan)
+    trust: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -97,10 +103,11 @@ class Prediction:
 
     def record(self) -> dict[str, Any]:
         """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
-        ``label``, ``probabilities``, ``prediction_set``, ``level``, ``out_of_distribution``,
-        ``ood_score`` (the last four None without uncertainty statistics), ``warnings``. Valid
-        JSON: a number that is not finite (a distance beyond any number) is None."""
-        keys = ("label", "probabilities", "prediction_set", "level")
+        ``label``, ``probabilities``, ``trust`` (the verdict), ``prediction_set``, ``level``,
+        ``out_of_distribution``, ``ood_score`` (the last four None without uncertainty
+        statistics), ``warnings``. Valid JSON: a number that is not finite (a distance beyond
+        any number) is None."""
+        keys = ("label", "probabilities", "trust", "prediction_set", "level")
         keys += ("out_of_distribution", "ood_score", "warnings")
         record = {"file": self.source, **{key: getattr(self, key) for key in keys}}
         record["probabilities"] = {k: _finite(v) for k, v in self.probabilities.items()}
@@ -114,6 +121,7 @@ class Prediction:
             "label": self.label,
             "probabilities": self.probabilities,
             "warnings": list(self.warnings),
+            "trust": self.trust,
             "prediction_set": self.prediction_set,
             "level": self.level,
             "out_of_distribution": self.out_of_distribution,
@@ -318,17 +326,13 @@ class Predictor:
         index = int(np.argmax(probs))
         timing = {"load_s": loaded.seconds, **timing}
         timing["total_s"] = sum(timing.values())
-        trust: dict[str, Any] = {}
+        passes = loaded.quality.looks_like_oct
+        answer: dict[str, Any] = {"trust": decide(passes, None, None)}
         if self.uncertainty is not None:
-            sets, scores, flags = self.uncertainty.assess(
-                np.array([probs]), features[None].numpy(), level
-            )
-            trust = dict(
-                prediction_set=sets[0],
-                level=level,
-                ood_score=round(float(scores[0]), 3),
-                out_of_distribution=bool(flags[0]),
-            )
+            statistics = np.array([loaded.quality.statistics])
+            answer = self.uncertainty.answers(
+                np.array([probs]), features[None].numpy(), level, statistics, [passes]
+            )[0]
         return Prediction(
             label=self.class_names[index],
             index=index,
@@ -339,7 +343,7 @@ class Predictor:
             image_size=tuple(loaded.display.shape),
             timing=timing,
             source=loaded.name,
-            **trust,
+            **answer,
         )
 
     # ----------------------------------------------------------------------------------------

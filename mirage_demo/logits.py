@@ -24,7 +24,9 @@ from mirage_demo.augment import BatchAugmentation
 from mirage_demo.cache import tqdm_disable
 from mirage_demo.data import FileImages, Preprocessing, collate_skip_unreadable
 from mirage_demo.images import Sample
+from mirage_demo.imagestats import STAT_NAMES
 from mirage_demo.models import features_and_logits
+from mirage_demo.quality import CheckedImages
 
 __all__ = ["Outputs", "collect_logits", "file_outputs", "make_loader", "to_model_input"]
 
@@ -77,16 +79,19 @@ def collect_logits(
     on_batch: Callable[[int, int], None] | None = None,
     tta: bool = False,
     features: bool = False,
+    checks: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """``(logits (n, K) float32, labels, dataset indices)`` over a loader of
     ``(image, label, index)`` batches, in the loader's order. ``on_batch(done, total)`` is
     called after each batch (the app's progress bar); ``tta`` averages each image's logits
     with its horizontal mirror's, as ``Predictor(tta=True)`` does; ``features`` adds a fourth
-    array, the penultimate features ``(n, D)`` of the same forward pass."""
+    array, the penultimate features ``(n, D)`` of the same forward pass; ``checks`` (a loader
+    of :class:`~mirage_demo.quality.CheckedImages`) adds the batches' fourth element, each
+    image's gate and statistics."""
     from tqdm.auto import tqdm
 
     model.eval()
-    logits, labels, indices, kept = [], [], [], []
+    logits, labels, indices, kept, checked = [], [], [], [], []
     autocast = (
         torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     )
@@ -97,7 +102,9 @@ def collect_logits(
             on_batch(done - 1, total)
         if batch is None:  # every image of the batch was unreadable
             continue
-        images, batch_labels, batch_indices = batch
+        images, batch_labels, batch_indices, *rest = batch
+        if checks:
+            checked.append(rest[0].float())
         x = to_model_input(images, preprocessing, device)
         with autocast:
             feats, out = features_and_logits(model, torch.cat([x, x.flip(-1)]) if tta else x)
@@ -111,13 +118,15 @@ def collect_logits(
         on_batch(total, total)
     if not logits:
         empty = (np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-        return (*empty, np.zeros((0, 0), np.float32)) if features else empty
+        more = [np.zeros((0, 0), np.float32)] * (int(features) + int(checks))
+        return (*empty, *more)
     outputs = (
         torch.cat(logits).numpy(),
         torch.cat(labels).numpy().astype(np.int64),
         torch.cat(indices).numpy().astype(np.int64),
     )
-    return (*outputs, torch.cat(kept).numpy()) if features else outputs
+    outputs += (torch.cat(kept).numpy(),) if features else ()
+    return outputs + ((torch.cat(checked).numpy(),) if checks else ())
 
 
 @dataclass
@@ -128,6 +137,23 @@ class Outputs:
     labels: np.ndarray  # (n,) int64
     indices: np.ndarray  # (n,) int64: which of the samples
     features: np.ndarray  # (n, D) float32: the penultimate features of the same forward pass
+    #: (n, 1 + S (1 + copies)) float32 or None (not checked): 1.0 where the image passes the
+    #: quality gate, then its image statistics and those of each downsized copy
+    checked: np.ndarray | None = None
+
+    @property
+    def looks_like_oct(self) -> np.ndarray | None:
+        """``(n,)`` bool: passes the quality gate (None: not checked)."""
+        return None if self.checked is None else self.checked[:, 0] > 0.5
+
+    @property
+    def statistics(self) -> np.ndarray | None:
+        """``(n, S)`` image statistics, or ``(n, 1 + copies, S)`` with copies (None: not
+        checked)."""
+        if self.checked is None:
+            return None
+        stats = self.checked[:, 1:].reshape(len(self.checked), -1, len(STAT_NAMES))
+        return stats[:, 0] if stats.shape[1] == 1 else stats
 
 
 def file_outputs(
@@ -143,11 +169,21 @@ def file_outputs(
     desc: str = "predicting",
     on_batch: Callable[[int, int], None] | None = None,
     tta: bool = False,
+    copies: Sequence[tuple[int, int]] | None = None,
 ) -> Outputs:
     """``samples`` decoded from their files (:class:`~mirage_demo.data.FileImages`) and run
-    through ``model`` in batches (:func:`collect_logits`, whose options these are)."""
-    loader = make_loader(FileImages(samples, preprocessing), batch_size, workers, device)
-    logits, labels, indices, features = collect_logits(
+    through ``model`` in batches (:func:`collect_logits`, whose options these are). With
+    ``copies`` (a list, maybe empty) each image is also checked
+    (:class:`~mirage_demo.quality.CheckedImages`: the gate, its statistics and those of each
+    copy downsized to ``(width, JPEG quality)``), in :attr:`Outputs.checked`."""
+    checks = copies is not None
+    dataset = (
+        CheckedImages(samples, preprocessing, copies=copies)
+        if checks
+        else FileImages(samples, preprocessing)
+    )
+    loader = make_loader(dataset, batch_size, workers, device)
+    logits, labels, indices, features, *checked = collect_logits(
         model,
         loader,
         preprocessing,
@@ -158,5 +194,6 @@ def file_outputs(
         on_batch=on_batch,
         tta=tta,
         features=True,
+        checks=checks,
     )
-    return Outputs(logits, labels, indices, features)
+    return Outputs(logits, labels, indices, features, checked[0] if checks else None)

@@ -492,13 +492,15 @@ def write_report(
     seed: int = 0,
     tta: bool = False,
     extra: dict[str, Any] | None = None,
+    answers: Sequence[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``, ``predictions.csv`` and the three figures; returns the metrics.
 
     ``probs`` are the calibrated probabilities (after ``temperature``); ``files`` names each
     image (e.g. its path relative to the data folder); ``tta``: the probabilities average each
     scan with its mirror image (recorded as ``"tta": "horizontal flip"``); ``extra``: more
-    top-level entries for ``metrics.json`` (e.g. ``"uncertainty"``).
+    top-level entries for ``metrics.json`` (e.g. ``"uncertainty"``); ``answers``: each
+    image's verdict, set and flag for ``predictions.csv`` (see :func:`write_predictions_csv`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -522,7 +524,9 @@ def write_report(
     )
 
     true = [class_names[int(label)] for label in y_true]
-    write_predictions_csv(directory / "predictions.csv", class_names, files, probs, true=true)
+    write_predictions_csv(
+        directory / "predictions.csv", class_names, files, probs, true=true, uncertainty=answers
+    )
 
     where = f"{split} split, {len(probs)} images"
     plot_confusion_matrix(

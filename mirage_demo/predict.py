@@ -6,11 +6,13 @@
                                   [--explain METHOD --out DIR] [--volume]
                                   IMAGES_FOLDERS_OR_VOLUMES...
 
-One line per image: ``file LABEL probability set warnings``, or with ``--json`` one JSON object
-``{"file", "label", "probabilities", "prediction_set", "level", "out_of_distribution",
-"ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.record`) (the set at
-``--level``, and whether the scan is unlike the training scans: None for a checkpoint without
-uncertainty statistics). An unreadable file gives a line with an ``"error"`` and the run goes
+One line per image: ``file LABEL probability set verdict warnings``, or with ``--json`` one JSON
+object ``{"file", "label", "probabilities", "trust", "prediction_set", "level",
+"out_of_distribution", "ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.
+record`): ``trust`` is the verdict (:mod:`mirage_demo.verdict`: ``not_a_bscan``,
+``unlike_training``, ``unsure``, ``sure``), the set is at ``--level``, and the last four are
+None for a checkpoint without uncertainty statistics (``trust`` then says only
+``not_a_bscan``). An unreadable file gives a line with an ``"error"`` and the run goes
 on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
 ``--out`` (default: the current directory), in the one predictions format
 (:func:`~mirage_demo.predictions_csv.write_predictions_csv`). ``--explain`` writes an overlay
@@ -44,6 +46,7 @@ from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Prediction, Predictor
 from mirage_demo.predictions_csv import write_predictions_csv
 from mirage_demo.uncertainty import DEFAULT_LEVEL
+from mirage_demo.verdict import verdict_words
 from mirage_demo.volume_io import is_volume, load_volume
 from mirage_demo.volume_predict import classify_volume, summarize
 from mirage_demo.volumes import VolumeError, slice_label
@@ -132,13 +135,10 @@ def _emit(record: dict, as_json: bool, out: TextIO) -> None:
         probability = record["probabilities"][record["label"]]
         shown = record["prediction_set"]
         shown = "{" + ", ".join(shown) + "}" if shown is not None else "-"
-        warnings = record["warnings"] + (
-            ["unlike the training scans"] * bool(record["out_of_distribution"])
-        )
         shown_probability = "-" if probability is None else f"{probability:.3f}"
         out.write(
             f"{file}\t{_cell(record['label'])}\t{shown_probability}\t{_cell(shown)}\t"
-            f"{_cell('; '.join(warnings))}\n"
+            f"{verdict_words(record['trust'])}\t{_cell('; '.join(record['warnings']))}\n"
         )
     out.flush()
 

@@ -26,17 +26,21 @@ def csv_text(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_PREFIXES) else text
 
 
-#: The predictions file's columns for a checkpoint's uncertainty (:mod:`mirage_demo.uncertainty`).
-UNCERTAINTY_COLUMNS = ("prediction_set", "out_of_distribution", "ood_score")
+#: The predictions file's columns for an answer's verdict (:mod:`mirage_demo.verdict`) and a
+#: checkpoint's uncertainty (:mod:`mirage_demo.uncertainty`).
+UNCERTAINTY_COLUMNS = ("trust", "prediction_set", "out_of_distribution", "ood_score")
 
 
 def _uncertainty_cells(entry: dict[str, Any] | None) -> list[str]:
+    trust = csv_text((entry or {}).get("trust") or "")
     if not entry or entry.get("prediction_set") is None:
-        return [""] * len(UNCERTAINTY_COLUMNS)
+        return [trust] + [""] * (len(UNCERTAINTY_COLUMNS) - 1)
+    score = entry.get("ood_score")
     return [
+        trust,
         csv_text("|".join(entry["prediction_set"])),
         str(int(bool(entry["out_of_distribution"]))),
-        f"{entry['ood_score']:.3f}",
+        f"{score:.3f}" if score is not None and np.isfinite(score) else "",
     ]
 
 
@@ -55,9 +59,11 @@ def write_predictions_csv(
 
     Columns: ``file``, ``true`` (only when ``true`` is given), ``predicted``,
     ``prob_<CLASS>`` for each class (6 decimals), then, when ``uncertainty`` is given (each
-    row's ``prediction_set``, ``out_of_distribution`` and ``ood_score``, or None),
-    ``prediction_set`` (class names joined with ``"|"``), ``out_of_distribution`` (0/1) and
-    ``ood_score``, then ``warnings`` (joined with ``"; "``) and ``error`` when those are given.
+    row's ``trust``, ``prediction_set``, ``out_of_distribution`` and ``ood_score``, or None),
+    ``trust`` (the verdict: ``not_a_bscan``, ``unlike_training``, ``unsure``, ``sure``, or
+    empty), ``prediction_set`` (class names joined with ``"|"``), ``out_of_distribution``
+    (0/1) and ``ood_score`` (empty: not a finite number), then ``warnings`` (joined with
+    ``"; "``) and ``error`` when those are given.
     A row whose ``probs`` is ``None`` (an image that could not be read) leaves ``predicted``
     and the probabilities empty.
     """

@@ -43,6 +43,7 @@ from mirage_demo.checkpoint import (
 )
 from mirage_demo.metrics import REPORT_FILES
 from mirage_demo.models import registered_hub_weights
+from mirage_demo.pretraining import is_pretraining_checkpoint
 from mirage_demo.reports import ReportError, load_report
 
 __all__ = [
@@ -68,8 +69,11 @@ REQUIREMENTS = "requirements.txt"  # staged through space_requirements()
 #: ("No candidate PyTorch version found for ZeroGPU").
 ZEROGPU_TORCH = {"2.8.0": "0.23.0", "2.9.1": "0.24.1", "2.10.0": "0.25.0", "2.11.0": "0.26.0"}
 #: The files of a checkpoint directory the app reads (weights, config, uncertainty statistics,
-#: report, card).
-SERVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"})
+#: report, card; the tiny MIRAGE's encoder, decoder and label-efficiency curve).
+SERVED_FILES = frozenset(
+    {CONFIG_NAME, WEIGHTS_NAME, UNCERTAINTY_NAME, *REPORT_FILES, "README.md"}
+    | {"encoder.safetensors", "decoder.safetensors", "label_efficiency.json"}
+)
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
 DEFAULT_HARDWARE = "zero-a10g"  # ZeroGPU: the hardware free accounts may use for Gradio
 _SPACE_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -392,12 +396,13 @@ def _runs_on(config: CheckpointConfig, hardware: str) -> str:
 
 
 def _bundled() -> list[ServedCheckpoint]:
-    """The bundled demo models the app serves when no checkpoint is given."""
+    """The bundled demo models the app serves when no checkpoint is given (not the tiny
+    MIRAGE, a pre-training checkpoint that "How it learned" reads)."""
     from mirage_demo.checkpoint import read_config
 
     found = []
     for directory in sorted((REPO_ROOT / "assets").iterdir()):
-        if (directory / CONFIG_NAME).is_file():
+        if (directory / CONFIG_NAME).is_file() and not is_pretraining_checkpoint(directory):
             found.append(ServedCheckpoint(str(directory), read_config(directory), directory, True))
     found.sort(key=lambda c: c.directory.name != "demo-model")  # the app's default first
     return found

@@ -44,6 +44,7 @@ from PIL import Image
 from mirage_demo.checkpoint import CheckpointError, read_config
 from mirage_demo.fileio import atomic_write_text
 from mirage_demo.images import ImageReadError, read_image
+from mirage_demo.imagestats import downsized as downsized_image
 
 __all__ = [
     "BUNDLED_SCANS",
@@ -246,14 +247,7 @@ def _sources(data: Path) -> dict[str, dict[str, str]]:
 
 def downsized(path: Path, max_width: int = MAX_WIDTH) -> Image.Image:
     """A grayscale copy at most ``max_width`` pixels wide (aspect kept)."""
-    gray = read_image(path, str(path))
-    low, high = float(gray.min()), float(gray.max())
-    scaled = (gray - low) / (high - low) * 255.0 if high > low else gray * 0
-    image = Image.fromarray(scaled.round().clip(0, 255).astype("uint8"), mode="L")
-    if image.width > max_width:
-        height = max(1, round(image.height * max_width / image.width))
-        image = image.resize((max_width, height), Image.Resampling.LANCZOS)
-    return image
+    return downsized_image(read_image(path, str(path)), max_width)
 
 
 def build_bundle(

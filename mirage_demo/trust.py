@@ -3,37 +3,33 @@
 :func:`compare_methods` explains one scan with every method the model supports and scores each
 map twice:
 
-**Faithfulness (a deletion test).** The ``fraction`` of the model input that the map ranks
-highest is *deleted* and the model is asked again; so are ``random_masks`` random parts of the
-same area. The score is how much more the explained class's probability drops for the map's
-part than for a random part (in probability points; > 0: the map points at pixels the model
-uses). Variant and why:
+**Faithfulness** (:mod:`mirage_demo.faithfulness`): a symmetric deletion test on the explained
+class's log-odds. For several fractions of the scan, the part the map ranks highest and the
+part it ranks lowest are each replaced by a blurred copy; the score is the mean of
+``(log-odds without the least relevant part - log-odds without the most relevant part) / 2``,
+in nats (ROAD's combined score). A random map's test (:attr:`Comparison.random_reference`)
+gives the chance level, about 0. Two methods whose maps rank the pixels alike (Spearman
+correlation >= :data:`SAME_MAP_RHO`) are one map: it is tested once and the second method says
+which it equals (:attr:`MethodScore.same_as`). On a CNN whose last block is followed by global
+average pooling, Grad-CAM and HiResCAM always coincide: the gradient of a class score is then
+the same at every position of the block's output, so weighting the activations by the mean
+gradient (Grad-CAM) or by the gradient at each position (HiResCAM) gives one map.
 
-- *Deletion = replacement by a heavily blurred copy of the scan* (Gaussian, sigma a quarter
-  of the input side: about the local mean brightness; the "blur" baseline of RISE's deletion
-  metric, Petsiuk et al. 2018). A black or constant fill paints a sharp, unnatural hole whose
-  *shape* the model can react to; the blur keeps the local brightness, so what is removed is
-  the detail (layers, fluid, drusen), not light. A lighter blur (sigma 1/16) left a synthetic
-  lesion visible enough that deleting it did not change the answer.
-  ROAD's noisy linear imputation (Rong et al. 2022, in pytorch-grad-cam) removes the shape cue
-  more thoroughly but solves a sparse linear system per mask: too slow for an interactive grid
-  of up to seven maps plus the random references.
-- *One fraction* (10 % by default: lesions are small), not a whole deletion curve: one batched
-  forward pass for all maps and references keeps the grid well under two seconds on a CPU.
-- *Random parts are blobs, not scattered pixels*: thresholded smooth random noise, so they are
-  as contiguous as a heat map's hot region; removing scattered pixels barely changes a blurred
-  scan and would flatter every map. The same random parts serve every method.
-
-**Sanity check (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018).** The model's
+**Sanity check** (Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018). The model's
 last block (a ViT's last transformer block, a CNN's last residual block) and its classifier are
 re-drawn at random (each tensor from a normal with the tensor's own mean and standard
 deviation, seeded), the same map is computed on that model, and its Spearman rank correlation
-with the original map is reported. A method whose map barely changes (correlation near 1) shows
-the scan's edges rather than what the model learnt; the gradient-based CAMs should change.
+with the original map is reported. A map that barely changes (correlation near 1) is drawn
+from the scan's structure rather than from what the model learnt.
+
+The two checks answer different questions: faithfulness, whether the pixels a map highlights
+matter to the model's answer on this scan; the sanity check, whether the map is drawn from
+what the model learnt. A map can pass one and not the other (a map of the scan's structure can
+happen to cover what the model uses).
 
 The maps come from :class:`~mirage_demo.explain.Explainer`'s one-pass traces: one forward for all
 CAMs (and one for the attention maps of a ViT) on the trained model, the same on the randomised
-copy, and one batched forward for the deletions. Test-time augmentation is not used here.
+copy, and batched forwards for the deletions. Test-time augmentation is not used here.
 """
 
 from __future__ import annotations
@@ -43,14 +39,14 @@ import copy
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
@@ -60,22 +56,39 @@ from mirage_demo.explain import (
     CLASS_AGNOSTIC_METHODS,
     Explainer,
     Trace,
+    default_target_layer,
     is_vit,
     render_overlay,
+)
+from mirage_demo.faithfulness import (
+    FRACTIONS,
+    Forward,
+    RoadScore,
+    log_odds,
+    road_scores,
+    smooth_random_maps,
 )
 from mirage_demo.images import ImageSource
 from mirage_demo.inference import Prediction, Predictor
 
 __all__ = [
+    "SAME_MAP_RHO",
     "Comparison",
     "MethodScore",
     "compare_methods",
-    "deletion_scores",
+    "model_forward",
     "randomized_explainer",
     "rank_similarity",
+    "same_map_reason",
+    "same_maps",
 ]
 
 SIMILARITY_GRID = 56  # maps are compared on this grid (they are smooth upsamplings anyway)
+#: Two methods whose maps' rank correlation reaches this are one map (tested once).
+SAME_MAP_RHO = 0.999
+#: Copies of the scan per forward pass of the deletion test (the ResNet-18's 4 distinct maps
+#: and the random one at 3 fractions, both sides: 30 copies, two passes).
+DELETION_BATCH = 15
 
 
 @dataclass
@@ -86,12 +99,17 @@ class MethodScore:
     class_specific: bool
     heatmap: np.ndarray  # (H, W) in [0, 1] at the scan's size
     overlay: Image.Image
-    faithfulness: float  # drop for the map's part minus mean drop for random parts
-    drop: float  # probability of the explained class: before minus after deleting the part
-    random_drop: float  # the same, mean over the random parts
+    road: RoadScore  # the deletion test (nats of the explained class's log-odds)
+    same_as: str | None  # an earlier method whose map this one is (its test is shared)
     randomized_heatmap: np.ndarray  # the map on the model with its last block randomised
     randomized_overlay: Image.Image
     similarity: float  # Spearman rank correlation of the two maps (1: unchanged)
+
+    @property
+    def faithfulness(self) -> float:
+        """``(LeRF - MoRF) / 2`` in nats: > 0 when removing what the map highlights costs
+        the explained class more than removing what it ignores."""
+        return self.road.faithfulness
 
 
 @dataclass
@@ -101,8 +119,9 @@ class Comparison:
     prediction: Prediction
     target: str
     target_index: int
-    fraction: float
+    fractions: tuple[float, ...]
     scores: list[MethodScore]
+    random_reference: RoadScore  # a random smooth map's deletion test: the chance level
     image: np.ndarray  # the scan the overlays are drawn on, (H, W) in [0, 1]
     timing: dict[str, float] = field(default_factory=dict)
 
@@ -112,6 +131,39 @@ class Comparison:
                 return entry
         raise KeyError(method)
 
+    def distinct(self) -> list[MethodScore]:
+        """The scores of the distinct maps (those that are not another method's map)."""
+        return [entry for entry in self.scores if entry.same_as is None]
+
+    def record(self) -> dict[str, Any]:
+        """The numbers as JSON (``/compare_json``): per method ``method``, ``faithfulness``,
+        ``morf``, ``lerf`` (nats), ``sanity_rho``, ``same_as``; the ``random_reference``."""
+
+        def nats(road: RoadScore) -> dict[str, float]:
+            return {
+                "faithfulness": round(road.faithfulness, 4),
+                "morf": round(road.morf, 4),
+                "lerf": round(road.lerf, 4),
+            }
+
+        return {
+            "label": self.prediction.label,
+            "target": self.target,
+            "units": "nats of the target's log-odds",
+            "fractions": list(self.fractions),
+            "methods": [
+                {
+                    "method": entry.method,
+                    **nats(entry.road),
+                    "sanity_rho": round(entry.similarity, 4),
+                    "same_as": entry.same_as,
+                }
+                for entry in self.scores
+            ],
+            "random_reference": nats(self.random_reference),
+            "seconds": round(self.timing.get("total_s", 0.0), 3),
+        }
+
 
 def compare_methods(
     predictor: Predictor,
@@ -119,31 +171,33 @@ def compare_methods(
     target: int | str | None = None,
     *,
     name: str | None = None,
-    fraction: float = 0.1,
-    random_masks: int = 4,
+    fractions: Sequence[float] = FRACTIONS,
     seed: int = 0,
     opacity: float | None = None,
 ) -> Comparison:
     """Explain ``image`` with every method of ``predictor`` and score each map.
 
     ``target`` (class name or index; default: the predicted class) is the class explained and
-    whose probability the deletion test follows.
+    whose log-odds the deletion test follows; ``fractions`` the parts of the scan removed;
+    ``seed`` draws the random map and the order of equal pixels.
     """
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or not all(0.0 < f < 1.0 for f in fractions):
+        raise ValueError(f"fractions must be in (0, 1), got {list(fractions)}")
     timing: dict[str, float] = {}
     loaded = predictor._load(image, name)
     timing["load_s"] = loaded.seconds
     with _timed(timing, "maps_s"):
         maps = _explained(predictor, loaded, target)
+        same_as = same_maps(maps.methods, maps.at_input)
     with _timed(timing, "deletion_s"):
-        drops, random_drop = _deletions(predictor, loaded, maps, fraction, random_masks, seed)
+        roads, reference = _deletions(predictor, loaded.tensor, maps, same_as, fractions, seed)
     with _timed(timing, "sanity_s"):
         randomized = _randomized_maps(predictor, maps, seed)
     with _timed(timing, "render_s"):
         alpha = predictor.opacity if opacity is None else opacity
         scores = [
-            _score(predictor, loaded.display, maps, randomized, drops, random_drop, m, alpha)
+            _score(predictor, loaded.display, maps, randomized, roads, same_as, m, alpha)
             for m in maps.methods
         ]
     timing["total_s"] = sum(timing.values())
@@ -151,8 +205,9 @@ def compare_methods(
         prediction=maps.prediction,
         target=predictor.class_names[maps.target],
         target_index=maps.target,
-        fraction=fraction,
+        fractions=fractions,
         scores=scores,
+        random_reference=reference,
         image=loaded.display,
         timing=timing,
     )
@@ -173,6 +228,7 @@ class _Maps:
     target: int
     methods: list[str]
     x: torch.Tensor  # the model input (1, C, H, W)
+    logits: torch.Tensor  # (K,) the model's logits for it
     shown: dict[str, np.ndarray]
     at_input: dict[str, np.ndarray]
 
@@ -195,24 +251,73 @@ def _explained(predictor: Predictor, loaded: Any, target: int | str | None) -> _
     index = prediction.index if target is None else predictor.class_index(target)
     input_size = tuple(x.shape[-2:])
     shown, at_input = _maps(explainer, traces, index, loaded.display.shape, input_size)
-    return _Maps(prediction, index, methods, x, shown, at_input)
+    return _Maps(prediction, index, methods, x, logits, shown, at_input)
+
+
+def same_maps(methods: Sequence[str], maps: dict[str, np.ndarray]) -> dict[str, str | None]:
+    """For each method, the first earlier method whose map ranks the pixels alike
+    (:func:`rank_similarity` >= :data:`SAME_MAP_RHO`), else None."""
+    same: dict[str, str | None] = {}
+    for index, method in enumerate(methods):
+        earlier = (m for m in methods[:index] if same[m] is None)
+        same[method] = next(
+            (m for m in earlier if rank_similarity(maps[m], maps[method]) >= SAME_MAP_RHO), None
+        )
+    return same
+
+
+def same_map_reason(first: str, second: str, *, vit: bool) -> str:
+    """Why two methods draw the same map (a sentence; empty when there is no general reason)."""
+    if {first, second} == {"gradcam", "hirescam"} and not vit:
+        return (
+            "On a CNN whose last block is followed by global average pooling, the gradient of "
+            "a class score is the same at every position of that block's output, so weighting "
+            "the activations by the mean gradient (Grad-CAM) or by the gradient at each "
+            "position (HiResCAM) gives one map."
+        )
+    return ""
+
+
+def model_forward(predictor: Predictor) -> Forward:
+    """The predictor's model as a function of ``(B, 1, H, W)`` [0, 1] images: ``(B, K)``
+    logits on the CPU (no test-time augmentation, no gradient)."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        x = predictor.preprocessing.normalize(images).to(predictor.device)
+        with torch.inference_mode():
+            return predictor.model(x).float().cpu()
+
+    return forward
 
 
 def _deletions(
     predictor: Predictor,
-    loaded: Any,
+    image: torch.Tensor,
     maps: _Maps,
-    fraction: float,
-    random_masks: int,
+    same_as: dict[str, str | None],
+    fractions: tuple[float, ...],
     seed: int,
-) -> tuple[dict[str, float], float]:
-    """Each map's probability drop, and the mean drop for the random parts."""
-    random_maps = smooth_random_maps(random_masks, maps.sizes[1], seed)
-    parts = [maps.at_input[m] for m in maps.methods] + list(random_maps)
-    drops = deletion_scores(predictor, loaded.tensor, parts, maps.target, fraction)
-    drop_of = dict(zip(maps.methods, drops[: len(maps.methods)], strict=True))
-    random_drop = float(np.mean(drops[len(maps.methods) :])) if random_masks else 0.0
-    return drop_of, random_drop
+) -> tuple[dict[str, RoadScore], RoadScore]:
+    """Each distinct map's deletion test and a random map's, in batched forward passes. The
+    random map is drawn from ``seed`` and the scan's pixels: the same for a scan, another for
+    the next scan (one fixed map would favour the same parts of every scan)."""
+    distinct = [m for m in maps.methods if same_as[m] is None]
+    scan_seed = zlib.crc32(image.numpy().tobytes())
+    random_map = smooth_random_maps(1, maps.sizes[1], (seed, scan_seed))[0]
+    tested = [maps.at_input[m] for m in distinct] + [random_map]
+    baseline = float(log_odds(maps.logits[None], maps.target)[0])
+    *roads, reference = road_scores(
+        model_forward(predictor),
+        image,
+        tested,
+        maps.target,
+        fractions=fractions,
+        seed=seed,
+        baseline=baseline,
+        batch_size=DELETION_BATCH,
+    )
+    road_of = dict(zip(distinct, roads, strict=True))
+    return {m: road_of[same_as[m] or m] for m in maps.methods}, reference
 
 
 def _randomized_maps(predictor: Predictor, maps: _Maps, seed: int) -> _Maps:
@@ -229,8 +334,8 @@ def _score(
     display: np.ndarray,
     maps: _Maps,
     randomized: _Maps,
-    drops: dict[str, float],
-    random_drop: float,
+    roads: dict[str, RoadScore],
+    same_as: dict[str, str | None],
     method: str,
     alpha: float,
 ) -> MethodScore:
@@ -242,9 +347,8 @@ def _score(
         class_specific=method not in CLASS_AGNOSTIC_METHODS,
         heatmap=maps.shown[method].astype(np.float32),
         overlay=overlay(maps.shown[method]),
-        faithfulness=drops[method] - random_drop,
-        drop=drops[method],
-        random_drop=random_drop,
+        road=roads[method],
+        same_as=same_as[method],
         randomized_heatmap=randomized.shown[method].astype(np.float32),
         randomized_overlay=overlay(randomized.shown[method]),
         similarity=rank_similarity(maps.at_input[method], randomized.at_input[method]),
@@ -288,61 +392,6 @@ def _traces(explainer: Explainer, x: torch.Tensor, methods: list[str]) -> dict[s
 
 
 # --------------------------------------------------------------------------------------------
-# Faithfulness
-
-
-def smooth_random_maps(count: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """``count`` random maps ``(count, H, W)`` whose top part forms blobs: uniform noise on an
-    8x8 grid, upsampled bicubically (deterministic for a seed)."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    coarse = rng.random((count, 8, 8)).astype(np.float32)
-    return _resize(coarse, (height, width), "bicubic")
-
-
-def top_mask(heatmap: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the ``fraction`` of pixels the map ranks highest (ties: first in
-    raster order), always exactly ``round(fraction * pixels)`` of them."""
-    flat = heatmap.reshape(-1)
-    count = round(fraction * flat.size)
-    mask = np.zeros(flat.size, dtype=bool)
-    mask[np.argsort(-flat, kind="stable")[:count]] = True
-    return mask.reshape(heatmap.shape)
-
-
-def _heavy_blur(image: torch.Tensor, factor: int = 8) -> torch.Tensor:
-    """A ``(1, H, W)`` image blurred with a Gaussian of sigma a quarter of its longer side:
-    averaged down ``factor`` times, blurred there, then back up (bilinear), so the cost does
-    not grow with sigma."""
-    height, width = image.shape[-2:]
-    small = F.interpolate(
-        image[None].float(), size=(max(1, height // factor), max(1, width // factor)), mode="area"
-    )
-    sigma = max(height, width) / 4 / factor
-    small = torch.from_numpy(ndimage.gaussian_filter(small[0, 0].numpy(), sigma, mode="nearest"))
-    return F.interpolate(small[None, None], size=(height, width), mode="bilinear")[0]
-
-
-def deletion_scores(
-    predictor: Predictor,
-    image: torch.Tensor,
-    maps: list[np.ndarray],
-    target: int,
-    fraction: float = 0.1,
-) -> list[float]:
-    """For each map (at the model input's size): the explained class's probability on the
-    ``(1, H, W)`` [0, 1] input minus the probability once the map's top ``fraction`` is
-    replaced by a blurred copy of the input. One batched forward pass."""
-    blurred = _heavy_blur(image)
-    masks = torch.from_numpy(np.stack([top_mask(m, fraction) for m in maps]))[:, None]
-    deleted = torch.where(masks, blurred[None], image[None])
-    batch = torch.cat([image[None], deleted])
-    logits, _ = predictor._outputs(batch)
-    probs = predictor.probabilities(logits)[:, target]
-    return (probs[0] - probs[1:]).tolist()
-
-
-# --------------------------------------------------------------------------------------------
 # Sanity check
 
 
@@ -356,8 +405,6 @@ def last_block(model: nn.Module) -> nn.Module:
     """A ViT's last transformer block; a CNN's last block of its last stage."""
     if is_vit(model):
         return model.blocks[-1]
-    from mirage_demo.explain import default_target_layer
-
     layer = default_target_layer(model)
     children = list(layer.children())
     return children[-1] if isinstance(layer, nn.Sequential) and children else layer

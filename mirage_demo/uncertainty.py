@@ -1,9 +1,9 @@
-"""How sure the model may be: conformal prediction sets and an "unlike the training scans" flag.
+"""How far to trust an answer: conformal prediction sets and an "unlike the training scans" flag.
 
 >>> sets = ConformalSets().fit(val_probs, val_labels)
 >>> sets.predict_sets(probs, level=0.9)                    # (N, K) bool: each scan's 90% set
->>> ood = MahalanobisOOD().fit(train_features, train_labels, val_features, false_alarm=0.05)
->>> ood.score(features), ood.flags(features)
+>>> flag = UnlikeTraining.fit(train_features, train_labels, train_stats, val_features, val_stats)
+>>> flag.score(features, stats), flag.flags(features, stats)
 
 **Prediction sets** (split conformal, Vovk et al. 2005; class-conditional or "Mondrian"):
 the nonconformity of a scan of class ``k`` is ``1 - p_k`` (LAC, Sadinle et al. 2019), and a
@@ -19,16 +19,18 @@ frequent classes instead would calibrate them on scores the model gets right eas
 most of them. The top class is always in the set.
 The sorted scores are stored, so any level can be asked at run time.
 
-**Out of distribution** (Lee et al. 2018): the Mahalanobis distance of a scan's penultimate
-features (:func:`~mirage_demo.models.features_and_logits`) to the nearest class mean of the
-training scans, with one shared covariance (Ledoit-Wolf shrinkage); flagged above the
-distance that ``1 - false_alarm`` of the validation scans stay under.
+**Out of distribution** (:mod:`mirage_demo.ood`): the penultimate features' Mahalanobis
+distance to the training scans and the image statistics' distance to theirs
+(:mod:`mirage_demo.imagestats`), with thresholds set together on the validation scans at a
+stated false-alarm rate; a score that is not finite is always flagged.
 
+With the quality gate, these decide each answer's verdict (:mod:`mirage_demo.verdict`).
 :func:`fit_uncertainty` fits both for a trained model (``python -m train`` at the end of a run,
 ``python -m train.evaluate --fit-uncertainty`` for an existing checkpoint);
 :func:`save_uncertainty` and :func:`load_uncertainty` store them in a checkpoint directory
 (a summary under ``config.json``'s ``"uncertainty"``, the arrays in ``uncertainty.safetensors``,
-read with safetensors only and validated).
+read with safetensors only and validated). Checkpoints fitted before the image statistics
+(format 1) load and flag on their features alone.
 """
 
 from __future__ import annotations
@@ -54,8 +56,18 @@ from mirage_demo.checkpoint import (
 from mirage_demo.data import DataError
 from mirage_demo.fileio import atomic_write
 from mirage_demo.images import Sample
+from mirage_demo.imagestats import STAT_NAMES
 from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import softmax
+from mirage_demo.ood import (
+    FALSE_ALARM,
+    MAX_REFERENCE,
+    MahalanobisOOD,
+    StatisticsOOD,
+    UnlikeTraining,
+)
+from mirage_demo.testscans import JPEG_QUALITY, MAX_WIDTH
+from mirage_demo.verdict import decide, verdict_report
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -65,6 +77,7 @@ __all__ = [
     "ConformalSets",
     "MahalanobisOOD",
     "Uncertainty",
+    "UnlikeTraining",
     "coverage_report",
     "fit_uncertainty",
     "load_uncertainty",
@@ -75,10 +88,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 0.9
-FALSE_ALARM = 0.05
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the flag on features alone
 MAX_FEATURES = 8192  # penultimate width (MIRAGE-Large: 1024); bounds the precision matrix
 MAX_CALIBRATION = 1_000_000
+#: The copies of each training scan whose statistics join the training scans': as the app
+#: bundles its test scans (width, JPEG quality), so its own copies are not "unlike training".
+BUNDLED_COPY = (MAX_WIDTH, JPEG_QUALITY)
+#: The copies whose statistics the training scans add to the flag's: the bundled copy.
+TRAIN_COPIES = [BUNDLED_COPY]
 
 #: The guarantee and its assumption, in plain words (shown once wherever sets are shown).
 GUARANTEE = (
@@ -146,49 +163,19 @@ def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> 
     return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
 
 
-class MahalanobisOOD:
-    """Distance of penultimate features to the nearest class mean (shared covariance)."""
+def _rank(n: int, level: float) -> int:
+    """``ceil((n + 1) level)``, immune to float error (``(9 + 1) * 0.7`` is 7.000000000000001)."""
+    return math.ceil(round((n + 1) * level, 9))
 
-    def fit(
-        self,
-        features: np.ndarray,
-        labels: np.ndarray,
-        val_features: np.ndarray,
-        false_alarm: float = FALSE_ALARM,
-    ) -> MahalanobisOOD:
-        """Class means and covariance from ``features`` (the training scans); the threshold
-        from ``val_features``, so that about ``false_alarm`` of scans like them are flagged."""
-        from sklearn.covariance import LedoitWolf
 
-        features, labels = np.asarray(features, np.float64), np.asarray(labels, np.int64)
-        if not 0.0 < false_alarm < 1.0:
-            raise ValueError(f"false_alarm must be between 0 and 1, got {false_alarm}")
-        classes = np.unique(labels)
-        if len(classes) != labels.max() + 1:
-            raise ValueError("every class needs training features")
-        self.class_means_ = np.stack([features[labels == k].mean(axis=0) for k in classes])
-        centred = features - self.class_means_[labels]
-        self.precision_ = LedoitWolf(assume_centered=True).fit(centred).get_precision()
-        val = np.sort(self.score(val_features))
-        self.threshold_ = _quantile(val, 1.0 - false_alarm, too_few=float(val[-1]))
-        self.false_alarm_ = float(false_alarm)
-        return self
+def _enough(scores: np.ndarray, level: float) -> bool:
+    return _rank(len(scores), level) <= len(scores)
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` distances (larger: less like the training scans); a distance that is not a
-        finite number (features or statistics out of range) is ``inf``: flagged, never NaN."""
-        x = np.asarray(features, np.float64)
-        squared = np.empty(len(x))
-        with np.errstate(over="ignore", invalid="ignore"):
-            for start in range(0, len(x), 1024):  # (1024, K, D) at a time: bounded memory
-                diff = x[start : start + 1024, None, :] - self.class_means_[None, :, :]
-                squared[start : start + 1024] = ((diff @ self.precision_) * diff).sum(-1).min(1)
-        distances = np.sqrt(np.maximum(squared, 0.0))
-        return np.where(np.isfinite(distances), distances, np.inf)
 
-    def flags(self, features: np.ndarray) -> np.ndarray:
-        """``(N,)`` bool: unlike the training scans."""
-        return self.score(features) > self.threshold_
+def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> float:
+    """The ``ceil((n + 1) level)``-th smallest score (``too_few`` when there are fewer)."""
+    rank = _rank(len(sorted_scores), level)
+    return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
 
 
 @dataclass
@@ -197,18 +184,40 @@ class Uncertainty:
 
     class_names: list[str]
     sets: ConformalSets
-    ood: MahalanobisOOD
+    ood: UnlikeTraining
     info: dict[str, Any] = field(default_factory=dict)  # what they were fitted on
 
-    def assess(
-        self, probs: np.ndarray, features: np.ndarray, level: float = DEFAULT_LEVEL
-    ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
-        """Each scan's set (class names, most probable first), OOD scores and flags."""
+    def answers(
+        self,
+        probs: np.ndarray,
+        features: np.ndarray,
+        level: float = DEFAULT_LEVEL,
+        statistics: np.ndarray | None = None,
+        looks_like_oct: Sequence[bool] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Each scan's ``trust`` verdict (:func:`~mirage_demo.verdict.decide`),
+        ``prediction_set`` (class names, most probable first), ``level``,
+        ``out_of_distribution`` and ``ood_score`` (above 1: unlike the training scans; inf:
+        not finite), from its probabilities, features, image ``statistics`` and whether it
+        passes the quality gate (``looks_like_oct``, default: all do)."""
         member = self.sets.predict_sets(probs, level)
         order = np.argsort(-np.asarray(probs), axis=1, kind="stable")
-        named = [[self.class_names[k] for k in row if member[i, k]] for i, row in enumerate(order)]
-        scores = self.ood.score(features)
-        return named, scores, scores > self.ood.threshold_
+        scores = self.ood.score(features, statistics)
+        flags = ~(np.isfinite(scores) & (scores <= 1.0))
+        passes = [True] * len(scores) if looks_like_oct is None else list(looks_like_oct)
+        answers = []
+        for i, row in enumerate(order):
+            named = [self.class_names[k] for k in row if member[i, k]]
+            answers.append(
+                {
+                    "trust": decide(bool(passes[i]), bool(flags[i]), len(named)),
+                    "prediction_set": named,
+                    "level": level,
+                    "out_of_distribution": bool(flags[i]),
+                    "ood_score": round(float(scores[i]), 3) if np.isfinite(scores[i]) else None,
+                }
+            )
+        return answers
 
     def report(
         self,
@@ -216,27 +225,50 @@ class Uncertainty:
         features: np.ndarray,
         labels: np.ndarray,
         level: float = DEFAULT_LEVEL,
+        statistics: np.ndarray | None = None,
+        looks_like_oct: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """:func:`coverage_report` of these scans' sets and flags."""
+        """:func:`coverage_report` of these scans' sets and flags, and their verdicts
+        (``looks_like_oct``: the quality gate's answer per scan; default: all pass)."""
+        sets = self.sets.predict_sets(probs, level)
+        flags = self.ood.flags(features, statistics)
+        predicted = np.asarray(probs).argmax(axis=1)
         report = coverage_report(
-            self.class_names,
-            self.sets.predict_sets(probs, level),
-            self.ood.flags(features),
-            np.asarray(probs).argmax(axis=1),
-            labels,
+            self.class_names, sets, flags, predicted, labels, looks_like_oct=looks_like_oct
         )
         pooled = [self.class_names[k] for k in self.sets.pooled_classes(level)]
         return {
             "level": level,
             **report,
             "pooled_classes": pooled,
-            "ood_false_alarm_target": self.ood.false_alarm_,
+            "ood_false_alarm_target": self.ood.false_alarm,
+            "ood_image_statistics": self.ood.statistics is not None,
         }
 
     def to_json(self) -> dict[str, Any]:
         """The summary stored under ``config.json``'s ``"uncertainty"``."""
+        ood = self.ood
+        summary: dict[str, Any] = {
+            "method": "Mahalanobis distance of the penultimate features to the nearest class "
+            "mean (shared Ledoit-Wolf covariance)",
+            "threshold": ood.feature_threshold,
+            "false_alarm": ood.false_alarm,
+            "feature_dim": int(ood.features.class_means_.shape[1]),
+        }
+        if ood.statistics is not None:
+            summary["method"] += (
+                f"; or image statistics far from the training scans' (mean distance to the "
+                f"{ood.statistics.neighbours_} nearest, robust units); thresholds set together "
+                "on the validation scans"
+            )
+            summary["statistics"] = {
+                "names": list(STAT_NAMES),
+                "threshold": ood.statistics_threshold,
+                "neighbours": ood.statistics.neighbours_,
+                "copies": [list(BUNDLED_COPY)],
+            }
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if ood.statistics is not None else 1,
             "file": UNCERTAINTY_NAME,
             "sets": {
                 "method": "split conformal, class-conditional (Mondrian), LAC scores; classes "
@@ -244,13 +276,7 @@ class Uncertainty:
                 "calibration_per_class": [len(s) for s in self.sets.scores_],
                 "default_level": DEFAULT_LEVEL,
             },
-            "ood": {
-                "method": "Mahalanobis distance of the penultimate features to the nearest "
-                "class mean, shared Ledoit-Wolf covariance",
-                "threshold": self.ood.threshold_,
-                "false_alarm": self.ood.false_alarm_,
-                "feature_dim": int(self.ood.class_means_.shape[1]),
-            },
+            "ood": summary,
             **self.info,
         }
 
@@ -271,16 +297,20 @@ def fit_uncertainty(
     workers: int = 0,
     progress: bool | None = None,
 ) -> Uncertainty:
-    """Fit the sets on the validation scans (calibrated probabilities) and the OOD flag on the
-    training scans' features (threshold on the validation scans'), from the image files as the
-    app reads them."""
+    """Fit the sets on the validation scans (calibrated probabilities) and the OOD flag on
+    the training scans' features and image statistics (those of each scan and of its copy as
+    the app bundles it; thresholds on the validation scans'), from the image files as the app
+    reads them."""
     _require_every_class(
         config, {"train": [s.label for s in train_samples], "val": [s.label for s in val_samples]}
     )
     device = torch.device(device)
     run = dict(batch_size=batch_size, workers=workers, progress=progress)
-    train = file_outputs(model, train_samples, config.preprocessing, device, desc="train", **run)
-    val = file_outputs(model, val_samples, config.preprocessing, device, desc="val", **run)
+    prep = config.preprocessing
+    train = file_outputs(
+        model, train_samples, prep, device, desc="train", copies=TRAIN_COPIES, **run
+    )
+    val = file_outputs(model, val_samples, prep, device, desc="val", copies=[], **run)
     return uncertainty_from_outputs(config, train, val, false_alarm=false_alarm)
 
 
@@ -289,11 +319,20 @@ def uncertainty_from_outputs(
 ) -> Uncertainty:
     """:func:`fit_uncertainty` from the model's outputs on the training and validation scans,
     however they were computed (from the files, or a probe's feature cache); the validation
-    probabilities are calibrated with the checkpoint's temperature."""
+    probabilities are calibrated with the checkpoint's temperature. Outputs without image
+    checks (a feature cache) give a flag on features alone."""
     _require_every_class(config, {"train": train.labels, "val": val.labels})
     val_probs = softmax(val.logits, config.temperature)
     sets = ConformalSets().fit(val_probs, val.labels)
-    ood = MahalanobisOOD().fit(train.features, train.labels, val.features, false_alarm)
+    checked = train.statistics is not None and val.statistics is not None
+    ood = UnlikeTraining.fit(
+        train.features,
+        train.labels,
+        train.statistics.reshape(-1, len(STAT_NAMES)) if checked else None,
+        val.features,
+        val.statistics if checked else None,
+        false_alarm,
+    )
     info = {"fitted_on": {"train": len(train.labels), "val": len(val.labels)}}
     return Uncertainty(list(config.class_names), sets, ood, info)
 
@@ -313,10 +352,15 @@ def coverage_report(
     flagged: np.ndarray,
     predicted: np.ndarray,
     labels: np.ndarray,
+    *,
+    looks_like_oct: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Empirical coverage and mean set size (overall and per class) of ``sets`` ``(N, K)``
-    bool, the share ``flagged`` as unlike the training scans, and the share of the model's
-    mistakes (``predicted != labels``) that carry a warning (flag or a set of 2+ classes)."""
+    bool, the share ``flagged`` as unlike the training scans, the share of the model's
+    mistakes (``predicted != labels``) that carry a warning (flag or a set of 2+ classes), and
+    ``"verdicts"``: the share of each verdict and the accuracy within it
+    (:func:`~mirage_demo.verdict.verdict_report`; ``looks_like_oct``: the quality gate's
+    answer per scan, default all pass)."""
     labels, flagged = np.asarray(labels, np.int64), np.asarray(flagged, bool)
     covered = sets[np.arange(len(labels)), labels]
     size = sets.sum(axis=1)
@@ -330,6 +374,11 @@ def coverage_report(
             "mean_set_size": _mean(size[mine]),
             "flagged": _mean(flagged[mine]),
         }
+    gate = np.ones(len(labels), bool) if looks_like_oct is None else np.asarray(looks_like_oct)
+    verdicts = [
+        decide(bool(passes), bool(flag), int(n))
+        for passes, flag, n in zip(gate, flagged, size, strict=True)
+    ]
     return {
         "images": len(labels),
         "accuracy": _mean(~wrong),
@@ -339,6 +388,7 @@ def coverage_report(
         "mistakes": int(wrong.sum()),
         "mistakes_warned": _mean((flagged | (size > 1))[wrong]),
         "per_class": per_class,
+        "verdicts": verdict_report(verdicts, ~wrong),
     }
 
 
@@ -357,12 +407,19 @@ def save_uncertainty(
     updated)."""
     directory = Path(directory)
     scores = uncertainty.sets.scores_
+    ood = uncertainty.ood
     arrays = {
-        "class_means": uncertainty.ood.class_means_.astype(np.float32),
-        "precision": uncertainty.ood.precision_.astype(np.float32),
+        "class_means": ood.features.class_means_.astype(np.float32),
+        "precision": ood.features.precision_.astype(np.float32),
         "calibration_scores": np.concatenate(scores).astype(np.float32),
         "calibration_labels": np.repeat(np.arange(len(scores)), [len(s) for s in scores]),
     }
+    if ood.statistics is not None:
+        arrays |= {
+            "stat_centre": ood.statistics.centre_.astype(np.float32),
+            "stat_scale": ood.statistics.scale_.astype(np.float32),
+            "stat_reference": ood.statistics.reference_.astype(np.float32),
+        }
     atomic_write(directory / UNCERTAINTY_NAME, lambda tmp: save_file(arrays, tmp))
     config.uncertainty = uncertainty.to_json()
     save_config(directory, config)
@@ -372,9 +429,9 @@ def load_uncertainty(
     directory: str | Path, config: CheckpointConfig, feature_dim: int | None = None
 ) -> Uncertainty | None:
     """A checkpoint's fitted statistics, or None when it has none (or its file is missing: a
-    warning is logged); a bad file or summary, or
-    statistics for another width than the model's ``feature_dim``, is a
-    :class:`~mirage_demo.checkpoint.CheckpointError` of one line."""
+    warning is logged); a bad file or summary, or statistics for another width than the
+    model's ``feature_dim``, is a :class:`~mirage_demo.checkpoint.CheckpointError` of one
+    line. A format-1 summary (before image statistics) gives a flag on features alone."""
     summary = config.uncertainty
     if not summary:
         return None
@@ -382,33 +439,73 @@ def load_uncertainty(
     if not path.is_file():  # e.g. copied without it: serve without sets and flags
         log.warning("%s is missing: no prediction sets or out-of-distribution flag", path)
         return None
-    arrays = _read_arrays(path, config.num_classes)
+    values = _summary_values(summary)
+    with_statistics = values["statistics_threshold"] is not None
+    arrays = _read_arrays(path, config.num_classes, statistics=with_statistics)
     width = arrays["class_means"].shape[1]
     if feature_dim is not None and width != feature_dim:
         raise CheckpointError(f"{path} is for {width} features; the model has {feature_dim}")
-    try:
-        threshold = float(summary["ood"]["threshold"])
-        false_alarm = float(summary["ood"]["false_alarm"])
-        info = {k: v for k, v in summary.items() if k == "fitted_on"}
-    except (KeyError, TypeError, ValueError) as err:
-        reason = f"{type(err).__name__}: {err}"[:100]
-        raise CheckpointError(f"config.json: unusable 'uncertainty' summary ({reason})") from err
-    if not (math.isfinite(threshold) and threshold > 0 and 0 < false_alarm < 1):
-        raise CheckpointError("config.json: the 'uncertainty' threshold or false alarm is invalid")
     sets = ConformalSets()
     sets.n_classes_ = config.num_classes
     labels, scores = arrays["calibration_labels"], arrays["calibration_scores"].astype(np.float64)
     sets.scores_ = [np.sort(scores[labels == k]) for k in range(config.num_classes)]
-    ood = MahalanobisOOD()
-    ood.class_means_ = arrays["class_means"].astype(np.float64)
-    ood.precision_ = arrays["precision"].astype(np.float64)
-    ood.threshold_, ood.false_alarm_ = threshold, false_alarm
+    features = MahalanobisOOD()
+    features.class_means_ = arrays["class_means"].astype(np.float64)
+    features.precision_ = arrays["precision"].astype(np.float64)
+    ood = UnlikeTraining(features, values["threshold"], values["false_alarm"])
+    if with_statistics:
+        if values["neighbours"] >= len(arrays["stat_reference"]):
+            raise CheckpointError(f"{path}: fewer reference scans than neighbours")
+        ood.statistics = StatisticsOOD()
+        ood.statistics.centre_ = arrays["stat_centre"].astype(np.float64)
+        ood.statistics.scale_ = arrays["stat_scale"].astype(np.float64)
+        ood.statistics.reference_ = arrays["stat_reference"].astype(np.float64)
+        ood.statistics.neighbours_ = values["neighbours"]
+        ood.statistics_threshold = values["statistics_threshold"]
+    info = {k: v for k, v in summary.items() if k == "fitted_on"}
     return Uncertainty(list(config.class_names), sets, ood, info)
 
 
-def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
-    """The four arrays, shapes checked from the header before reading, values after."""
-    expected = ("class_means", "precision", "calibration_scores", "calibration_labels")
+def _summary_values(summary: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds, false-alarm rate and neighbours of a ``config.json`` summary, checked
+    (``statistics_threshold`` None: format 1, features alone)."""
+    try:
+        version = int(summary.get("format_version", 1))
+        ood = summary["ood"]
+        values = {
+            "threshold": float(ood["threshold"]),
+            "false_alarm": float(ood["false_alarm"]),
+            "statistics_threshold": None,
+        }
+        if version >= 2:
+            stats = ood["statistics"]
+            values["statistics_threshold"] = float(stats["threshold"])
+            values["neighbours"] = int(stats["neighbours"])
+            names = list(stats["names"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        reason = f"{type(err).__name__}: {err}"[:100]
+        raise CheckpointError(f"config.json: unusable 'uncertainty' summary ({reason})") from err
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"config.json: 'uncertainty' format {version} is not one I read")
+    threshold, false_alarm = values["threshold"], values["false_alarm"]
+    if not (math.isfinite(threshold) and threshold > 0 and 0 < false_alarm < 1):
+        raise CheckpointError("config.json: the 'uncertainty' threshold or false alarm is invalid")
+    if version >= 2:
+        if names != list(STAT_NAMES):
+            raise CheckpointError("config.json: the image statistics named are not this app's")
+        limit = values["statistics_threshold"]
+        if not (math.isfinite(limit) and limit > 0 and 0 < values["neighbours"] <= 100):
+            raise CheckpointError("config.json: the image statistics' threshold is invalid")
+    return values
+
+
+_FEATURE_ARRAYS = ("class_means", "precision", "calibration_scores", "calibration_labels")
+_STATISTICS_ARRAYS = ("stat_centre", "stat_scale", "stat_reference")
+
+
+def _read_arrays(path: Path, num_classes: int, statistics: bool) -> dict[str, np.ndarray]:
+    """The arrays, shapes checked from the header before reading, values after."""
+    expected = _FEATURE_ARRAYS + (_STATISTICS_ARRAYS if statistics else ())
     try:
         with safe_open(str(path), framework="numpy") as handle:
             if sorted(handle.keys()) != sorted(expected):
@@ -421,7 +518,9 @@ def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     labels = arrays["calibration_labels"]
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= num_classes:
         raise CheckpointError(f"{path}: calibration_labels must be class indices")
-    for key in ("class_means", "precision", "calibration_scores"):
+    for key in expected:
+        if key == "calibration_labels":
+            continue
         # float32's range: a distance of features within it cannot overflow in float64
         with np.errstate(over="ignore"):
             finite = arrays[key].dtype.kind == "f" and np.isfinite(arrays[key].astype(np.float32))
@@ -430,6 +529,8 @@ def _read_arrays(path: Path, num_classes: int) -> dict[str, np.ndarray]:
     scores = arrays["calibration_scores"]
     if scores.min() < 0 or scores.max() > 1:
         raise CheckpointError(f"{path}: calibration_scores must lie in [0, 1]")
+    if statistics and arrays["stat_scale"].min() <= 0:
+        raise CheckpointError(f"{path}: stat_scale must be positive")
     return arrays
 
 
@@ -445,3 +546,14 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]], num_classes: int) ->
     n = shapes["calibration_scores"]
     if len(n) != 1 or not 0 < n[0] <= MAX_CALIBRATION or shapes["calibration_labels"] != n:
         raise CheckpointError(f"{path}: calibration_scores and _labels must be two (N,) arrays")
+    if "stat_reference" not in shapes:
+        return
+    width = len(STAT_NAMES)
+    reference = shapes["stat_reference"]
+    if shapes["stat_centre"] != [width] or shapes["stat_scale"] != [width]:
+        raise CheckpointError(f"{path}: stat_centre and stat_scale must be ({width},) arrays")
+    if len(reference) != 2 or reference[1] != width or not 0 < reference[0] <= MAX_REFERENCE:
+        raise CheckpointError(
+            f"{path}: stat_reference is {tuple(reference)}, expected (at most {MAX_REFERENCE}, "
+            f"{width})"
+        )

@@ -228,7 +228,7 @@ def test_bad_uploads_get_friendly_messages_and_the_app_keeps_serving(client, tmp
         label, _ = client.predict(handle_file(str(files[kind])), api_name="/predict")
         assert label["label"] in CLASSES, kind
     label, info = client.predict(handle_file(str(files["tiny"])), api_name="/predict")
-    assert label["label"] in CLASSES and "may not be an OCT B-scan" in info
+    assert label["label"] == "Not an OCT B-scan" and "too small to read" in info
     overlay, *_ = client.predict(
         handle_file(str(files["16bit"])),
         "tiny (report)",
@@ -246,8 +246,9 @@ def test_a_photo_gets_a_warning(client):
     import matplotlib
 
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    _, info = client.predict(handle_file(str(photo)), api_name="/predict")
-    assert "may not be an OCT B-scan" in info
+    label, info = client.predict(handle_file(str(photo)), api_name="/predict")
+    assert label["label"] == "Not an OCT B-scan" and not label.get("confidences")
+    assert "in colour" in info and "<details>" in info  # the probabilities, on request
 
 
 def test_model_loads_once_and_no_network_is_used(served, client):
@@ -406,6 +407,7 @@ def test_layout_is_built_from_the_checkpoint_without_loading_a_model(tmp_path, m
         "p(WAVES)",
         "90% set",
         "unlike training scans",
+        "verdict",
         "warnings / errors",
     ]
     registry.directory(), registry.report(), registry.config()
@@ -450,6 +452,7 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_click",  # the feature map, Model tab
         "on_click",  # the feature map of evaluated scans
         "on_compare",
+        "on_compare_record",  # /compare_json
         "on_compute",  # the feature map computed, Model tab
         "on_compute",  # ... and of evaluated scans
         "on_evaluate",

@@ -37,3 +37,16 @@ def test_zerogpu_cost_runs_each_call_both_ways(monkeypatch, capsys):
     for endpoint in ("/predict", "/explain", "/compare", "/batch of 2"):
         assert f"| tiny | 3 M | {endpoint} |" in table
     assert "Stand-in calls recorded: 4" in table  # 2 endpoints x (warm-up + 1 round)
+
+
+@pytest.mark.slow  # the Compare grid on a few real scans (~30 s)
+def test_faithfulness_and_grid_timing_run_on_bundled_scans(capsys):
+    faithfulness = benchmark("faithfulness")
+    [result] = faithfulness.main([str(ROOT / "assets/demo-vit"), "--per-class", "1"])
+    assert len(result["scans"]) == 4 and "best - worst distinct method" in capsys.readouterr().out
+    inference = benchmark("inference")
+    predictor = inference.Predictor.from_pretrained(ROOT / "assets/demo-vit")
+    timed = inference.grid_times(predictor, ROOT / "assets/demo-vit", 2)
+    assert len(timed["grid_s"]) == 2 and "Compare grid on 2 bundled test scans" in (
+        capsys.readouterr().out
+    )

@@ -105,9 +105,10 @@ def test_the_compare_grid_is_one_labelled_png():
     scan, heatmap = scan_and_map()
     overlay = Image.fromarray((np.dstack([scan, heatmap, scan]) * 255).astype(np.uint8))
     gallery = [(overlay, "map")] * 4
-    rows = [
-        ["Grad-CAM", 12.0, "points", 30.0, 18.0, 0.1, "changes"],
-        ["EigenCAM", -1.0, "no better", 5.0, 6.0, 0.9, "barely changes: fails"],
+    rows = [  # as compare_scan's table: a row per method, then the random map's (no picture)
+        ["Grad-CAM", 1.2, -1.5, 0.9, "points at", 0.1, "changes when ...: it depends", ""],
+        ["EigenCAM", -0.1, 0.2, 0.0, "no better", 0.9, "barely changes ...: it mostly", ""],
+        ["A random map (chance level)", 0.05, 0.1, 0.2, "what any map scores", None, "", ""],
     ]
     path = compare_grid_file(gallery, rows, "Every method's map", "example-1.jpeg")
     assert path.endswith("/compare-example-1.png")

@@ -51,6 +51,7 @@ def test_json_lines_for_good_files_and_exit_zero(checkpoint, scans, capsys):
             "file",
             "label",
             "probabilities",
+            "trust",
             "prediction_set",
             "level",
             "out_of_distribution",
@@ -58,6 +59,7 @@ def test_json_lines_for_good_files_and_exit_zero(checkpoint, scans, capsys):
             "warnings",
         }
         assert line["prediction_set"] is None  # this checkpoint has no uncertainty statistics
+        assert line["trust"] is None  # a B-scan, and no statistics: never "sure"
         assert line["label"] in CLASSES
         assert set(line["probabilities"]) == set(CLASSES)
         assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -100,6 +102,7 @@ def test_folder_gives_a_csv_too(checkpoint, scans, tmp_path, capsys):
         "predicted",
         "prob_NORMAL",
         "prob_LESION",
+        "trust",
         "prediction_set",
         "out_of_distribution",
         "ood_score",
@@ -129,9 +132,10 @@ def test_plain_text_output(checkpoint, scans, capsys):
     code = predict.main(["--checkpoint", str(checkpoint), str(scans / "LESION" / "LESION-1.png")])
     out = capsys.readouterr().out
     assert code == 0
-    file, label, probability, shown, _ = out.rstrip("\n").split("\t")
+    file, label, probability, shown, verdict, _ = out.rstrip("\n").split("\t")
     assert file.endswith("LESION-1.png") and label in CLASSES and 0.5 <= float(probability) <= 1
     assert shown == "-"  # no prediction set: this checkpoint has no uncertainty statistics
+    assert verdict == "not available"
 
 
 def test_unusable_checkpoint_or_arguments_exit_two(tmp_path, checkpoint, capsys):

@@ -118,11 +118,33 @@ def test_compare_endpoint_gives_one_map_and_score_per_method(served, client, mod
         handle_file(str(scan)), model, "the predicted class", api_name="/compare"
     )
     assert len(gallery) == 2 * len(methods)  # each map, then its randomised twin
-    assert [row[0] for row in table["data"]] == [method_name(m) for m in methods]
-    assert all(isinstance(row[1], float) and -1 <= row[5] <= 1 for row in table["data"])
+    *rows, chance = table["data"]
+    assert [row[0] for row in rows] == [method_name(m) for m in methods]
+    assert all(isinstance(row[1], float) and -1 <= row[5] <= 1 for row in rows)
+    assert chance[0] == "A random map (chance level)" and isinstance(chance[1], float)
     assert "Labelled DME" in text.replace(
         "**", ""
     )  # a bundled example: its reference label is shown
+
+
+def test_compare_json_gives_each_methods_numbers(served, client):
+    scan = EXAMPLES_DIR / "DRUSEN" / "DRUSEN-228939-1.jpeg"
+    record = client.predict(
+        handle_file(str(scan)), DEMO, "the predicted class", api_name="/compare_json"
+    )
+    methods = record["methods"]
+    assert [m["method"] for m in methods] == list(served[1].get(DEMO).methods)
+    for entry in methods:
+        assert set(entry) == {"method", "faithfulness", "morf", "lerf", "sanity_rho", "same_as"}
+        assert entry["faithfulness"] == pytest.approx((entry["lerf"] - entry["morf"]) / 2, abs=1e-3)
+        assert -1 <= entry["sanity_rho"] <= 1
+    same = {m["method"]: m["same_as"] for m in methods}
+    assert same["hirescam"] == "gradcam" and same["gradcam"] is None
+    assert set(record["random_reference"]) == {"faithfulness", "morf", "lerf"}
+    assert record["target"] == record["label"] and record["fractions"]
+    # another class explained: its log-odds followed
+    other = client.predict(handle_file(str(scan)), DEMO, "NORMAL", api_name="/compare_json")
+    assert other["target"] == "NORMAL"
 
 
 def test_example_scans_show_their_label_and_the_disagreement(client):
@@ -157,7 +179,7 @@ def test_explorer_and_quiz_work_for_every_checkpoint(served, model):
     assert len(gallery) == min(60, state.counts[row][column]) > 0
     assert f"labelled {names[row]}, predicted {names[column]}" in text
     overlay, caption = explorer_open(predictor, state, 0)
-    assert overlay.size[0] > 0 and f"labelled **{names[row]}**" in caption
+    assert overlay.size[0] > 0 and f"Labelled {names[row]}" in caption.replace("**", "")
 
     quiz, image, _ = quiz_start(registry.scan_set(model), names, 3, seed=0)
     seen = []

@@ -14,10 +14,11 @@ from safetensors.numpy import load_file, save_file
 
 from mirage_demo.checkpoint import UNCERTAINTY_NAME, CheckpointError, read_config
 from mirage_demo.data import Sample
+from mirage_demo.imagestats import STAT_NAMES
 from mirage_demo.inference import Predictor
+from mirage_demo.ood import StatisticsOOD, UnlikeTraining
 from mirage_demo.uncertainty import (
     ConformalSets,
-    MahalanobisOOD,
     fit_uncertainty,
     load_uncertainty,
     save_uncertainty,
@@ -123,12 +124,55 @@ def test_mahalanobis_false_alarm_rate_and_detection_of_shifted_features():
 
     train, train_labels = draw(3000)
     val, _ = draw(2000)
-    ood = MahalanobisOOD().fit(train, train_labels, val, false_alarm=0.05)
+    ood = UnlikeTraining.fit(train, train_labels, None, val, None, false_alarm=0.05)
     fresh, _ = draw(20000)
     assert abs(ood.flags(fresh).mean() - 0.05) < 0.015
     shifted, _ = draw(2000, shift=rng.normal(0, 3, 16))
     assert ood.flags(shifted).mean() > 0.9
     assert ood.score(shifted).mean() > ood.score(fresh).mean()
+
+
+def test_two_detectors_share_the_false_alarm_rate_and_each_catches_its_own_shift():
+    """Features and image statistics: thresholds set together on validation scans flag about
+    5% of fresh scans in all; a shift in either is caught; not-finite scores are flagged."""
+    rng = np.random.default_rng(7)
+    means = rng.normal(0, 3, (3, 8))
+
+    def draw(n, feature_shift=0.0, stat_shift=0.0):
+        labels = rng.integers(0, 3, n)
+        features = means[labels] + rng.normal(0, 1, (n, 8)) + feature_shift
+        stats = rng.normal(0, 1, (n, 5)) * [1, 2, 0.5, 1, 3] + stat_shift
+        return features, labels, stats
+
+    train, labels, train_stats = draw(3000)
+    val, _, val_stats = draw(2000)
+    ood = UnlikeTraining.fit(train, labels, train_stats, val, val_stats, false_alarm=0.05)
+    fresh, _, fresh_stats = draw(20000)
+    assert abs(ood.flags(fresh, fresh_stats).mean() - 0.05) < 0.015
+    parts = ood.parts(fresh, fresh_stats)
+    assert 0.015 < (parts["features"] > 1).mean() < 0.04  # each detector takes a share
+    assert 0.015 < (parts["image"] > 1).mean() < 0.04
+    moved, _, moved_stats = draw(500, stat_shift=[0, 0, 3, 0, 0])  # a device's fingerprint
+    assert ood.flags(moved, moved_stats).mean() > 0.9
+    moved, _, moved_stats = draw(500, feature_shift=rng.normal(0, 3, 8))
+    assert ood.flags(moved, moved_stats).mean() > 0.9
+    broken = fresh_stats[:3].copy()
+    broken[0, 1], broken[1, 2], broken[2, 0] = np.nan, np.inf, -np.inf
+    assert ood.flags(fresh[:3], broken).all()  # never silently "like the training scans"
+    assert np.isinf(ood.score(fresh[:3], broken)).all()
+    features = fresh[:2].copy()
+    features[0, 0], features[1, 3] = np.nan, 1e308
+    assert ood.flags(features, fresh_stats[:2]).all()
+
+
+def test_statistics_detector_is_scaled_by_the_training_scans_spread():
+    rng = np.random.default_rng(3)
+    train = rng.normal(0, 1, (500, 3)) * [1, 100, 0.01]
+    detector = StatisticsOOD().fit(train)
+    np.testing.assert_allclose(detector.scale_, [1.35, 135, 0.0135], rtol=0.2)
+    near = detector.score(np.array([[0.0, 50.0, 0.0], [0.0, 0.0, 0.005]]))
+    far = detector.score(np.array([[0.0, 0.0, 0.1]]))  # 10 spreads out on a tiny statistic
+    assert far[0] > 3 * near.max()
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,16 +199,22 @@ def fitted(tmp_path_factory):
 def test_stored_statistics_round_trip_and_are_named_in_config(fitted):
     directory, fitted_now = fitted
     config = read_config(directory)
-    assert config.uncertainty["ood"]["threshold"] == pytest.approx(fitted_now.ood.threshold_)
+    ood = config.uncertainty["ood"]
+    assert ood["threshold"] == pytest.approx(fitted_now.ood.feature_threshold)
+    assert ood["statistics"]["threshold"] == pytest.approx(fitted_now.ood.statistics_threshold)
+    assert ood["statistics"]["names"] == list(STAT_NAMES)
+    assert config.uncertainty["format_version"] == 2
     assert config.uncertainty["sets"]["calibration_per_class"] == [12, 12]
     loaded = load_uncertainty(directory, config)
     probs = np.random.default_rng(0).dirichlet([1, 1], 50)
     np.testing.assert_array_equal(
         loaded.sets.predict_sets(probs), fitted_now.sets.predict_sets(probs)
     )
-    features = np.random.default_rng(1).normal(size=(5, fitted_now.ood.class_means_.shape[1]))
+    width = fitted_now.ood.features.class_means_.shape[1]
+    features = np.random.default_rng(1).normal(size=(5, width))
+    stats = fitted_now.ood.statistics.centre_ + np.random.default_rng(2).normal(size=(5, 19))
     np.testing.assert_allclose(
-        loaded.ood.score(features), fitted_now.ood.score(features), rtol=1e-4
+        loaded.ood.score(features, stats), fitted_now.ood.score(features, stats), rtol=1e-4
     )
 
 
@@ -175,13 +225,14 @@ def test_predict_and_explain_give_the_set_and_the_flag_of_one_forward(fitted, tm
     r = predictor.predict(scan)
     assert r.prediction_set[0] == r.label and set(r.prediction_set) <= set(predictor.class_names)
     assert isinstance(r.out_of_distribution, bool) and r.ood_score > 0 and r.level == 0.9
+    assert r.trust in ("sure", "unsure", "unlike_training")
     e = predictor.explain(scan, method="gradcam")
     assert e.prediction.prediction_set == r.prediction_set
     assert e.prediction.ood_score == pytest.approx(r.ood_score, rel=1e-3)
     wide = predictor.predict(scan, level=0.999)  # at a higher level the set can only grow
     assert set(r.prediction_set) <= set(wide.prediction_set)
     record = r.to_dict()
-    assert {"prediction_set", "out_of_distribution", "ood_score"} <= set(record)
+    assert {"prediction_set", "out_of_distribution", "ood_score", "trust"} <= set(record)
     json.dumps(record)
     with pytest.raises(ValueError, match="level"):
         predictor.predict(scan, level=1.2)
@@ -193,6 +244,7 @@ def test_a_scan_unlike_the_training_scans_is_flagged(fitted):
     rng = np.random.default_rng(0)
     unlike = predictor.predict((rng.random((96, 144)) * 255).astype(np.uint8))  # pure noise
     assert unlike.out_of_distribution and unlike.ood_score > like.ood_score
+    assert unlike.trust == "not_a_bscan"  # the gate comes first
 
 
 def test_a_checkpoint_without_statistics_still_serves(tmp_path):
@@ -200,6 +252,7 @@ def test_a_checkpoint_without_statistics_still_serves(tmp_path):
     r = Predictor.from_pretrained(directory).predict(oct_like(96, 144, seed=1))
     assert r.prediction_set is None and r.out_of_distribution is None and r.ood_score is None
     assert r.to_dict()["prediction_set"] is None
+    assert r.trust is None  # never "sure" without the statistics
 
 
 def _copy(directory, tmp_path):
@@ -216,6 +269,12 @@ def _copy(directory, tmp_path):
         (lambda a: a["calibration_scores"].__setitem__(0, np.nan), "finite"),
         (lambda a: a["calibration_labels"].__setitem__(0, 7), "class indices"),
         (lambda a: a.pop("precision"), "exactly"),
+        (lambda a: a["stat_reference"].__setitem__((0, 3), np.nan), "finite"),
+        (lambda a: a["stat_centre"].__setitem__(2, np.inf), "finite"),
+        (lambda a: a["stat_scale"].__setitem__(1, -1.0), "positive"),
+        (lambda a: a.update(stat_reference=a["stat_reference"][:, :5]), "stat_reference"),
+        (lambda a: a.update(stat_reference=a["stat_reference"][:4]), "fewer reference"),
+        (lambda a: a.pop("stat_scale"), "exactly"),
     ],
 )
 def test_damaged_statistics_are_one_line_errors(fitted, tmp_path, damage, message):
@@ -238,6 +297,50 @@ def test_unreadable_statistics_are_an_error_and_a_missing_file_serves_without(
     (directory / UNCERTAINTY_NAME).unlink()  # e.g. copied without it
     assert Predictor.from_pretrained(directory).uncertainty is None
     assert "missing" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda u: u["ood"]["statistics"].update(threshold=float("nan")), "threshold"),
+        (lambda u: u["ood"]["statistics"].update(threshold=-1.0), "threshold"),
+        (lambda u: u["ood"]["statistics"].update(neighbours=10**6), "threshold"),
+        (lambda u: u["ood"]["statistics"].update(names=["aspect"]), "not this app's"),
+        (lambda u: u["ood"].pop("statistics"), "unusable"),
+        (lambda u: u.update(format_version=9), "format 9"),
+    ],
+)
+def test_a_damaged_summary_is_a_one_line_error(fitted, tmp_path, damage, message):
+    directory = _copy(fitted[0], tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    damage(config["uncertainty"])
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as err:
+        Predictor.from_pretrained(directory)
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_fitted_before_image_statistics_still_loads_and_flags(fitted, tmp_path):
+    """Format 1 (features alone): the statistics arrays and summary absent."""
+    directory = _copy(fitted[0], tmp_path)
+    arrays = load_file(str(directory / UNCERTAINTY_NAME))
+    for key in ("stat_centre", "stat_scale", "stat_reference"):
+        arrays.pop(key)
+    save_file(arrays, str(directory / UNCERTAINTY_NAME))
+    config = json.loads((directory / "config.json").read_text())
+    config["uncertainty"]["format_version"] = 1
+    config["uncertainty"]["ood"].pop("statistics")
+    (directory / "config.json").write_text(json.dumps(config))
+    predictor = Predictor.from_pretrained(directory)
+    assert predictor.uncertainty.ood.statistics is None
+    r = predictor.predict(oct_like(96, 144, seed=3))
+    assert isinstance(r.out_of_distribution, bool) and r.trust in (
+        "sure",
+        "unsure",
+        "unlike_training",
+    )
+    noise = (np.random.default_rng(0).random((96, 144)) * 255).astype(np.uint8)
+    assert predictor.predict(noise).trust == "not_a_bscan"
 
 
 def test_statistics_for_another_model_width_are_refused(fitted, tmp_path):
@@ -267,27 +370,25 @@ def test_every_view_of_an_answer_shows_the_set_and_the_flag(fitted, tmp_path):
     from mirage_demo.ui import ModelChoice, ModelRegistry
     from mirage_demo.ui.batch import classify_batch
     from mirage_demo.ui.classify import explain_scan, predict_record, predict_scan
-    from mirage_demo.ui.quiz import unsure_line
 
     registry = ModelRegistry([ModelChoice("fitted", str(fitted[0]))])
     path = tmp_path / "scan.png"
     Image.fromarray(oct_like(96, 144, seed=4)).save(path)
     _, info = predict_scan(registry, str(path), "fitted", 0.8)
-    assert "The model's 80% set: {" in info and "the same kind of data" in info
+    assert "80% set is {" in info and "the same kind of data" in info
     record = predict_record(registry, str(path), "fitted", 0.8)
+    shown = "{" + ", ".join(record["prediction_set"]) + "}"
+    assert shown in info
     assert record["level"] == 0.8 and record["prediction_set"][0] == record["label"]
-    assert isinstance(record["out_of_distribution"], bool)
+    assert isinstance(record["out_of_distribution"], bool) and record["trust"] is not None
     _, _, explained, _ = explain_scan(registry, str(path), "fitted", "gradcam", level=0.8)
-    assert f"set: {{{', '.join(record['prediction_set'])}}}" in explained
+    assert shown in explained
     rows, csv_path, _ = classify_batch(registry, [str(path)], "fitted")
     assert rows[0][4] == ", ".join(predict_record(registry, str(path), "fitted")["prediction_set"])
     assert rows[0][5] in ("no", "yes")
-    assert "prediction_set" in Path(csv_path).read_text().splitlines()[0]
-    prediction = registry.get("fitted").predict(str(path))
-    prediction.prediction_set = ["NORMAL", "LESION"]
-    assert "**The model was unsure here**" in unsure_line(prediction)
-    prediction.prediction_set = None
-    assert unsure_line(prediction) == ""
+    assert rows[0][6] in ("sure", "unsure", "unlike the training scans")
+    header = Path(csv_path).read_text().splitlines()[0]
+    assert "prediction_set" in header and "trust" in header
 
 
 def test_the_app_refuses_a_level_out_of_range(fitted, tmp_path):
@@ -353,10 +454,12 @@ def test_command_line_json_and_csv_carry_the_set_and_the_flag(fitted, tmp_path, 
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert all(isinstance(line["prediction_set"], list) and line["level"] == 0.95 for line in lines)
     assert all(isinstance(line["out_of_distribution"], bool) for line in lines)
+    assert all(line["trust"] in ("sure", "unsure", "unlike_training") for line in lines)
     import csv
 
     with open(tmp_path / "scans-predictions.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [r["prediction_set"] for r in rows] == ["|".join(x["prediction_set"]) for x in lines]
     assert {r["out_of_distribution"] for r in rows} <= {"0", "1"}
+    assert [r["trust"] for r in rows] == [x["trust"] for x in lines]
     assert main(["--checkpoint", str(fitted[0]), "--level", "1.5", str(folder)]) == 2

@@ -2,8 +2,9 @@
 wrong into one line and an exit code.
 
 Each mode is a run of its own that shares the steps of :mod:`train.setup` and
-:mod:`train.finish`: fine-tuning (:mod:`train.train`) and the linear probe
-(:mod:`train.probe`). A new mode is one line of :data:`RUNS`.
+:mod:`train.finish`: fine-tuning (:mod:`train.train`), the linear probe (:mod:`train.probe`)
+and masked-autoencoder pre-training (:mod:`train.pretrain`, which shares the setup only).
+A new mode is one line of :data:`RUNS`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from mirage_demo.data import DataError
 from mirage_demo.fileio import describe_os_error
 from train.config import TrainConfig, UsageError, parse_config
 from train.loop import TrainingDivergedError
+from train.pretrain import pretrain
 from train.probe import probe
 from train.setup import keep_large_blocks
 from train.state import STATE_NAME
@@ -32,6 +34,7 @@ RUNS: dict[str, Callable[[TrainConfig, set[str]], dict[str, Any] | None]] = {
     "last-k": train,
     "linear": train,
     "probe": probe,
+    "pretrain": pretrain,
 }
 
 

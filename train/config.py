@@ -44,6 +44,11 @@ class TrainConfig:
     mode: str = "full"
     last_k: int = 2
     probe_c: list[float] = field(default_factory=list)
+    init: str | None = None
+    mask_ratio: float = 0.75
+    decoder_dim: int = 256
+    decoder_depth: int = 2
+    decoder_heads: int = 8
     drop_path: float = 0.1
     grad_checkpointing: bool = False
     # optimisation
@@ -216,12 +221,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--mode",
-        choices=["linear", "last-k", "full", "probe"],
+        choices=["linear", "last-k", "full", "probe", "pretrain"],
         help=_help(
-            "what to train: head only, last k blocks + head, everything, or a logistic-"
-            "regression probe on frozen features cached on disk (seconds once embedded)",
+            "what to train: head only, last k blocks + head, everything, a logistic-"
+            "regression probe on frozen features cached on disk (seconds once embedded), or "
+            "MIRAGE's masked-autoencoder pre-training of a mirage_* encoder on the train "
+            "split's images (labels unused)",
             "mode",
         ),
+    )
+    g.add_argument(
+        "--init",
+        metavar="DIR",
+        help="start the encoder from a --mode pretrain checkpoint (same architecture); the "
+        "new norm and head start fresh",
+    )
+    g.add_argument(
+        "--mask-ratio",
+        type=float,
+        help=_help("--mode pretrain: share of the patches hidden from the encoder", "mask_ratio"),
+    )
+    g.add_argument(
+        "--decoder-dim", type=int, help=_help("--mode pretrain: decoder width", "decoder_dim")
+    )
+    g.add_argument(
+        "--decoder-depth",
+        type=int,
+        help=_help("--mode pretrain: decoder blocks after its cross-attention", "decoder_depth"),
+    )
+    g.add_argument(
+        "--decoder-heads",
+        type=int,
+        help=_help("--mode pretrain: decoder attention heads", "decoder_heads"),
     )
     g.add_argument(
         "--probe-c",
@@ -419,8 +450,19 @@ def _validate(config: TrainConfig) -> None:
         (0 <= config.distill_weight <= 1, "--distill-weight must be in [0, 1]"),
         (config.distill_temperature > 0, "--distill-temperature must be positive"),
         (
-            config.mode in ("linear", "last-k", "full", "probe"),
-            "--mode must be linear, last-k, full or probe",
+            config.mode in ("linear", "last-k", "full", "probe", "pretrain"),
+            "--mode must be linear, last-k, full, probe or pretrain",
+        ),
+        (0 <= config.mask_ratio < 1, "--mask-ratio must be in [0, 1)"),
+        (config.decoder_dim >= 8, "--decoder-dim must be at least 8"),
+        (config.decoder_depth >= 0, "--decoder-depth must be 0 or more"),
+        (
+            config.decoder_heads >= 1 and config.decoder_dim % config.decoder_heads == 0,
+            "--decoder-heads must divide --decoder-dim",
+        ),
+        (
+            not (config.init and (config.pretrained or config.weights)),
+            "--init replaces --pretrained and --weights: give one of them",
         ),
         (all(c > 0 for c in config.probe_c), "--probe-c must be positive"),
         (

@@ -22,7 +22,7 @@ from mirage_demo.evaluation import report_outputs, summary
 from mirage_demo.images import Sample
 from mirage_demo.logits import Outputs, file_outputs
 from mirage_demo.metrics import fit_temperature, nll
-from mirage_demo.uncertainty import save_uncertainty, uncertainty_from_outputs
+from mirage_demo.uncertainty import TRAIN_COPIES, save_uncertainty, uncertainty_from_outputs
 from train.config import TrainConfig
 from train.setup import EVAL_BATCH_SIZE
 
@@ -33,7 +33,8 @@ OutputsOf = Callable[[nn.Module, CheckpointConfig, Sequence[Sample], str], Outpu
 
 
 def outputs_from_files(config: TrainConfig, device: torch.device, workers: int) -> OutputsOf:
-    """The model's outputs from the image files (float32, batches of ``EVAL_BATCH_SIZE``)."""
+    """The model's outputs from the image files (float32, batches of ``EVAL_BATCH_SIZE``), each
+    image checked (the gate, its statistics; a training scan's also of its bundled copy)."""
 
     def outputs_of(
         model: nn.Module, checkpoint: CheckpointConfig, samples: Sequence[Sample], desc: str
@@ -47,6 +48,7 @@ def outputs_from_files(config: TrainConfig, device: torch.device, workers: int) 
             workers=workers,
             progress=config.progress,
             desc=desc,
+            copies=TRAIN_COPIES if desc == "train" else [],
         )
 
     return outputs_of

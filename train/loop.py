@@ -27,7 +27,14 @@ from train.run import Run
 from train.setup import fingerprint, say
 from train.state import get_rng_state, save_state
 
-__all__ = ["TrainingDivergedError", "end_epoch", "train_one_epoch", "train_step", "validate"]
+__all__ = [
+    "TrainingDivergedError",
+    "end_epoch",
+    "train_one_epoch",
+    "train_step",
+    "validate",
+    "write_history",
+]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -185,7 +192,7 @@ def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
             "progress": run.progress.__dict__,
         }
         save_state(run.out, state)
-        _write_history(run.out, run.progress.history)
+        write_history(run.out, run.progress.history)
         if run.writer is not None:
             for key, tag in _TENSORBOARD_TAGS.items():
                 if row.get(key) is not None:
@@ -202,7 +209,7 @@ def end_epoch(run: Run, row: dict[str, Any], better: bool) -> None:
         say(dist, f"early stopping: no better model for {config.patience} epochs")
 
 
-def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
     writer.writeheader()

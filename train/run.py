@@ -43,7 +43,7 @@ from train.setup import (
 )
 from train.state import STATE_NAME, set_rng_state
 
-__all__ = ["Loaders", "Progress", "Run", "setup_run"]
+__all__ = ["Loaders", "Progress", "Run", "checked_datasets", "setup_run"]
 
 
 @dataclass
@@ -131,7 +131,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
     )
     if dist.is_main:
         check_space(Path(config.out), config, data, preprocessing, model)
-    train_set, val_set = _checked_datasets(config, data, preprocessing, dist)
+    train_set, val_set = checked_datasets(config, data, preprocessing, dist)
     train_samples = [data.splits["train"][i] for i in train_set.indices]
     if state is not None:
         _restore_weights(model, state, config)
@@ -185,7 +185,7 @@ def setup_run(config: TrainConfig, state: dict | None, dist: Dist) -> Run:
 # Data and model
 
 
-def _checked_datasets(
+def checked_datasets(
     config: TrainConfig, data: DatasetSplits, preprocessing: Preprocessing, dist: Dist
 ) -> tuple[Any, Any]:
     """Train and this rank's val datasets (every image decoded once into the cache);

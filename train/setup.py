@@ -24,6 +24,7 @@ from mirage_demo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointConfig, 
 from mirage_demo.data import DatasetSplits, Preprocessing, load_dataset
 from mirage_demo.fileio import atomic_write, check_writable, describe_os_error, remove_stale_temps
 from mirage_demo.models import create_classifier, pretrained_source
+from mirage_demo.pretraining import PretrainingError, load_encoder_weights, read_pretraining_config
 from train.config import TrainConfig, UsageError, check_resumable
 from train.distributed import Dist
 from train.state import STATE_NAME, load_state
@@ -241,7 +242,25 @@ def create_training_model(
             f"cannot load pretrained weights for {config.model} ({type(err).__name__}: {err}); "
             "offline? download them once, or pass --weights FILE"
         ) from err
+    if config.init and fresh:
+        _load_init(model, config)
     return model, kwargs, Preprocessing.from_model(model, input_size)
+
+
+def _load_init(model: nn.Module, config: TrainConfig) -> None:
+    """``--init DIR``: the encoder of a ``--mode pretrain`` checkpoint of the same architecture
+    (the new norm and head keep their fresh initialisation)."""
+    init = Path(config.init)
+    try:
+        record = read_pretraining_config(init)
+        if record["architecture"] != config.model:
+            raise UsageError(
+                f"--init {init} pre-trained {record['architecture']}, not {config.model}: "
+                f"pass --model {record['architecture']}"
+            )
+        load_encoder_weights(model, init)
+    except PretrainingError as err:
+        raise UsageError(f"--init: {err}") from err
 
 
 def set_threads(config: TrainConfig, dist: Dist) -> None:
@@ -323,8 +342,11 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
         if config.pretrained or config.weights
         else "trained from scratch"
     )
+    if config.init:
+        how = f"pre-trained as a masked autoencoder, then fine-tuned ({config.mode})"
     if config.mode == "probe":
-        start = "pretrained" if config.pretrained or config.weights else "randomly initialised"
+        started = config.pretrained or config.weights or config.init
+        start = "pretrained" if started else "randomly initialised"
         how = f"frozen ({start} weights), a linear probe fitted"
     taught = f", distilled from {Path(config.teacher).name}" if config.teacher else ""
     classes = ", ".join(class_names)
@@ -332,6 +354,15 @@ def _description(config: TrainConfig, class_names: list[str]) -> str:
 
 
 def _source_weights(config: TrainConfig) -> dict[str, Any]:
+    if config.init:
+        record = read_pretraining_config(config.init)
+        return {
+            "name": f"{Path(config.init).name} (masked-autoencoder pre-training of this project)",
+            "checkpoint": str(config.init),
+            "from_scratch": False,
+            "pretraining_epochs": record.get("epoch"),
+            "license": record.get("license") or "unknown",
+        }
     if config.weights:
         weights = Path(config.weights)
         if (weights.parent / CONFIG_NAME).is_file():  # a checkpoint of this project

@@ -30,14 +30,17 @@ from mirage_demo.ui.context import (
 )
 from mirage_demo.ui.evaluate import build_evaluate_tab
 from mirage_demo.ui.learn import build_learn_tab
+from mirage_demo.ui.pretraining import available_sources, build_pretraining_tab
 from mirage_demo.ui.quiz import build_quiz_tab
 from mirage_demo.ui.registry import (
     ASSETS,
     ENV_CHECKPOINTS,
     ENV_DATA_ROOTS,
+    ENV_PRETRAINING,
     NOT_SERVED_HERE,
     ModelRegistry,
     available_models,
+    pretraining_weights,
 )
 from mirage_demo.ui.report import build_model_tab, trust_note
 from mirage_demo.ui.style import CSS, JS, TABS_ID
@@ -66,6 +69,7 @@ TABS: tuple[TabBuilder, ...] = (
     build_classify_tab,
     build_volume_tab,
     build_model_tab,
+    build_pretraining_tab,
     build_evaluate_tab,
     build_adapt_tab,
     build_batch_tab,
@@ -92,13 +96,15 @@ def build_app(
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
     max_batch: int = 1,
     notice: str | None = None,
+    pretraining: str | None = None,
 ) -> gr.Blocks:
     """The app around a :class:`ModelRegistry`: header, model picker, then ``tabs``.
 
     ``wrap_model_call`` decorates every handler that runs a model (e.g. ``spaces.GPU``);
     ``max_batch`` > 1 lets Gradio batch waiting ``/predict`` requests; ``notice`` is shown
-    under the header (e.g. why a model asked for is not served). Serve it with
-    :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
+    under the header (e.g. why a model asked for is not served); ``pretraining``
+    (``mirage_base``/``mirage_large``) adds MIRAGE's release weights to "How it learned".
+    Serve it with :func:`setup_queue` (the queue's limits) and :data:`LAUNCH_OPTIONS`.
     """
     config = registry.config(registry.default)
     app_temp()  # made here, in the serving process, before any worker is forked
@@ -120,7 +126,14 @@ def build_app(
                 elem_id="model-banner",
                 scale=2,
             )
-        ctx = AppContext(registry, demo, model, example_scans(), max_batch=max(1, max_batch))
+        ctx = AppContext(
+            registry,
+            demo,
+            model,
+            example_scans(),
+            max_batch=max(1, max_batch),
+            pretraining=pretraining,
+        )
         if wrap_model_call is not None:
             ctx.wrap_model_call = wrap_model_call
         with gr.Tabs(overflow_behavior="wrap", elem_id=TABS_ID) as ctx.tabs:
@@ -137,8 +150,8 @@ def build_app(
     return demo
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python app.py [--checkpoint DIR_OR_HUB_ID ...] [--port N] [--share]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python app.py``."""
     parser = argparse.ArgumentParser(description="Serve the MIRAGE OCT demo app.")
     parser.add_argument(
         "--checkpoint",
@@ -184,8 +197,26 @@ def main(argv: list[str] | None = None) -> None:
         "features of mirage_base (or mirage_large), fitted on the app's bundled labelled "
         "scans at first start (downloads the backbone; minutes on a CPU), then cached",
     )
+    parser.add_argument(
+        "--pretraining",
+        choices=["mirage_base", "mirage_large"],
+        default=None,
+        help="also show MIRAGE's own decoders in 'How it learned' (its GitHub release weights: "
+        f"downloaded once, SHA-256 recorded; also ${ENV_PRETRAINING})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python app.py [--checkpoint DIR_OR_HUB_ID ...] [--port N] [--share]``."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     notices: list[str] = []
+    release = pretraining_weights(args.pretraining)
+    try:
+        available_sources(release)
+    except ValueError as err:
+        parser.exit(2, f"error: ${ENV_PRETRAINING}: {err}\n")
     sources = list(args.checkpoint)
     if args.probe:
         try:
@@ -204,7 +235,12 @@ def main(argv: list[str] | None = None) -> None:
             registry.preload()
         for notice in notices:
             print(f"warning: {notice}", file=sys.stderr)
-        demo = build_app(registry, max_batch=args.max_batch, notice=" ".join(notices) or None)
+        demo = build_app(
+            registry,
+            max_batch=args.max_batch,
+            notice=" ".join(notices) or None,
+            pretraining=release,
+        )
         registry.get(registry.default)  # a broken default model stops here, not on first use
     except (CheckpointError, gr.Error) as err:
         parser.exit(1, f"error: {err}\n")

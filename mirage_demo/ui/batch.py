@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -12,10 +13,12 @@ import gradio as gr
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.predictions_csv import write_predictions_csv
+from mirage_demo.ui.answer import verdict_cells
 from mirage_demo.ui.context import AppContext, display_name, output_file, upload_path
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.uncertainty import DEFAULT_LEVEL
 from mirage_demo.uploads import RequestBudget, expand_uploads, zip_entry_count
+from mirage_demo.verdict import NOT_A_BSCAN, VERDICTS, verdict_words
 from mirage_demo.volume_io import load_volume, volume_kind
 from mirage_demo.volume_predict import VolumeSummary, classify_volume, summarize
 from mirage_demo.volumes import Volume, VolumeError, slice_label
@@ -27,22 +30,15 @@ MAX_BATCH_FILES = 500  # images (and listed entries) per request
 BATCH_GPU_SECONDS = (10, 0.25, 120)
 BATCH_SIZE = 8
 UNREADABLE = "unreadable"
+NO_ANSWER = f"({verdict_words(NOT_A_BSCAN)})"  # the prediction cell: no class for it
 VOLUME_FILE_KINDS = ("vol", "e2e", "dicom")  # zips stay batches of images here
 
 
 def batch_header(class_names: Sequence[str]) -> list[str]:
     """The batch table's columns (the CSV download has the one predictions format)."""
     probabilities = [f"p({c})" for c in class_names]
-    trust = [f"{DEFAULT_LEVEL:.0%} set", "unlike training scans"]
+    trust = [f"{DEFAULT_LEVEL:.0%} set", "unlike training scans", "verdict"]
     return ["file", "prediction", *probabilities, *trust, "warnings / errors"]
-
-
-def _trust_cells(result: Prediction) -> list[str]:
-    """The set and out-of-distribution columns ("n/a": the checkpoint has neither)."""
-    if result.prediction_set is None:
-        return ["n/a", "n/a"]
-    flag = "yes" if result.out_of_distribution else "no"  # its score is in the CSV
-    return [", ".join(result.prediction_set), flag]
 
 
 Entry = tuple[str, "Prediction | ImageReadError | VolumeSummary"]  # (name, what to show)
@@ -144,12 +140,13 @@ def _classify_volume(
 def _row(name: str, result: Any, classes: Sequence[str]) -> list[Any]:
     if isinstance(result, Prediction):
         probs = [round(result.probabilities[c], 4) for c in classes]
-        return [name, result.label, *probs, *_trust_cells(result), "; ".join(result.warnings)]
+        shown = NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
+        return [name, shown, *probs, *verdict_cells(result), "; ".join(result.warnings)]
     if isinstance(result, VolumeSummary):
         highest = [round(result.highest[c][0], 4) if c in result.highest else None for c in classes]
         text = f"{result.text()} (Probabilities: each class's highest in any B-scan.)"
-        return [name, f"volume: {result.finding or UNREADABLE}", *highest, "", "", text]
-    return [name, UNREADABLE, *[None] * (len(classes) + 2), result.reason]
+        return [name, f"volume: {result.finding or UNREADABLE}", *highest, "", "", "", text]
+    return [name, UNREADABLE, *[None] * (len(classes) + 3), result.reason]
 
 
 def _write_csv(entries: list[Entry], classes: Sequence[str]) -> str:
@@ -180,13 +177,18 @@ def _summary_line(entries: list[Entry]) -> str:
     failed = sum(isinstance(r, ImageReadError) for r in results)
     counts: dict[str, int] = {}
     for result in classified:
-        counts[result.label] = counts.get(result.label, 0) + 1
+        shown = NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
+        counts[shown] = counts.get(shown, 0) + 1
     line = f"**{len(classified)} classified**" + (f", **{failed} unreadable**" if failed else "")
     line += " — " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
     for name, result in entries:
         if isinstance(result, VolumeSummary):
             text = html.escape(result.text())
             line += f"\n\n**{html.escape(name)}** (its row at the end): {text}"
+    verdicts = Counter(r.trust for r in classified)
+    if verdicts:
+        shown = [f"{verdict_words(v)}: {verdicts[v]}" for v in (*VERDICTS, None) if verdicts[v]]
+        line += "\n\nHow far to trust them — " + ", ".join(shown)
     return line
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from mirage_demo.explain import render_overlay
 from mirage_demo.images import ImageReadError
 from mirage_demo.inference import DEFAULT_COLORMAP, Explanation, Prediction
+from mirage_demo.ui.answer import answer_card, answer_label
 from mirage_demo.ui.compare import build_compare_section
 from mirage_demo.ui.context import (
     METHOD_LABELS,
@@ -26,17 +27,14 @@ from mirage_demo.ui.context import (
     image_file,
     method_name,
     neutral_examples,
-    reference_line,
     timing_line,
-    trust_markdown,
     unreadable,
     upload_path,
-    verdict,
-    warnings_markdown,
 )
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.ui.slides import answer_figure_file, colour_bar_html, file_stem, overlay_alt
 from mirage_demo.uncertainty import DEFAULT_LEVEL
+from mirage_demo.verdict import verdict_words
 
 __all__ = ["build_classify_tab", "explain_scan", "overlay_state", "predict_scan", "reblend"]
 
@@ -47,11 +45,7 @@ MIN_LEVEL, MAX_LEVEL = 0.5, 0.99  # the prediction sets' levels a user may pick
 
 
 def _answer_text(prediction: Prediction, device: str, what: str = "Prediction") -> str:
-    return (
-        warnings_markdown(prediction)
-        + trust_markdown(prediction)
-        + timing_line(prediction, what, device)
-    )
+    return answer_card(prediction) + timing_line(prediction, what, device)
 
 
 def predict_scan(
@@ -59,11 +53,12 @@ def predict_scan(
     upload: Any,
     model_name: str | None = None,
     level: float = DEFAULT_LEVEL,
-) -> tuple[dict[str, float], str]:
-    """``/predict``: class probabilities and a short text (warnings, the prediction set and
-    the unlike-the-training-scans check, timing)."""
+) -> tuple[dict[str, float] | str, str]:
+    """``/predict``: class probabilities (for an image that is not an OCT B-scan, the words
+    "Not an OCT B-scan") and the answer card (the verdict, the prediction set, timing)."""
     prediction = _predict(registry, upload, model_name, level)
-    return prediction.probabilities, _answer_text(prediction, str(registry.get(model_name).device))
+    text = _answer_text(prediction, str(registry.get(model_name).device))
+    return answer_label(prediction), text
 
 
 def predict_record(
@@ -72,8 +67,8 @@ def predict_record(
     model_name: str | None = None,
     level: float = DEFAULT_LEVEL,
 ) -> dict[str, Any]:
-    """``/predict_json``: the CLI's ``--json`` record (label, probabilities, prediction set,
-    out-of-distribution flag and score, warnings)."""
+    """``/predict_json``: the CLI's ``--json`` record (label, probabilities, the ``trust``
+    verdict, prediction set, out-of-distribution flag and score, warnings)."""
     return _predict(registry, upload, model_name, level).record()
 
 
@@ -93,10 +88,10 @@ def predict_scans(
     uploads: list[Any],
     model_names: list[str | None],
     levels: list[float] | None = None,
-) -> tuple[list[dict[str, float] | None], list[str]]:
+) -> tuple[list[dict[str, float] | str | None], list[str]]:
     """Batched ``/predict`` (Gradio ``batch=True``): lists in, lists out, one model call per
     model and level. An unreadable scan gets no probabilities and the reason in its text."""
-    probabilities: list[dict[str, float] | None] = [None] * len(uploads)
+    probabilities: list[dict[str, float] | str | None] = [None] * len(uploads)
     infos = [""] * len(uploads)
     todo: dict[tuple[str | None, float], list[int]] = {}
     for i, upload in enumerate(uploads):
@@ -117,7 +112,7 @@ def predict_scans(
             if isinstance(result, ImageReadError):
                 infos[i] = unreadable(result).message
             else:
-                probabilities[i] = result.probabilities
+                probabilities[i] = answer_label(result)
                 infos[i] = _answer_text(result, str(predictor.device))
     return probabilities, infos
 
@@ -130,8 +125,9 @@ def explain_scan(
     target: str | None = PREDICTED,
     opacity: float = 0.5,
     level: float = DEFAULT_LEVEL,
-) -> tuple[Image.Image, dict[str, float], str, dict[str, Any]]:
-    """``/explain``: the overlay, probabilities, a short text and the state to re-blend."""
+) -> tuple[Image.Image, dict[str, float] | str, str, dict[str, Any]]:
+    """``/explain``: the overlay, probabilities (or "Not an OCT B-scan"), the answer card
+    and the state to re-blend."""
     predictor = registry.get(model_name)
     path = upload_path(upload)
     name = display_name(upload, path)
@@ -157,15 +153,8 @@ def explain_scan(
         if explanation.class_specific
         else "This map is class-agnostic: it does not depend on the class chosen."
     )
-    info = (
-        warnings_markdown(prediction)
-        + reference_line(
-            example_label(path), prediction.label, prediction.confidence, predictor.class_names
-        )
-        + f"Predicted **{prediction.label}** ({prediction.confidence:.0%}). {shown}\n\n"
-        + trust_markdown(prediction)
-        + timing_line(prediction, what, str(predictor.device))
-    )
+    card = answer_card(prediction, reference=example_label(path), class_names=predictor.class_names)
+    info = card + f"{shown}\n\n" + timing_line(prediction, what, str(predictor.device))
     state = overlay_state(explanation, predictor.colormap)
     state["about"] = {
         "scan": name,
@@ -173,11 +162,12 @@ def explain_scan(
         "target": explanation.target if explanation.class_specific else None,
         "label": prediction.label,
         "confidence": prediction.confidence,
-        "verdict": verdict(prediction),
+        "trust": prediction.trust,
+        "verdict": verdict_words(prediction.trust),
         "set": list(prediction.prediction_set or []),
         "level": prediction.level,
     }
-    return reblend(state, opacity), prediction.probabilities, info, state
+    return reblend(state, opacity), answer_label(prediction), info, state
 
 
 def checked_level(level: Any) -> float:
@@ -248,7 +238,7 @@ class ClassifyView:
 
 
 def build_classify_tab(ctx: AppContext) -> None:
-    """Upload or pick a scan; see the probabilities, how sure the model may be, and an
+    """Upload or pick a scan; see the probabilities, how far to trust the answer, and an
     explanation overlay."""
     with gr.Tab("Classify", id="classify"):
         view = _classify_layout(ctx)

@@ -27,7 +27,6 @@ from PIL import Image
 from mirage_demo.images import IMAGE_SUFFIXES, ImageReadError
 from mirage_demo.inference import Prediction
 from mirage_demo.ui.registry import ASSETS, NOT_SERVED_HERE, ModelRegistry
-from mirage_demo.uncertainty import DEFAULT_LEVEL, GUARANTEE, OOD_NOTE
 from mirage_demo.zerogpu import gpu_task
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "shown_picture",
     "unreadable",
     "upload_path",
-    "verdict",
 ]
 
 EXAMPLES_DIR = ASSETS / "examples"
@@ -119,6 +117,9 @@ class AppContext:
     wrap_model_call: Callable[[Callable[..., Any]], Callable[..., Any]] = _unwrapped
     #: Gradio batching of ``/predict``: up to this many waiting requests in one call (1: off).
     max_batch: int = 1
+    #: MIRAGE's release weights the "How it learned" tab also offers (``mirage_base`` or
+    #: ``mirage_large``; ``--pretraining``), or ``None``: the bundled tiny MIRAGE only.
+    pretraining: str | None = None
     #: Options of every event that runs a model: one concurrency group, so at most
     #: ``--concurrency`` model calls run at once, whichever tab they come from.
     model_events: dict[str, Any] = field(
@@ -262,39 +263,6 @@ def timing_line(prediction: Prediction, what: str, device: str) -> str:
     return f"{what}: {model:.2f} s on {device.upper()} ({seconds:.2f} s with image decoding)."
 
 
-def warnings_markdown(prediction: Prediction) -> str:
-    """The quality check's warnings, or nothing."""
-    if not prediction.warnings:
-        return ""
-    items = "\n".join(f"- {w}" for w in prediction.warnings)
-    return f"**Warning: this may not be an OCT B-scan**; the result is meaningless.\n{items}\n\n"
-
-
-def trust_markdown(prediction: Prediction, *, guarantee: bool = True) -> str:
-    """How sure the model may be: its prediction set and whether the scan is unlike its
-    training scans (:mod:`mirage_demo.uncertainty`), or that this checkpoint has neither;
-    ``guarantee`` adds what the set promises, in plain words."""
-    if prediction.prediction_set is None:
-        return (
-            "_How sure the model may be (prediction sets, the unlike-the-training-scans check): "
-            "not available for this checkpoint._\n\n"
-        )
-    level, names = prediction.level or DEFAULT_LEVEL, prediction.prediction_set
-    what = (
-        "one class: the model is sure at this level"
-        if len(names) == 1
-        else f"{len(names)} classes: the model cannot tell them apart"
-    )
-    text = f"**The model's {level:.0%} set: {{{', '.join(names)}}}** ({what})."
-    if prediction.out_of_distribution:
-        text += f"\n\n**Warning: this scan is {OOD_NOTE}.**"
-    else:
-        text += " The scan is like the ones it was trained on."
-    if guarantee:
-        text += "\n\n<small>" + GUARANTEE.format(level=level) + "</small>"
-    return text + "\n\n"
-
-
 def method_name(method: str) -> str:
     """A method's short name for captions (``EigenCAM``, not its label with notes)."""
     if method in ("attention", "rollout"):
@@ -434,16 +402,3 @@ def shown_picture(image: Image.Image | None, prefix: str = "overlay") -> Any:
     if image is None:
         return None
     return gr.Image(value=image_file(image, prefix), alt_text=image.info.get("alt_text"))
-
-
-def verdict(prediction: Prediction) -> str:
-    """How far to trust one answer, in a few words: ``"sure"``, ``"unsure"`` (a set of 2+
-    classes), ``"unlike the training scans"`` or ``"not an OCT B-scan"`` (the quality check's
-    warning); ``"no verdict"`` for a checkpoint without prediction sets."""
-    if prediction.warnings:
-        return "not an OCT B-scan"
-    if prediction.out_of_distribution:
-        return "unlike the training scans"
-    if prediction.prediction_set is None:
-        return "no verdict"
-    return "sure" if len(prediction.prediction_set) == 1 else "unsure"

@@ -17,7 +17,7 @@ from mirage_demo.ui.context import AppContext
 from mirage_demo.ui.explore import ExplorerState, explorer_views, matrix_frame
 from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.jobs import job_folder
-from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown
+from mirage_demo.ui.report import REPORT_FIGURES, metrics_markdown, trust_headline
 
 __all__ = ["build_evaluate_tab", "evaluate_scans", "labelled_scans_input", "uploaded_files"]
 
@@ -158,7 +158,8 @@ def build_evaluate_tab(ctx: AppContext) -> None:
 
     @ctx.model_call(duration=evaluate_gpu_seconds)
     def on_evaluate(uploaded, name, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        return _shown(evaluate_scans(registry.get(name), uploaded, progress), page=False)
+        result = evaluate_scans(registry.get(name), uploaded, progress)
+        return _shown(result, registry.report(name), page=False)
 
     @ctx.model_call(duration=evaluate_gpu_seconds)
     def on_evaluate_page(uploaded, name, progress=gr.Progress()):  # noqa: B008
@@ -169,7 +170,7 @@ def build_evaluate_tab(ctx: AppContext) -> None:
             failed = f"**{err.title or 'Cannot evaluate these scans'}:** {err.message}"
             return failed, "", *[hidden] * 4, None, None, "", None, *[gr.update(visible=False)] * 2
         shown = [gr.update(visible=True)] * 2
-        return *_shown(result, page=True), *shown
+        return *_shown(result, registry.report(name), page=True), *shown
 
     api_button.click(
         on_evaluate,
@@ -193,13 +194,17 @@ def build_evaluate_tab(ctx: AppContext) -> None:
     ctx.on_model(on_model, [intro])
 
 
-def _shown(result: dict[str, Any], page: bool) -> tuple[Any, ...]:
-    """An evaluation's outputs: note, report, the three figures, the CSV (for the ``page``,
+def _shown(
+    result: dict[str, Any], own_report: dict[str, Any] | None, page: bool
+) -> tuple[Any, ...]:
+    """An evaluation's outputs: note, report (headed by the verdicts, compared with the
+    model's ``own_report`` on its test split), the three figures, the CSV (for the ``page``,
     shown; for the API, its path), the numbers, the explorer's matrix, message and state."""
     state = result["state"]
+    headline = trust_headline(result["metrics"], own_report)
     return (
         result["note"],
-        metrics_markdown(result["metrics"]),
+        headline + "\n\n" + metrics_markdown(result["metrics"], verdicts=False),
         *[gr.update(value=path, visible=True) for path in result["figures"].values()],
         gr.update(value=result["csv"], visible=True) if page else result["csv"],
         result["metrics"],

@@ -19,15 +19,16 @@ from mirage_demo.figures import describe_heatmap
 from mirage_demo.images import ImageReadError
 from mirage_demo.inference import DEFAULT_COLORMAP
 from mirage_demo.testscans import ScanEntry, ScanSet
+from mirage_demo.ui.answer import answer_card
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
     method_name,
     picture,
     shown_picture,
-    trust_markdown,
 )
 from mirage_demo.ui.slides import colour_bar_html
+from mirage_demo.verdict import NOT_A_BSCAN
 
 __all__ = [
     "ExplorerState",
@@ -159,22 +160,21 @@ def explorer_open(predictor: Any, state: ExplorerState | None, index: int) -> tu
     except (ImageReadError, ValueError) as err:
         raise gr.Error(html.escape(f"Cannot open {entry.file}: {err}")) from err
     now = explanation.prediction
-    text = (
-        f"**{html.escape(entry.file)}**: labelled **{entry.true}**; the model said "
-        f"**{entry.predicted}** "
-        f"({entry.probabilities[entry.predicted]:.0%}). {method_name(method)} map for "
-        f"{entry.predicted}."
+    text = f"**{html.escape(entry.file)}**: {method_name(method)} map for {entry.predicted}.\n\n"
+    text += answer_card(
+        now, reference=entry.true, class_names=predictor.class_names, guarantee=False
     )
-    if now.label != entry.predicted:
+    if now.label != entry.predicted and now.trust != NOT_A_BSCAN:
         text += (
-            f" (On the picture shown here, a downsized copy, it now says {now.label} "
-            f"{now.confidence:.0%}.)"
+            f"(On the original scan, the one the matrix counts, it said {entry.predicted} "
+            f"{entry.probabilities[entry.predicted]:.0%}; the picture shown here is a "
+            "downsized copy.)"
         )
     overlay = explanation.overlay
     overlay.info["alt_text"] = describe_heatmap(
         method_name(method), entry.predicted, explanation.heatmap, f"a scan labelled {entry.true}"
     )
-    return overlay, text + "\n\n" + trust_markdown(now, guarantee=False)
+    return overlay, text
 
 
 @dataclass

@@ -12,19 +12,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
 
 from mirage_demo.checkpoint import CheckpointConfig
+from mirage_demo.data import minmax
+from mirage_demo.explain import render_overlay
+from mirage_demo.images import read_image
 from mirage_demo.ui.context import AppContext
+from mirage_demo.ui.pretraining import (
+    LEARN_PRETRAINING_MD,
+    available_sources,
+    label_efficiency_markdown,
+)
+from mirage_demo.ui.registry import ASSETS
 from mirage_demo.ui.style import TABS_ID, scroll_to_js
 
 __all__ = [
     "CLASS_SIGNS",
     "LEARN_MD",
+    "TRUST_MD",
+    "VERDICT_EXAMPLES",
     "ClassSigns",
     "build_learn_tab",
     "go_to",
     "learn_anchor",
     "model_scale_sentence",
+    "verdict_example",
 ]
 
 
@@ -144,8 +159,11 @@ FEATURES_MD = """
   from, and draws the **label-efficiency curve**: balanced accuracy with 1, 2, 5, ... labelled
   scans per class. The better the features, the fewer labels the curve needs to rise; with a
   handful of scans the estimates are rough (read the confidence interval).
+"""
 
+PITFALLS_MD = """
 ## Pitfalls
+- A confident answer is not a right one: read its verdict (above) before its probability.
 - A plausible map does not make a prediction right: wrong answers get convincing maps too.
 - Maps can light up borders, text, padding or noise: signs of shortcuts a model learnt from its
   training data rather than disease.
@@ -155,6 +173,32 @@ FEATURES_MD = """
   the probability that a patient has a disease.
 """
 
+TRUST_MD = """
+## How far to trust an answer
+Every answer comes with a **verdict**. The app decides it in this order, and stops at the
+first that applies:
+
+1. **Not an OCT B-scan.** The image is in colour, blank, only noise, too small, or shows no
+   retinal layers: a photograph, a fundus image, a screenshot of a heat map. The model would
+   still put out probabilities, but they mean nothing, so the app gives no answer.
+2. **Unlike the training scans.** It is a B-scan, but unlike every scan the model learnt
+   from: its brightness, background, speckle or shape, or what the model sees in it, are not
+   what it knows. Most often it comes from **another OCT device** or clinic. Be careful: on
+   such scans a model can be wrong *and* look confident.
+3. **Unsure.** The model's **prediction set** holds two classes or more. The set is the
+   classes the model cannot rule out: for scans like the ones it was checked on, a 90% set
+   holds the right class about 90 times in 100. One class in the set: the model can tell;
+   two or more: it cannot decide between them, and neither should you without a closer look.
+4. **Sure.** None of the above: a B-scan like its training scans, and a set of one class.
+   Even then it is sometimes wrong (about 2 answers in 100 on its own test scans): sure is
+   not certain.
+
+**Why the check for unlike scans comes before the set.** The set's promise holds only for
+scans like those it was checked on. On another device it breaks without a sign, so the app
+first asks whether the scan is like the training scans, and says so when it is not.
+"""
+
+
 #: The Learn tab's text, whole (the classes' paragraphs between its parts).
 LEARN_MD = (
     OCT_MD
@@ -162,7 +206,39 @@ LEARN_MD = (
     + "\n"
     + HEATMAP_MD
     + FEATURES_MD
+    + LEARN_PRETRAINING_MD
+    + PITFALLS_MD
+    + TRUST_MD
 )
+
+#: One real example of each verdict (a bundled scan, or a bundled scan made into what it is
+#: not), the verdict the bundled model gives it and a caption; tests/test_verdict.py checks
+#: that each still gets its verdict.
+VERDICT_EXAMPLES = (
+    ("sure", "examples/NORMAL/NORMAL-1384-3.jpeg", "Sure: a normal retina"),
+    ("unsure", "examples/CNV/CNV-451136-1.jpeg", "Unsure: CNV or DME? (labelled CNV)"),
+    (
+        "unlike_training",
+        "test-scans/images/CNV/cnv_train_2236.jpg",
+        "Unlike the training scans (labelled CNV)",
+    ),
+    (
+        "not_a_bscan",
+        "examples/DRUSEN/DRUSEN-228939-1.jpeg",
+        "Not an OCT B-scan: a screenshot of a heat map over a scan",
+    ),
+)
+
+
+def verdict_example(verdict: str, path: Path) -> Image.Image | str:
+    """The picture of a verdict's example: the bundled scan itself, or for "not an OCT
+    B-scan" the scan with a colour heat map over it, as a student might upload a screenshot."""
+    if verdict != "not_a_bscan":
+        return str(path)
+    scan = minmax(torch.from_numpy(read_image(path))).numpy()
+    rows, cols = np.mgrid[: scan.shape[0], : scan.shape[1]] / np.array(scan.shape)[:, None, None]
+    heat = np.exp(-((rows - 0.55) ** 2 + (cols - 0.5) ** 2) / 0.03)
+    return render_overlay(scan, heat.astype(np.float32), "jet", 0.5)
 
 
 def build_learn_tab(ctx: AppContext) -> None:
@@ -182,13 +258,28 @@ def build_learn_tab(ctx: AppContext) -> None:
                 object_fit="contain",
                 elem_id="learn-examples",
             )
+        gr.Markdown(TRUST_MD)
+        examples = [(v, ASSETS / p, caption) for v, p, caption in VERDICT_EXAMPLES]
+        if all(path.is_file() for _, path, _ in examples):
+            gr.Gallery(
+                [(verdict_example(v, path), caption) for v, path, caption in examples],
+                label="One real example of each verdict, as the bundled ResNet-18 gives it",
+                columns=4,
+                height="auto",
+                object_fit="contain",
+                elem_id="learn-verdicts",
+            )
         gr.Markdown(HEATMAP_MD)
         scale = gr.Markdown(
             "- " + model_scale_sentence(registry.default, registry.config(registry.default)),
             elem_id="learn-this-model",
         )
         gr.Markdown(FEATURES_MD)
-        build_learn_links(ctx.tabs)
+        pretraining_tab = bool(available_sources(ctx.pretraining))
+        if pretraining_tab:
+            gr.Markdown(LEARN_PRETRAINING_MD + "\n" + label_efficiency_markdown())
+        gr.Markdown(PITFALLS_MD)
+        build_learn_links(ctx.tabs, pretraining_tab)
 
     def on_model(name: str):
         return "- " + model_scale_sentence(name, registry.config(name))
@@ -235,8 +326,14 @@ CONCEPTS = (
         None,
     ),
     (
+        "**Verdicts**: each answer says whether it is sure, unsure, unlike the training "
+        "scans or not an OCT B-scan at all; try a bundled example, then a photograph.",
+        "Classify tab",
+        "classify",
+    ),
+    (
         "**Generalisation**: a model is only as good as its figures on scans like yours; "
-        "evaluate it on your own labelled scans.",
+        "evaluate it on your own labelled scans: the verdicts' shares and accuracy come first.",
         "Evaluate your scans",
         "evaluate",
         None,
@@ -251,6 +348,15 @@ CONCEPTS = (
 )
 
 
+PRETRAINING_CONCEPT = (
+    "**Masked pre-training**: hide most of a scan and watch a model that learnt without "
+    "labels fill it in.",
+    "How it learned",
+    "pretraining",
+    None,
+)
+
+
 def go_to(button: gr.Button, tabs: gr.Tabs, tab_id: str, elem_id: str | None = None) -> None:
     """Wire ``button`` to open the tab ``tab_id`` and land on its element ``elem_id`` (opened,
     if it is a closed accordion); on the tab's top when ``elem_id`` is None."""
@@ -258,12 +364,14 @@ def go_to(button: gr.Button, tabs: gr.Tabs, tab_id: str, elem_id: str | None = N
     event.then(None, js=scroll_to_js(elem_id or TABS_ID))
 
 
-def build_learn_links(tabs: gr.Tabs | None) -> None:
-    """Buttons that take the reader from a concept to where the app shows it."""
+def build_learn_links(tabs: gr.Tabs | None, pretraining_tab: bool = False) -> None:
+    """Buttons that take the reader from a concept to where the app shows it (to "How it
+    learned" when ``pretraining_tab``)."""
     if tabs is None:
         return
     gr.Markdown("## See it in the app")
-    for text, where, tab_id, elem_id in CONCEPTS:
+    concepts = (*CONCEPTS, PRETRAINING_CONCEPT) if pretraining_tab else CONCEPTS
+    for text, where, tab_id, elem_id in concepts:
         with gr.Row(equal_height=True):
             gr.Markdown(text, scale=4)
             button = gr.Button(f"→ {where}", scale=1, size="sm")

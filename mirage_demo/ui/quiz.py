@@ -25,6 +25,7 @@ from mirage_demo.lesson import LessonError, parse_lesson_code, pick_scans, read_
 from mirage_demo.lesson import scan_code as code_of
 from mirage_demo.quiz import Quiz, QuizItem, write_answers_csv
 from mirage_demo.testscans import ScanEntry, ScanSet
+from mirage_demo.ui.answer import answer_card
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
@@ -33,14 +34,13 @@ from mirage_demo.ui.context import (
     picture,
     shown_picture,
     unreadable,
-    verdict,
 )
 from mirage_demo.ui.jobs import job_folder
 from mirage_demo.ui.learn import CLASS_SIGNS, learn_anchor
 from mirage_demo.ui.lesson import build_lesson_maker
 from mirage_demo.ui.slides import colour_bar_html
 from mirage_demo.ui.style import scroll_to_js
-from mirage_demo.uncertainty import OOD_NOTE
+from mirage_demo.verdict import NOT_A_BSCAN, verdict_words
 
 __all__ = [
     "answers_file",
@@ -136,17 +136,21 @@ def quiz_answer(predictor: Any, quiz: Quiz | None, choice: str | None):
     except ImageReadError as err:
         raise unreadable(err) from err
     prediction = explanation.prediction
-    turn = quiz.answer(choice, prediction.label, verdict(prediction))
+    turn = quiz.answer(choice, prediction.label, verdict_words(prediction.trust))
     you = "right" if turn.correct else "wrong"
-    model = "right" if turn.model_correct else "wrong"
-    probabilities = item.probabilities or prediction.probabilities
-    confidence = probabilities.get(turn.model_answer, 0.0)
+    card = answer_card(
+        prediction, reference=item.reference, class_names=predictor.class_names, guarantee=False
+    )
+    if prediction.label != turn.model_answer and prediction.trust != NOT_A_BSCAN:
+        card += (
+            f"(On the original scan, which the score counts, it said {turn.model_answer} "
+            f"{(item.probabilities or {}).get(turn.model_answer, 0.0):.0%}.)\n\n"
+        )
     feedback = (
         f"## Reference: {item.reference}\n"
-        f"- **You said {choice}**: {you}.\n"
-        f"- **The model said {turn.model_answer}** ({confidence:.0%}): {model}.\n\n"
+        f"**You said {choice}**: {you}.\n\n"
+        f"{card}"
         f"{signs_line(item.reference)}"
-        f"{unsure_line(prediction)}"
         f"The map ({method_name(method)}) shows where the model looked for "
         f"{turn.model_answer}."
     )
@@ -165,21 +169,6 @@ def signs_line(class_name: str) -> str:
     if signs is None:
         return ""
     return f"**{class_name} ({signs.name}): look for** {signs.look_for}.\n\n"
-
-
-def unsure_line(prediction: Any) -> str:
-    """After the answer: whether the model was unsure (a set of 2+ classes) or the scan is
-    unlike its training scans; nothing for a checkpoint without prediction sets."""
-    if prediction.prediction_set is None:
-        return ""
-    names = ", ".join(prediction.prediction_set)
-    if len(prediction.prediction_set) > 1:
-        text = f"**The model was unsure here**: its {prediction.level:.0%} set is {{{names}}}."
-    else:
-        text = f"The model was sure here: its {prediction.level:.0%} set is {{{names}}}."
-    if prediction.out_of_distribution:
-        text += f" This scan is {OOD_NOTE}."
-    return text + "\n\n"
 
 
 def quiz_next(quiz: Quiz | None):

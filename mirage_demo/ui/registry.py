@@ -29,9 +29,11 @@ __all__ = [
     "ASSETS",
     "ENV_CHECKPOINTS",
     "ENV_DATA_ROOTS",
+    "ENV_PRETRAINING",
     "ModelChoice",
     "ModelRegistry",
     "available_models",
+    "pretraining_weights",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
 BUNDLED_MODELS = (DEFAULT_CHECKPOINT, ASSETS / "demo-vit")
 ENV_CHECKPOINTS = "MIRAGE_DEMO_CHECKPOINTS"
+#: The Space setting of ``--pretraining``: MIRAGE's release weights for "How it learned".
+ENV_PRETRAINING = "MIRAGE_DEMO_PRETRAINING"
 #: Folders (separated by the path separator) whose images the explorer, quiz and feature map
 #: may show as a checkpoint's test scans; a checkpoint's config.json never names one.
 ENV_DATA_ROOTS = "MIRAGE_DEMO_DATA_ROOTS"
@@ -91,6 +95,12 @@ def available_models(extra: Sequence[str] = ()) -> list[ModelChoice]:
             name = path.name if path.is_dir() else source
         choices.append(ModelChoice(name, source))
     return choices
+
+
+def pretraining_weights(asked: str | None = None) -> str | None:
+    """MIRAGE's release weights for the "How it learned" tab: ``--pretraining``, else
+    ``$MIRAGE_DEMO_PRETRAINING`` (``mirage_base`` or ``mirage_large``; empty: none)."""
+    return asked or os.environ.get(ENV_PRETRAINING, "").strip() or None
 
 
 class ModelRegistry:

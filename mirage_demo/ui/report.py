@@ -116,9 +116,10 @@ PER_CLASS_MEANING = (
 NO_SCANS = "no scans"
 
 
-def metrics_markdown(metrics: dict[str, Any]) -> str:
+def metrics_markdown(metrics: dict[str, Any], *, verdicts: bool = True) -> str:
     """The report's figures as tables, with 95% bootstrap confidence intervals and a line on
-    what each figure means; a class without scans says so instead of figures."""
+    what each figure means; a class without scans says so instead of figures (``verdicts``:
+    with the table of verdicts, see :func:`verdicts_markdown`)."""
     overall = metrics.get("overall", {})
     per_class = metrics.get("per_class", {})
     counts = metrics.get("images_per_class", {})
@@ -155,10 +156,10 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         cells = [NO_SCANS] * len(keys) if support == 0 else [_ci(values.get(k)) for k in keys]
         lines.append(f"| {cls} | {support} | " + " | ".join(cells) + " |")
     lines += ["", PER_CLASS_MEANING]
-    return "\n".join(lines) + "\n\n" + uncertainty_markdown(metrics)
+    return "\n".join(lines) + "\n\n" + uncertainty_markdown(metrics, verdicts=verdicts)
 
 
-def uncertainty_markdown(metrics: dict[str, Any]) -> str:
+def uncertainty_markdown(metrics: dict[str, Any], *, verdicts: bool = True) -> str:
     """The prediction sets' coverage and size per class and the share of scans flagged as
     unlike the training scans, on the report's split (or that the checkpoint has none)."""
     found = metrics.get("uncertainty")
@@ -169,7 +170,7 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
         )
     level = found["level"]
     lines = [
-        f"### How sure the model may be: its {level:.0%} prediction sets",
+        f"### How far to trust its answers: its {level:.0%} prediction sets",
         GUARANTEE.format(level=level),
         "",
         f"On {_scans_of(metrics.get('split', 'test'))}: the set held the true class for "
@@ -193,7 +194,69 @@ def uncertainty_markdown(metrics: dict[str, Any]) -> str:
             f"Calibrated together, their validation scans pooled (too few of each): "
             f"{', '.join(found['pooled_classes'])}.",
         ]
+    if verdicts and found.get("verdicts"):
+        lines += ["", verdicts_markdown(found["verdicts"], level)]
     return "\n".join(lines)
+
+
+#: A verdict's row label in the tables, and what it means in a few words.
+VERDICT_ROWS = {
+    "sure": "**sure**: a B-scan like the training scans, a set of one class",
+    "unsure": "**unsure**: a set of 2 classes or more",
+    "unlike_training": "**unlike the training scans**: another device or acquisition?",
+    "not_a_bscan": "**not an OCT B-scan**: colour, blank, noise, no retinal layers, too small",
+    "not_available": "**not available**: no prediction sets for this checkpoint",
+}
+
+
+def verdicts_markdown(verdicts: dict[str, Any], level: float) -> str:
+    """The share of each verdict and the accuracy within it, as a table."""
+    lines = [
+        f"How far to trust each answer (its verdict, with the {level:.0%} sets):",
+        "",
+        "| Verdict | Scans | Share | Right among them |",
+        "|---|---|---|---|",
+    ]
+    for key, label in VERDICT_ROWS.items():
+        entry = verdicts.get(key)
+        if not entry or (key == "not_available" and not entry["images"]):
+            continue
+        right = _share(entry["accuracy"]) if key != "not_a_bscan" else "(meaningless)"
+        lines.append(f"| {label} | {entry['images']} | {_share(entry['share'])} | {right} |")
+    return "\n".join(lines)
+
+
+FAR_BELOW = 0.10  # balanced accuracy this far below the model's own test figure: say so
+
+
+def trust_headline(metrics: dict[str, Any], own: dict[str, Any] | None) -> str:
+    """Evaluate's headline: the share of each verdict on the uploaded scans and the accuracy
+    within it, and a warning when they score far below the model's own test figures
+    (``own``: the checkpoint's report; balanced accuracy :data:`FAR_BELOW` lower or more, the
+    upper end of its 95% interval below the model's figure)."""
+    found = metrics.get("uncertainty") or {}
+    lines = ["### How far to trust the model on your scans"]
+    if found.get("verdicts"):
+        lines.append(verdicts_markdown(found["verdicts"], found["level"]))
+    else:
+        lines.append(
+            "This checkpoint has no prediction sets or unlike-the-training-scans check: how "
+            "far to trust its answers cannot be told."
+        )
+    yours = (metrics.get("overall") or {}).get("balanced_accuracy") or {}
+    theirs = ((own or {}).get("overall") or {}).get("balanced_accuracy") or {}
+    if yours.get("value") is not None and theirs.get("value") is not None:
+        high = (yours.get("ci95") or [None, None])[1]
+        below = theirs["value"] - yours["value"] >= FAR_BELOW
+        if below and (high is None or high < theirs["value"]):
+            lines.append(
+                f"**Warning: your scans score far below the model's own test figures** "
+                f"(balanced accuracy {yours['value']:.0%} against {theirs['value']:.0%} on its "
+                f"{(own or {}).get('split', 'test')} split). They may come from another "
+                "device, clinic or population than its training scans: trust its answers on "
+                "them less, whatever their verdict."
+            )
+    return "\n\n".join(lines)
 
 
 def _scans_of(split: str) -> str:

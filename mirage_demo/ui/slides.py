@@ -12,6 +12,7 @@ import numpy as np
 
 from mirage_demo.figures import answer_figure, colour_stops, describe_heatmap, grid_figure
 from mirage_demo.ui.context import image_file
+from mirage_demo.verdict import NOT_A_BSCAN
 
 __all__ = [
     "answer_figure_file",
@@ -45,6 +46,8 @@ def figure_caption(state: dict[str, Any], model_name: str) -> tuple[str, list[st
     """``(title, caption lines)`` of a session's answer figure."""
     about = state["about"]
     title = f"The model says {about['label']} ({about['confidence']:.0%})"
+    if about.get("trust") == NOT_A_BSCAN:  # no class headline for what is not a B-scan
+        title = "Not an OCT B-scan: the model's answer means nothing here"
     explained = (
         f"map for class {about['target']}" if about["target"] else "a map that ignores the class"
     )
@@ -82,23 +85,26 @@ def compare_grid_file(
 ) -> str:
     """Compare's maps as one labelled grid PNG for a slide: the trained model's maps above,
     the maps after randomising its last block below, each titled with its method and score
-    (``gallery`` and ``rows`` as :func:`~mirage_demo.ui.compare.compare_scan` returns them)."""
-    count = len(rows)
+    (``gallery`` and ``rows`` as :func:`~mirage_demo.ui.compare.compare_scan` returns them: a
+    row per method, then the random map's, which has no picture)."""
+    count = len(gallery) // 2
+    methods = rows[:count]
     trained = [
-        (picture, f"{row[0]}\nfaithfulness {row[1]:+.0f}")
-        for (picture, _), row in zip(gallery[:count], rows, strict=True)
+        (picture, f"{row[0]}\nfaithfulness {row[1]:+.2f}")
+        for (picture, _), row in zip(gallery[:count], methods, strict=True)
     ]
     randomised = [
-        (picture, f"{row[0]}, ρ {row[5]:.2f}\n{row[6]}")
-        for (picture, _), row in zip(gallery[count:], rows, strict=True)
+        (picture, f"{row[0]}, ρ {row[5]:.2f}\n{str(row[6]).split(': ')[-1]}")
+        for (picture, _), row in zip(gallery[count:], methods, strict=True)
     ]
+    chance = f" A random map scored {rows[count][1]:+.2f} here." if len(rows) > count else ""
     picture = grid_figure(
         [trained, randomised],
         ["The trained model", "Last block randomised"],
         title,
-        footer="Faithfulness: how many points the class's probability falls when the map's top "
-        "part is blurred, beyond a random part.\nρ: rank correlation with the map after "
-        "randomising the last block (near 1: the map fails the sanity check). Teaching tool, "
-        "not a diagnosis.",
+        footer="Faithfulness (nats): how much more the model's score for the class falls when "
+        "the map's top part is blurred than when its bottom part is." + chance + "\nρ: rank "
+        "correlation with the map after randomising the last block (near 1: the map mostly "
+        "shows the scan's structure). Teaching tool, not a diagnosis.",
     )
     return image_file(picture, "compare", f"compare-{Path(name).stem}")

@@ -19,6 +19,7 @@ import gradio as gr
 import numpy as np
 
 from mirage_demo.images import ImageReadError
+from mirage_demo.ui.answer import answer_card, answer_label
 from mirage_demo.ui.context import (
     STATE_TTL_S,
     AppContext,
@@ -26,9 +27,7 @@ from mirage_demo.ui.context import (
     image_file,
     picture,
     timing_line,
-    trust_markdown,
     upload_path,
-    warnings_markdown,
 )
 from mirage_demo.ui.registry import ModelRegistry
 from mirage_demo.volume_figures import (
@@ -168,13 +167,12 @@ def explain_bscan(
         return None, None, f"{header}: could not be read ({html.escape(err.reason)})."
     prediction = explanation.prediction
     text = (
-        f"{header}: predicted **{prediction.label}** ({prediction.confidence:.0%}); the map "
-        f"shows where the model looked for {prediction.label}.\n\n"
-        + warnings_markdown(prediction)
-        + trust_markdown(prediction, guarantee=False)
+        f"{header}\n\n"
+        + answer_card(prediction, guarantee=False)
+        + f"The map shows where the model looked for {prediction.label}.\n\n"
         + timing_line(prediction, "This B-scan", str(predictor.device))
     )
-    return image_file(explanation.overlay, "volume-bscan"), prediction.probabilities, text
+    return image_file(explanation.overlay, "volume-bscan"), answer_label(prediction), text
 
 
 def _index(state: dict[str, Any], number: Any) -> int:
