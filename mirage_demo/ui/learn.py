@@ -330,6 +330,7 @@ CONCEPTS = (
         "scans or not an OCT B-scan at all; try a bundled example, then a photograph.",
         "Classify tab",
         "classify",
+        None,
     ),
     (
         "**Generalisation**: a model is only as good as its figures on scans like yours; "
