@@ -163,21 +163,6 @@ def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> 
     return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
 
 
-def _rank(n: int, level: float) -> int:
-    """``ceil((n + 1) level)``, immune to float error (``(9 + 1) * 0.7`` is 7.000000000000001)."""
-    return math.ceil(round((n + 1) * level, 9))
-
-
-def _enough(scores: np.ndarray, level: float) -> bool:
-    return _rank(len(scores), level) <= len(scores)
-
-
-def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> float:
-    """The ``ceil((n + 1) level)``-th smallest score (``too_few`` when there are fewer)."""
-    rank = _rank(len(sorted_scores), level)
-    return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
-
-
 @dataclass
 class Uncertainty:
     """A checkpoint's fitted prediction sets and out-of-distribution flag."""
