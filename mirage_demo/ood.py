@@ -68,7 +68,8 @@ class MahalanobisOOD:
             for start in range(0, len(x), _CHUNK):  # (1024, K, D) at a time
                 diff = x[start : start + _CHUNK, None, :] - self.class_means_[None, :, :]
                 squared[start : start + _CHUNK] = ((diff @ self.precision_) * diff).sum(-1).min(1)
-            return np.sqrt(np.maximum(squared, 0.0))
+            distances = np.sqrt(np.maximum(squared, 0.0))
+        return np.where(np.isnan(distances), np.inf, distances)  # not a number: infinitely far
 
 
 class StatisticsOOD:

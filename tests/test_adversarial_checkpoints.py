@@ -301,14 +301,14 @@ def test_a_malformed_report_never_stops_the_app(tiny_ckpt, tmp_path, report):
 
 
 def test_statistics_that_overflow_flag_the_scan_instead_of_nan():
-    from mirage_demo.uncertainty import MahalanobisOOD
+    from mirage_demo.ood import MahalanobisOOD, UnlikeTraining
 
     ood = MahalanobisOOD()
     ood.class_means_ = np.tile([1e200, -1e200], (4, 1))  # finite float64 that overflow: the
     ood.precision_ = np.full((2, 2), 1e200)  # distance is inf - inf, NaN, never above a threshold
-    ood.threshold_, ood.false_alarm_ = 1.0, 0.05
-    scores = ood.score(np.zeros((3, 2)))
-    assert np.isinf(scores).all() and ood.flags(np.zeros((3, 2))).all()
+    assert np.isinf(ood.score(np.zeros((3, 2)))).all()
+    flag = UnlikeTraining(ood, feature_threshold=1.0, false_alarm=0.05)
+    assert flag.flags(np.zeros((3, 2))).all()
 
 
 def _with_float64_statistics(tiny_ckpt: Path, tmp_path: Path) -> Path:
@@ -363,4 +363,5 @@ def test_a_file_name_cannot_forge_a_row_of_the_text_output(tiny_ckpt, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].count("\t") == 4 and "\\n" in lines[0]
+    # file, label, probability, set, verdict, warnings: 5 tabs, the name's own escaped
+    assert len(lines) == 1 and lines[0].count("\t") == 5 and "\\n" in lines[0]

@@ -466,4 +466,5 @@ def test_new_tabs_and_model_call_wrappers_slot_in(tmp_path):
         "on_predict",
         "on_record",  # /predict_json
         "on_volume",  # /volume
+        "reconstruct_view",  # How it learned: /reconstruct
     ]
