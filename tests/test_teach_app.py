@@ -82,7 +82,9 @@ def test_evaluate_endpoint_reproduces_train_evaluate(setup, client, tmp_path):
         assert numbers[key] == expected[key], key
     assert "12 labelled scans" in note and "Balanced accuracy" in report
     rows = Path(csv_file).read_text().splitlines()
-    assert rows[0] == "file,true,predicted,prob_CNV,prob_DME,prob_NORMAL" and len(rows) == 13
+    assert rows[0] == (Path(cli) / "predictions.csv").read_text().splitlines()[0]  # as the CLI's
+    assert rows[0].startswith("file,true,predicted,prob_CNV,prob_DME,prob_NORMAL,trust,")
+    assert len(rows) == 13
     assert matrix["headers"][1:] == THREE
 
 
@@ -196,12 +198,12 @@ def test_unreachable_test_scans_are_said_plainly(setup):
     registry = ModelRegistry([ModelChoice("lost", str(setup[3]))], data_roots=[])
     names = list(registry.get("lost").class_names)
     _, message, state = explorer_view(registry.scan_set("lost"), registry.report("lost"), names)
-    assert state.scans is None and "not available here" in message
+    assert state.scans is None and "not reachable here" in message
     assert sum(map(sum, state.counts)) == 12  # the report's matrix is still shown
     gallery, text, _ = explorer_cell(state, 0, 1)
     assert gallery == [] and "not available" in text
     quiz, _, text = quiz_start(registry.scan_set("lost"), names, 5)
-    assert quiz is None and "not available here" in text
+    assert quiz is None and "not reachable here" in text
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Chromium at /usr/bin/chromium")
