@@ -100,7 +100,7 @@ def classify_example(page) -> None:
     page.locator("#examples img").nth(example_index()).click()
     page.locator("#probabilities [data-testid=label-output-value]").wait_for(timeout=TIMEOUT_MS)
     page.locator("#overlay img").wait_for(timeout=TIMEOUT_MS)
-    expect(page.locator("#info")).to_contain_text("Predicted", timeout=TIMEOUT_MS)
+    expect(page.locator("#info")).to_contain_text("Map for class", timeout=TIMEOUT_MS)
 
 
 def model_tab(page) -> None:

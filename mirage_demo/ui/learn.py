@@ -219,7 +219,7 @@ VERDICT_EXAMPLES = (
     ("unsure", "examples/CNV/CNV-451136-1.jpeg", "Unsure: CNV or DME? (labelled CNV)"),
     (
         "unlike_training",
-        "test-scans/images/CNV/cnv_train_2236.jpg",
+        "test-scans/images/CNV/cnv_train_1445.jpg",
         "Unlike the training scans (labelled CNV)",
     ),
     (
