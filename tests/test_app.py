@@ -321,7 +321,7 @@ def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
             overlay.wait_for(timeout=60_000)
             width = overlay.evaluate("img => img.naturalWidth")
             assert width == Image.open(CNV_SCAN).width
-            sync_api.expect(page.locator("#info")).to_contain_text("Predicted")
+            sync_api.expect(page.locator("#info")).to_contain_text("Map for class")
             page.screenshot(path=str(tmp_path / "classify.png"), full_page=True)
 
             page.get_by_role("tab", name="Model").click()

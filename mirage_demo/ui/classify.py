@@ -348,7 +348,9 @@ def _answer_panel(classes: int) -> tuple[Any, ...]:
     return probabilities, overlay, colour_bar, info, figure_button, figure
 
 
-def examples_gallery(ctx: AppContext, elem_id: str = "examples") -> gr.Gallery | None:
+def examples_gallery(
+    ctx: AppContext, elem_id: str = "examples", columns: int | None = None
+) -> gr.Gallery | None:
     """The bundled example scans as thumbnails named "Example scan N" (copies under neutral
     names, in an order that does not follow their class); None when there are none. Wire it
     with :func:`wire_examples`."""
@@ -360,7 +362,7 @@ def examples_gallery(ctx: AppContext, elem_id: str = "examples") -> gr.Gallery |
             for n, (path, _) in enumerate(neutral_examples(ctx.examples), start=1)
         ],
         label="Or pick a real scan (Kermany et al. 2018, CC BY 4.0)",
-        columns=len(ctx.examples),
+        columns=columns or len(ctx.examples),
         height="auto",
         object_fit="cover",
         allow_preview=False,

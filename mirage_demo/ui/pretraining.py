@@ -165,7 +165,7 @@ def build_pretraining_tab(ctx: AppContext) -> None:
                     label="OCT B-scan",
                     height=240,
                 )
-                examples = examples_gallery(ctx, elem_id="rebuild-examples")
+                examples = examples_gallery(ctx, elem_id="rebuild-examples", columns=5)
                 ratio = gr.Slider(
                     MIN_RATIO, MAX_RATIO, value=0.75, step=0.05, label="Share of the scan hidden"
                 )
