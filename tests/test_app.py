@@ -332,7 +332,7 @@ def test_browser_upload_shows_label_overlay_and_report(served, tmp_path):
             sync_api.expect(page.get_by_text("Balanced accuracy").first).to_be_visible()
             page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
 
-            page.get_by_role("tab", name="Learn").click()
+            page.get_by_role("tab", name="Learn", exact=True).click()
             sync_api.expect(page.get_by_text("What is OCT?")).to_be_visible()
         finally:
             browser.close()

@@ -28,7 +28,19 @@ def test_the_screenshot_command_writes_small_pngs_of_the_app(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    sizes = {"classify": (1440, 900), "classify-phone": (390, 844), "model": (1440, 900)}
+    views = [
+        "classify",
+        "classify-phone",
+        "model",
+        "volume",
+        "volume-strip",
+        "volume-phone",
+        "batch-volume",
+        "batch-volume-phone",
+        "pretraining",
+        "pretraining-phone",
+    ]
+    sizes = {n: (390, 844) if n.endswith("-phone") else (1440, 900) for n in views}
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{n}.png" for n in sizes)
     for name, size in sizes.items():
         path = tmp_path / f"{name}.png"
