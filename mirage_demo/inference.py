@@ -93,6 +93,8 @@ class Prediction:
     level: float | None = None
     ood_score: float | None = None
     out_of_distribution: bool | None = None
+    #: the probability the top class needs for "sure" (the checkpoint's bar; 0: none)
+    sure_probability: float | None = None
     #: how far to trust the answer (:mod:`mirage_demo.verdict`): "not_a_bscan",
     #: "unlike_training", "unsure", "sure"; None: no statistics (and a B-scan)
     trust: str | None = None
@@ -104,11 +106,11 @@ class Prediction:
     def record(self) -> dict[str, Any]:
         """The answer as the CLI's ``--json`` line and the app's ``/predict_json``: ``file``,
         ``label``, ``probabilities``, ``trust`` (the verdict), ``prediction_set``, ``level``,
-        ``out_of_distribution``, ``ood_score`` (the last four None without uncertainty
-        statistics), ``warnings``. Valid JSON: a number that is not finite (a distance beyond
-        any number) is None."""
+        ``out_of_distribution``, ``ood_score``, ``sure_probability`` (the last five None
+        without uncertainty statistics), ``warnings``. Valid JSON: a number that is not
+        finite (a distance beyond any number) is None."""
         keys = ("label", "probabilities", "trust", "prediction_set", "level")
-        keys += ("out_of_distribution", "ood_score", "warnings")
+        keys += ("out_of_distribution", "ood_score", "sure_probability", "warnings")
         record = {"file": self.source, **{key: getattr(self, key) for key in keys}}
         record["probabilities"] = {k: _finite(v) for k, v in self.probabilities.items()}
         record["ood_score"] = _finite(self.ood_score)
@@ -126,6 +128,7 @@ class Prediction:
             "level": self.level,
             "out_of_distribution": self.out_of_distribution,
             "ood_score": self.ood_score,
+            "sure_probability": self.sure_probability,
             "logits": self.logits,
             "quality": self.quality.to_dict(),
             "image_size": list(self.image_size),

@@ -47,6 +47,7 @@ __all__ = [
     "WeightsUnavailableError",
     "checkpoint_filter_fn",
     "configure_finetuning",
+    "cpu_computes_bf16",
     "create_classifier",
     "features_and_logits",
     "hub_weights",
@@ -543,3 +544,8 @@ def optimizer_param_groups(
     return param_groups_layer_decay(
         model, weight_decay=weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay
     )
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) through oneDNN."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

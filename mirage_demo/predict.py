@@ -8,10 +8,11 @@
 
 One line per image: ``file LABEL probability set verdict warnings``, or with ``--json`` one JSON
 object ``{"file", "label", "probabilities", "trust", "prediction_set", "level",
-"out_of_distribution", "ood_score", "warnings"}`` (:meth:`~mirage_demo.inference.Prediction.
-record`): ``trust`` is the verdict (:mod:`mirage_demo.verdict`: ``not_a_bscan``,
-``unlike_training``, ``unsure``, ``sure``), the set is at ``--level``, and the last four are
-None for a checkpoint without uncertainty statistics (``trust`` then says only
+"out_of_distribution", "ood_score", "sure_probability", "warnings"}``
+(:meth:`~mirage_demo.inference.Prediction.record`): ``trust`` is the verdict
+(:mod:`mirage_demo.verdict`: ``not_a_bscan``, ``unlike_training``, ``unsure``, ``sure``), the
+set is at ``--level``, ``sure_probability`` is the bar the top class must reach for ``sure``,
+and the last five are None for a checkpoint without uncertainty statistics (``trust`` then says only
 ``not_a_bscan``). An unreadable file gives a line with an ``"error"`` and the run goes
 on. Each folder (searched recursively) also gets a CSV ``<folder>-predictions.csv`` in
 ``--out`` (default: the current directory), in the one predictions format

@@ -24,13 +24,18 @@ distance to the training scans and the image statistics' distance to theirs
 (:mod:`mirage_demo.imagestats`), with thresholds set together on the validation scans at a
 stated false-alarm rate; a score that is not finite is always flagged.
 
+**Sure** (:func:`sure_bar`): a set of one class is not enough to call an answer sure: its
+class must also be at least this probable. The bar is the lowest probability from which up the
+validation scans' would-be sure answers are right at least :data:`SURE_PRECISION` of the time.
+
 With the quality gate, these decide each answer's verdict (:mod:`mirage_demo.verdict`).
 :func:`fit_uncertainty` fits both for a trained model (``python -m train`` at the end of a run,
 ``python -m train.evaluate --fit-uncertainty`` for an existing checkpoint);
 :func:`save_uncertainty` and :func:`load_uncertainty` store them in a checkpoint directory
 (a summary under ``config.json``'s ``"uncertainty"``, the arrays in ``uncertainty.safetensors``,
 read with safetensors only and validated). Checkpoints fitted before the image statistics
-(format 1) load and flag on their features alone.
+(format 1) load and flag on their features alone; those fitted before the bar for "sure"
+(formats 1 and 2) load without it (a set of one class is then enough).
 """
 
 from __future__ import annotations
@@ -82,13 +87,18 @@ __all__ = [
     "fit_uncertainty",
     "load_uncertainty",
     "save_uncertainty",
+    "sure_bar",
     "uncertainty_from_outputs",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 0.9
-FORMAT_VERSION = 2  # 1: the flag on features alone
+FORMAT_VERSION = 3  # 1: the flag on features alone; 2: no bar for "sure"
+#: How often the validation scans' sure answers must be right: sets the bar for "sure"
+#: (:func:`sure_bar`). Between the sets' 90% and the 98% wanted of sure answers: with ~450
+#: validation scans, a higher target rests on a handful of mistakes (docs/trust.md).
+SURE_PRECISION = 0.97
 MAX_FEATURES = 8192  # penultimate width (MIRAGE-Large: 1024); bounds the precision matrix
 MAX_CALIBRATION = 1_000_000
 #: The copies of each training scan whose statistics join the training scans': as the app
@@ -170,6 +180,8 @@ class Uncertainty:
     class_names: list[str]
     sets: ConformalSets
     ood: UnlikeTraining
+    #: the probability the top class needs for "sure" (:func:`sure_bar`; 0: no bar)
+    sure_probability: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # what they were fitted on
 
     def answers(
@@ -182,10 +194,12 @@ class Uncertainty:
     ) -> list[dict[str, Any]]:
         """Each scan's ``trust`` verdict (:func:`~mirage_demo.verdict.decide`),
         ``prediction_set`` (class names, most probable first), ``level``,
-        ``out_of_distribution`` and ``ood_score`` (above 1: unlike the training scans; inf:
-        not finite), from its probabilities, features, image ``statistics`` and whether it
-        passes the quality gate (``looks_like_oct``, default: all do)."""
+        ``out_of_distribution``, ``ood_score`` (above 1: unlike the training scans; inf:
+        not finite) and ``sure_probability`` (the bar), from its probabilities, features,
+        image ``statistics`` and whether it passes the quality gate (``looks_like_oct``,
+        default: all do)."""
         member = self.sets.predict_sets(probs, level)
+        probable = np.asarray(probs).max(axis=1) >= self.sure_probability
         order = np.argsort(-np.asarray(probs), axis=1, kind="stable")
         scores = self.ood.score(features, statistics)
         flags = ~(np.isfinite(scores) & (scores <= 1.0))
@@ -195,11 +209,12 @@ class Uncertainty:
             named = [self.class_names[k] for k in row if member[i, k]]
             answers.append(
                 {
-                    "trust": decide(bool(passes[i]), bool(flags[i]), len(named)),
+                    "trust": decide(bool(passes[i]), bool(flags[i]), len(named), probable[i]),
                     "prediction_set": named,
                     "level": level,
                     "out_of_distribution": bool(flags[i]),
                     "ood_score": round(float(scores[i]), 3) if np.isfinite(scores[i]) else None,
+                    "sure_probability": self.sure_probability,
                 }
             )
         return answers
@@ -219,7 +234,13 @@ class Uncertainty:
         flags = self.ood.flags(features, statistics)
         predicted = np.asarray(probs).argmax(axis=1)
         report = coverage_report(
-            self.class_names, sets, flags, predicted, labels, looks_like_oct=looks_like_oct
+            self.class_names,
+            sets,
+            flags,
+            predicted,
+            labels,
+            looks_like_oct=looks_like_oct,
+            probable_enough=np.asarray(probs).max(axis=1) >= self.sure_probability,
         )
         pooled = [self.class_names[k] for k in self.sets.pooled_classes(level)]
         return {
@@ -228,6 +249,7 @@ class Uncertainty:
             "pooled_classes": pooled,
             "ood_false_alarm_target": self.ood.false_alarm,
             "ood_image_statistics": self.ood.statistics is not None,
+            "sure_probability": self.sure_probability,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -253,7 +275,7 @@ class Uncertainty:
                 "copies": [list(BUNDLED_COPY)],
             }
         return {
-            "format_version": FORMAT_VERSION if ood.statistics is not None else 1,
+            "format_version": FORMAT_VERSION,
             "file": UNCERTAINTY_NAME,
             "sets": {
                 "method": "split conformal, class-conditional (Mondrian), LAC scores; classes "
@@ -262,6 +284,12 @@ class Uncertainty:
                 "default_level": DEFAULT_LEVEL,
             },
             "ood": summary,
+            "sure": {
+                "probability": self.sure_probability,
+                "method": "the lowest top-class probability from which up the validation "
+                f"scans' would-be sure answers (a set of one class at the {DEFAULT_LEVEL:.0%} "
+                f"level, not flagged) are right at least {SURE_PRECISION:.0%} of the time",
+            },
             **self.info,
         }
 
@@ -318,8 +346,45 @@ def uncertainty_from_outputs(
         val.statistics if checked else None,
         false_alarm,
     )
+    would_be_sure = sets.predict_sets(val_probs).sum(axis=1) == 1
+    would_be_sure &= ~ood.flags(val.features, val.statistics if checked else None)
+    if val.looks_like_oct is not None:
+        would_be_sure &= val.looks_like_oct
+    bar = sure_bar(val_probs, val.labels, would_be_sure)
     info = {"fitted_on": {"train": len(train.labels), "val": len(val.labels)}}
-    return Uncertainty(list(config.class_names), sets, ood, info)
+    return Uncertainty(list(config.class_names), sets, ood, bar, info)
+
+
+#: The bar when no probability makes the would-be sure answers right often enough: above any
+#: probability, so that no answer is called sure.
+NEVER_SURE = float(np.nextafter(1.0, 2.0))
+
+
+def sure_bar(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    candidates: np.ndarray,
+    precision: float = SURE_PRECISION,
+) -> float:
+    """The lowest top-class probability ``p`` such that, at ``p`` and every higher bar, the
+    ``candidates`` (bool ``(N,)``: the answers that would be sure without a bar) whose top class
+    is at least that probable are right at least ``precision`` of the time; :data:`NEVER_SURE`
+    when no ``p`` does. Bars that keep fewer answers than one mistake needs to be allowed
+    (``1 / (1 - precision)``) are not judged: one early mistake does not make every bar fail."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    candidates = np.asarray(candidates, bool)
+    top = probs.max(axis=1)[candidates]
+    right = (probs.argmax(axis=1) == labels)[candidates]
+    order = np.argsort(-top, kind="stable")
+    top, right = top[order], right[order]
+    kept = np.arange(1, len(right) + 1)
+    holds = np.cumsum(right) / kept >= precision
+    judged = kept >= math.ceil(round(1 / (1 - precision), 9))
+    failing = np.flatnonzero(judged & ~holds)
+    reach = failing.min() if len(failing) else len(top)  # every bar above this one holds
+    last_of_ties = np.r_[top[1:] != top[:-1], True]  # equal probabilities pass or fail together
+    good = np.flatnonzero((holds & last_of_ties)[:reach])
+    return float(top[good.max()]) if len(good) else NEVER_SURE
 
 
 def _require_every_class(config: CheckpointConfig, labels: dict[str, Sequence[int]]) -> None:
@@ -339,13 +404,15 @@ def coverage_report(
     labels: np.ndarray,
     *,
     looks_like_oct: np.ndarray | None = None,
+    probable_enough: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Empirical coverage and mean set size (overall and per class) of ``sets`` ``(N, K)``
     bool, the share ``flagged`` as unlike the training scans, the share of the model's
     mistakes (``predicted != labels``) that carry a warning (flag or a set of 2+ classes), and
     ``"verdicts"``: the share of each verdict and the accuracy within it
     (:func:`~mirage_demo.verdict.verdict_report`; ``looks_like_oct``: the quality gate's
-    answer per scan, default all pass)."""
+    answer per scan, ``probable_enough``: whether its top class reaches the bar for "sure";
+    default all do)."""
     labels, flagged = np.asarray(labels, np.int64), np.asarray(flagged, bool)
     covered = sets[np.arange(len(labels)), labels]
     size = sets.sum(axis=1)
@@ -359,10 +426,12 @@ def coverage_report(
             "mean_set_size": _mean(size[mine]),
             "flagged": _mean(flagged[mine]),
         }
-    gate = np.ones(len(labels), bool) if looks_like_oct is None else np.asarray(looks_like_oct)
+    every = np.ones(len(labels), bool)
+    gate = every if looks_like_oct is None else np.asarray(looks_like_oct)
+    probable = every if probable_enough is None else np.asarray(probable_enough)
     verdicts = [
-        decide(bool(passes), bool(flag), int(n))
-        for passes, flag, n in zip(gate, flagged, size, strict=True)
+        decide(bool(passes), bool(flag), int(n), bool(enough))
+        for passes, flag, n, enough in zip(gate, flagged, size, probable, strict=True)
     ]
     return {
         "images": len(labels),
@@ -448,12 +517,13 @@ def load_uncertainty(
         ood.statistics.neighbours_ = values["neighbours"]
         ood.statistics_threshold = values["statistics_threshold"]
     info = {k: v for k, v in summary.items() if k == "fitted_on"}
-    return Uncertainty(list(config.class_names), sets, ood, info)
+    return Uncertainty(list(config.class_names), sets, ood, values["sure_probability"], info)
 
 
 def _summary_values(summary: dict[str, Any]) -> dict[str, Any]:
-    """The thresholds, false-alarm rate and neighbours of a ``config.json`` summary, checked
-    (``statistics_threshold`` None: format 1, features alone)."""
+    """The thresholds, false-alarm rate, neighbours and bar for "sure" of a ``config.json``
+    summary, checked (``statistics_threshold`` None: features alone, as format 1; format 3
+    with or without statistics; ``sure_probability`` 0 before format 3)."""
     try:
         version = int(summary.get("format_version", 1))
         ood = summary["ood"]
@@ -461,8 +531,9 @@ def _summary_values(summary: dict[str, Any]) -> dict[str, Any]:
             "threshold": float(ood["threshold"]),
             "false_alarm": float(ood["false_alarm"]),
             "statistics_threshold": None,
+            "sure_probability": float(summary["sure"]["probability"]) if version >= 3 else 0.0,
         }
-        if version >= 2:
+        if version == 2 or (version >= 3 and "statistics" in ood):
             stats = ood["statistics"]
             values["statistics_threshold"] = float(stats["threshold"])
             values["neighbours"] = int(stats["neighbours"])
@@ -470,12 +541,14 @@ def _summary_values(summary: dict[str, Any]) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         reason = f"{type(err).__name__}: {err}"[:100]
         raise CheckpointError(f"config.json: unusable 'uncertainty' summary ({reason})") from err
-    if version not in (1, FORMAT_VERSION):
+    if version not in (1, 2, FORMAT_VERSION):
         raise CheckpointError(f"config.json: 'uncertainty' format {version} is not one I read")
     threshold, false_alarm = values["threshold"], values["false_alarm"]
     if not (math.isfinite(threshold) and threshold > 0 and 0 < false_alarm < 1):
         raise CheckpointError("config.json: the 'uncertainty' threshold or false alarm is invalid")
-    if version >= 2:
+    if not 0.0 <= values["sure_probability"] <= NEVER_SURE:
+        raise CheckpointError("config.json: the bar for 'sure' must be a probability")
+    if values["statistics_threshold"] is not None:
         if names != list(STAT_NAMES):
             raise CheckpointError("config.json: the image statistics named are not this app's")
         limit = values["statistics_threshold"]

@@ -12,10 +12,12 @@ decided in this order:
     :mod:`mirage_demo.uncertainty`): another device or acquisition. The prediction set's
     promise does not hold for it.
 ``"unsure"``
-    the prediction set holds two classes or more: the model cannot tell them apart.
+    the prediction set holds two classes or more (the model cannot tell them apart), or its
+    one class is less probable than the checkpoint's bar for "sure" (fitted on the validation
+    scans: :func:`mirage_demo.uncertainty.sure_bar`).
 ``"sure"``
-    none of those: a B-scan like the training scans, and a set of one class. The only verdict
-    that may call an answer sure.
+    none of those: a B-scan like the training scans, a set of one class and a probability at
+    or above the bar. The only verdict that may call an answer sure.
 
 A checkpoint without prediction sets or the flag gets ``None`` for an image that passes the
 gate: how far to trust the answer cannot be told (never ``"sure"``).
@@ -56,18 +58,21 @@ _WORDS = {
 
 
 def decide(
-    looks_like_oct: bool, out_of_distribution: bool | None, set_size: int | None
+    looks_like_oct: bool,
+    out_of_distribution: bool | None,
+    set_size: int | None,
+    probable_enough: bool = True,
 ) -> str | None:
-    """The verdict of one answer from the quality gate's result, the out-of-distribution flag
-    and the number of classes in the prediction set (``None`` for both: the checkpoint has no
-    statistics)."""
+    """The verdict of one answer from the quality gate's result, the out-of-distribution flag,
+    the number of classes in the prediction set (``None`` for both: the checkpoint has no
+    statistics) and whether the top class's probability reaches the bar for "sure"."""
     if not looks_like_oct:
         return NOT_A_BSCAN
     if out_of_distribution is None or set_size is None:
         return None
     if out_of_distribution:
         return UNLIKE_TRAINING
-    return SURE if set_size == 1 else UNSURE
+    return SURE if set_size == 1 and probable_enough else UNSURE
 
 
 def verdict_words(verdict: str | None) -> str:

@@ -56,6 +56,7 @@ def test_json_lines_for_good_files_and_exit_zero(checkpoint, scans, capsys):
             "level",
             "out_of_distribution",
             "ood_score",
+            "sure_probability",
             "warnings",
         }
         assert line["prediction_set"] is None  # this checkpoint has no uncertainty statistics

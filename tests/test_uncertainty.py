@@ -18,10 +18,12 @@ from mirage_demo.imagestats import STAT_NAMES
 from mirage_demo.inference import Predictor
 from mirage_demo.ood import StatisticsOOD, UnlikeTraining
 from mirage_demo.uncertainty import (
+    NEVER_SURE,
     ConformalSets,
     fit_uncertainty,
     load_uncertainty,
     save_uncertainty,
+    sure_bar,
 )
 from tests.synthetic_oct import oct_like, train_tiny_checkpoint, write_labelled_scans
 
@@ -203,9 +205,11 @@ def test_stored_statistics_round_trip_and_are_named_in_config(fitted):
     assert ood["threshold"] == pytest.approx(fitted_now.ood.feature_threshold)
     assert ood["statistics"]["threshold"] == pytest.approx(fitted_now.ood.statistics_threshold)
     assert ood["statistics"]["names"] == list(STAT_NAMES)
-    assert config.uncertainty["format_version"] == 2
+    assert config.uncertainty["format_version"] == 3
     assert config.uncertainty["sets"]["calibration_per_class"] == [12, 12]
+    assert config.uncertainty["sure"]["probability"] == fitted_now.sure_probability
     loaded = load_uncertainty(directory, config)
+    assert loaded.sure_probability == fitted_now.sure_probability
     probs = np.random.default_rng(0).dirichlet([1, 1], 50)
     np.testing.assert_array_equal(
         loaded.sets.predict_sets(probs), fitted_now.sets.predict_sets(probs)
@@ -306,7 +310,11 @@ def test_unreadable_statistics_are_an_error_and_a_missing_file_serves_without(
         (lambda u: u["ood"]["statistics"].update(threshold=-1.0), "threshold"),
         (lambda u: u["ood"]["statistics"].update(neighbours=10**6), "threshold"),
         (lambda u: u["ood"]["statistics"].update(names=["aspect"]), "not this app's"),
-        (lambda u: u["ood"].pop("statistics"), "unusable"),
+        (lambda u: u["ood"].pop("statistics"), "must hold exactly"),
+        (lambda u: u.pop("sure"), "unusable"),
+        (lambda u: u["sure"].update(probability=float("nan")), "bar for 'sure'"),
+        (lambda u: u["sure"].update(probability=1.5), "bar for 'sure'"),
+        (lambda u: u["sure"].update(probability="high"), "unusable"),
         (lambda u: u.update(format_version=9), "format 9"),
     ],
 )
@@ -320,6 +328,64 @@ def test_a_damaged_summary_is_a_one_line_error(fitted, tmp_path, damage, message
     assert "\n" not in str(err.value)
 
 
+def test_the_bar_for_sure_is_the_lowest_probability_that_keeps_the_precision():
+    probs, labels = simulated(3000, [0.4, 0.3, 0.2, 0.1], seed=0)
+    candidates = np.random.default_rng(1).random(3000) < 0.8  # e.g. sets of one class
+    bar = sure_bar(probs, labels, candidates, precision=0.95)
+    top, right = probs.max(axis=1), probs.argmax(axis=1) == labels
+
+    def precision_at(p: float) -> float:
+        chosen = candidates & (top >= p)
+        return right[chosen].mean()
+
+    higher = np.sort(top[candidates & (top >= bar)])
+    assert all(precision_at(p) >= 0.95 for p in higher[:-20])  # from the bar up (20 = 1/5%)
+    lower = top[candidates & (top < bar)].max()  # the next candidate down
+    assert precision_at(lower) < 0.95
+    # on answers it was not fitted on, the precision holds (~600 chosen: within 2 errors)
+    fresh, fresh_labels = simulated(20000, [0.4, 0.3, 0.2, 0.1], seed=2)
+    chosen = fresh.max(axis=1) >= bar
+    assert (fresh.argmax(axis=1) == fresh_labels)[chosen].mean() == pytest.approx(0.95, abs=0.02)
+
+
+def test_no_bar_reaches_an_impossible_precision_so_nothing_is_sure():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    labels = np.array([1, 1, 0])  # right only from 0.7 on: 1 in 3
+    assert sure_bar(probs, labels, np.ones(3, bool), precision=0.5) == NEVER_SURE > 1.0
+    assert sure_bar(probs, labels, np.zeros(3, bool)) == NEVER_SURE  # no candidates
+    # equal probabilities pass or fail together: at 0.8, 2 of 3 right < 0.75
+    tied = np.array([[0.95, 0.05], [0.9, 0.1], [0.8, 0.2], [0.8, 0.2]])
+    assert sure_bar(tied, np.array([0, 0, 0, 1]), np.ones(4, bool), precision=0.8) == 0.9
+    # a mistake among the first few answers (fewer than 1 / (1 - precision)) is not judged
+    early = np.array([[0.99, 0.01], [0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    assert sure_bar(early, np.array([1, 0, 0, 0]), np.ones(4, bool), precision=0.75) == 0.7
+
+
+def test_a_set_of_one_class_below_the_bar_is_unsure(fitted):
+    predictor = Predictor.from_pretrained(fitted[0], level=0.5)
+    answers = [predictor.predict(oct_like(96, 144, seed=seed)) for seed in range(12)]
+    liked = [r for r in answers if not r.out_of_distribution and len(r.prediction_set) == 1]
+    assert liked, "no synthetic scan like the training scans with a set of one class"
+    r = liked[0]
+    for bar, verdict in ((r.confidence, "sure"), (r.confidence + 1e-6, "unsure")):
+        predictor.uncertainty.sure_probability = bar
+        again = predictor.predict(oct_like(96, 144, seed=answers.index(r)))
+        assert again.trust == verdict and again.sure_probability == bar
+        assert again.prediction_set == r.prediction_set
+
+
+def test_a_checkpoint_fitted_before_the_bar_for_sure_loads_without_one(fitted, tmp_path):
+    """Format 2: a set of one class is enough for sure, as it was."""
+    directory = _copy(fitted[0], tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["uncertainty"]["format_version"] = 2
+    config["uncertainty"].pop("sure")
+    (directory / "config.json").write_text(json.dumps(config))
+    predictor = Predictor.from_pretrained(directory)
+    assert predictor.uncertainty.sure_probability == 0.0
+    assert predictor.predict(oct_like(96, 144, seed=3)).sure_probability == 0.0
+
+
 def test_a_checkpoint_fitted_before_image_statistics_still_loads_and_flags(fitted, tmp_path):
     """Format 1 (features alone): the statistics arrays and summary absent."""
     directory = _copy(fitted[0], tmp_path)
@@ -330,6 +396,7 @@ def test_a_checkpoint_fitted_before_image_statistics_still_loads_and_flags(fitte
     config = json.loads((directory / "config.json").read_text())
     config["uncertainty"]["format_version"] = 1
     config["uncertainty"]["ood"].pop("statistics")
+    config["uncertainty"].pop("sure")
     (directory / "config.json").write_text(json.dumps(config))
     predictor = Predictor.from_pretrained(directory)
     assert predictor.uncertainty.ood.statistics is None

@@ -38,6 +38,8 @@ def test_the_verdict_is_decided_in_order():
     assert decide(True, True, 1) == "unlike_training"  # then the flag
     assert decide(True, False, 2) == "unsure"
     assert decide(True, False, 1) == "sure"
+    assert decide(True, False, 1, probable_enough=False) == "unsure"  # below the bar
+    assert decide(True, True, 1, probable_enough=False) == "unlike_training"
     assert decide(True, None, None) is None  # no statistics: never sure
     assert [verdict_words(v) for v in VERDICTS] == [
         "not an OCT B-scan",
@@ -64,13 +66,16 @@ def test_verdict_report_gives_shares_and_accuracy_within_each():
 # Every view, for every verdict
 
 
-def _answer(verdict: str | None) -> Prediction:
-    """A DRUSEN answer (60%) with the given verdict, as the Predictor would give it."""
+def _answer(verdict: str | None, sure_probability: float = 0.55) -> Prediction:
+    """A DRUSEN answer (60%) with the given verdict, as the Predictor would give it (the bar
+    for sure at ``sure_probability``; an unsure answer above 0.6 has a set of one class)."""
     warnings = (
         ("it is in colour, and OCT B-scans are grayscale",) if verdict == "not_a_bscan" else ()
     )
     quality = QualityReport(0.9, 40.0 if warnings else 0.0, 0.9, 0.7, 1.25, warnings)
-    sets = {"sure": ["DRUSEN"], "unsure": ["DRUSEN", "CNV"], "unlike_training": ["DRUSEN"]}
+    below_bar = verdict == "unsure" and sure_probability > 0.6
+    sets = {"sure": ["DRUSEN"], "unsure": ["DRUSEN"] if below_bar else ["DRUSEN", "CNV"]}
+    sets["unlike_training"] = ["DRUSEN"]
     probabilities = {"CNV": 0.3, "DME": 0.05, "DRUSEN": 0.6, "NORMAL": 0.05}
     return Prediction(
         label="DRUSEN",
@@ -86,6 +91,7 @@ def _answer(verdict: str | None) -> Prediction:
         level=None if verdict is None else 0.9,
         ood_score=None if verdict is None else (1.7 if verdict == "unlike_training" else 0.4),
         out_of_distribution=None if verdict is None else verdict == "unlike_training",
+        sure_probability=None if verdict is None else sure_probability,
         trust=verdict,
     )
 
@@ -124,9 +130,9 @@ def _registry(prediction: Prediction) -> SimpleNamespace:
     return SimpleNamespace(get=lambda name=None: FakePredictor(prediction))
 
 
-def _views(verdict: str | None, tmp_path: Path) -> dict[str, str]:
+def _views(verdict: str | None, tmp_path: Path, sure_probability: float = 0.55) -> dict[str, str]:
     """Every text a student reads about this answer, by view."""
-    prediction = _answer(verdict)
+    prediction = _answer(verdict, sure_probability)
     registry = _registry(prediction)
     scan = tmp_path / "scan.png"
     Image.new("L", (144, 96)).save(scan)
@@ -157,6 +163,20 @@ def test_no_view_calls_an_answer_sure_unless_its_verdict_is_sure(verdict, tmp_pa
             continue
         said = SURE_WORD.search(text.replace("sure_", ""))
         assert (said is not None) == (verdict == "sure"), f"{view}: {text}"
+
+
+def test_an_answer_of_one_class_below_the_bar_is_unsure_in_every_view(tmp_path):
+    """A set of one class whose probability is under the checkpoint's bar: no view says sure,
+    and the card says why, with both figures told apart (60% vs 61%, 59.6% vs 60.0%)."""
+    for view, text in _views("unsure", tmp_path, sure_probability=0.61).items():
+        if view != "Batch summary":
+            assert SURE_WORD.search(text.replace("sure_", "")) is None, f"{view}: {text}"
+    card = answer_card(_answer("unsure", sure_probability=0.61))
+    assert "{DRUSEN} alone" in card and "probability (60%) is below the model's bar (61%)" in card
+    close = _answer("unsure", sure_probability=0.6004)
+    close.probabilities["DRUSEN"] = 0.5996
+    assert "(60.0%) is below the model's bar (60.0%)" not in answer_card(close)
+    assert "(59.96%) is below the model's bar (60.04%)" in answer_card(close)
 
 
 def test_each_verdict_is_worded_for_a_student(tmp_path):
@@ -196,8 +216,8 @@ def test_evaluate_headline_gives_each_verdict_and_warns_when_far_below():
     own = {"split": "test", "overall": {"balanced_accuracy": {"value": 0.89, "ci95": [0.86, 0.92]}}}
     text = trust_headline(uploaded, own)
     assert (
-        "| **sure**: a B-scan like the training scans, a set of one class | 6 | 60.0% | 100.0% |"
-        in text
+        "| **sure**: a B-scan like the training scans, one class, probable enough | 6 | 60.0% "
+        "| 100.0% |" in text
     )
     assert (
         "| **unlike the training scans**: another device or acquisition? | 2 | 20.0% | 0.0% |"

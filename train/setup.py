@@ -23,7 +23,7 @@ from mirage_demo.cache import cache_key, default_cache_dir
 from mirage_demo.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointConfig, read_config
 from mirage_demo.data import DatasetSplits, Preprocessing, load_dataset
 from mirage_demo.fileio import atomic_write, check_writable, describe_os_error, remove_stale_temps
-from mirage_demo.models import create_classifier, pretrained_source
+from mirage_demo.models import cpu_computes_bf16, create_classifier, pretrained_source
 from mirage_demo.pretraining import PretrainingError, load_encoder_weights, read_pretraining_config
 from train.config import TrainConfig, UsageError, check_resumable
 from train.distributed import Dist
@@ -269,11 +269,6 @@ def set_threads(config: TrainConfig, dist: Dist) -> None:
         torch.set_num_threads(config.threads)
     elif dist.enabled and dist.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.local_world_size))
-
-
-def cpu_computes_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) through oneDNN."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:

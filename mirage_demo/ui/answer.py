@@ -47,10 +47,22 @@ def _level(prediction: Prediction) -> float:
     return prediction.level or DEFAULT_LEVEL
 
 
+def _against_bar(prediction: Prediction) -> tuple[str, str]:
+    """The answer's probability and the bar for "sure" as percentages with as many decimals
+    as it takes to tell them apart (89.6% and 90.0%, not 90% and 90%)."""
+    answer, bar = prediction.confidence, prediction.sure_probability or 0.0
+    for digits in (0, 1, 2):
+        shown = f"{answer:.{digits}%}", f"{min(bar, 1.0):.{digits}%}"
+        if (shown[0] == shown[1]) == (answer == bar):
+            break
+    return shown
+
+
 def verdict_line(prediction: Prediction, *, past: bool = False) -> str:
     """One sentence: the verdict and why (``past=True``: "was", for the quiz's feedback)."""
     be = "was" if past else "is"
     level, shown = _level(prediction), _set_text(prediction)
+    answer, bar = _against_bar(prediction)
     verdict = prediction.trust
     if verdict == NOT_A_BSCAN:
         return f"The image {be} **not an OCT B-scan**: the model's answer means nothing."
@@ -59,15 +71,27 @@ def verdict_line(prediction: Prediction, *, past: bool = False) -> str:
             f"The scan {be} **unlike the scans the model was trained on**: its answer is less "
             f"reliable, and its {level:.0%} set ({shown}) promises nothing for it."
         )
+    if verdict == UNSURE and len(prediction.prediction_set or []) < 2:
+        return (
+            f"The model {be} **unsure**: its {level:.0%} set is {shown} alone, but this "
+            f"answer's probability ({answer}) is below the model's bar ({bar}) for trusting an "
+            "answer of one class."
+        )
     if verdict == UNSURE:
         return (
             f"The model {be} **unsure**: its {level:.0%} set is {shown}; it cannot tell these "
             "classes apart at this level."
         )
-    if verdict == SURE:
+    if verdict == SURE and not prediction.sure_probability:  # fitted before the bar
         return (
             f"The model {be} **sure** at the {level:.0%} level: its set is {shown} alone, and "
             "the scan is like the ones it was trained on."
+        )
+    if verdict == SURE:
+        return (
+            f"The model {be} **sure** at the {level:.0%} level: its set is {shown} alone, its "
+            f"probability ({answer}) reaches the model's bar ({bar}), and the scan is like the "
+            "ones it was trained on."
         )
     return NO_STATISTICS
 

@@ -201,8 +201,8 @@ def uncertainty_markdown(metrics: dict[str, Any], *, verdicts: bool = True) -> s
 
 #: A verdict's row label in the tables, and what it means in a few words.
 VERDICT_ROWS = {
-    "sure": "**sure**: a B-scan like the training scans, a set of one class",
-    "unsure": "**unsure**: a set of 2 classes or more",
+    "sure": "**sure**: a B-scan like the training scans, one class, probable enough",
+    "unsure": "**unsure**: a set of 2 classes or more, or one class below the bar for sure",
     "unlike_training": "**unlike the training scans**: another device or acquisition?",
     "not_a_bscan": "**not an OCT B-scan**: colour, blank, noise, no retinal layers, too small",
     "not_available": "**not available**: no prediction sets for this checkpoint",
