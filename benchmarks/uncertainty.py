@@ -158,7 +158,19 @@ def measure(
     flagged = np.array([r.out_of_distribution for r in results])
     predicted = np.array([r.index for r in results])
     passes = np.array([r.quality.looks_like_oct for r in results])
-    return coverage_report(names, sets, flagged, predicted, np.array(labels), looks_like_oct=passes)
+    probable = np.array([r.confidence >= (r.sure_probability or 0.0) for r in results])
+    report = coverage_report(
+        names,
+        sets,
+        flagged,
+        predicted,
+        np.array(labels),
+        looks_like_oct=passes,
+        probable_enough=probable,
+    )
+    sure = sum(r.trust == "sure" for r in results)  # the verdicts the app gave, counted again
+    assert sure == report["verdicts"]["sure"]["images"], "the report's verdicts are not the app's"
+    return report
 
 
 def line(name: str, report: dict) -> str:
