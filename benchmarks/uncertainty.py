@@ -32,8 +32,8 @@ own copies must keep their verdicts.
 Every copy goes through :meth:`mirage_demo.inference.Predictor.predict_batch`, the app's path.
 Printed per copy: accuracy, the sets' coverage (overall and per class) and mean size, the share
 flagged as unlike the training scans (the false-alarm rate on the clean split, the detection
-rate on the shifted copies), the share of the model's mistakes that carry a warning (a set of
-2+ classes or the flag), and the verdicts: the share of each (not a B-scan, unlike training,
+rate on the shifted copies), the share of the model's mistakes that carry a warning (any
+verdict but sure), and the verdicts: the share of each (not a B-scan, unlike training,
 unsure, sure), the accuracy among the sure ones and the share of all scans called sure and
 wrong. Then the images of ``tests/non_bscans.py`` and the stock photographs of
 ``benchmarks/quality_gate.py``: the verdict of each. ``--extra DIR``: also a labelled

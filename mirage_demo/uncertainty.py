@@ -72,7 +72,7 @@ from mirage_demo.ood import (
     UnlikeTraining,
 )
 from mirage_demo.testscans import JPEG_QUALITY, MAX_WIDTH
-from mirage_demo.verdict import decide, verdict_report
+from mirage_demo.verdict import SURE, decide, verdict_report
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -408,7 +408,8 @@ def coverage_report(
 ) -> dict[str, Any]:
     """Empirical coverage and mean set size (overall and per class) of ``sets`` ``(N, K)``
     bool, the share ``flagged`` as unlike the training scans, the share of the model's
-    mistakes (``predicted != labels``) that carry a warning (flag or a set of 2+ classes), and
+    mistakes (``predicted != labels``) that carry a warning (any verdict but sure: the flag, a
+    set of 2+ classes, a probability below the bar, not a B-scan), and
     ``"verdicts"``: the share of each verdict and the accuracy within it
     (:func:`~mirage_demo.verdict.verdict_report`; ``looks_like_oct``: the quality gate's
     answer per scan, ``probable_enough``: whether its top class reaches the bar for "sure";
@@ -440,7 +441,7 @@ def coverage_report(
         "mean_set_size": _mean(size),
         "flagged": _mean(flagged),
         "mistakes": int(wrong.sum()),
-        "mistakes_warned": _mean((flagged | (size > 1))[wrong]),
+        "mistakes_warned": _mean(np.array([v != SURE for v in verdicts], bool)[wrong]),
         "per_class": per_class,
         "verdicts": verdict_report(verdicts, ~wrong),
     }

@@ -178,7 +178,8 @@ def uncertainty_markdown(metrics: dict[str, Any], *, verdicts: bool = True) -> s
         f"average; **{found['flagged']:.1%}** of scans were flagged as unlike the training scans "
         f"(set to {found['ood_false_alarm_target']:.0%} on the validation split); "
         f"{_share(found['mistakes_warned'])} of the model's {found['mistakes']} mistakes carried "
-        "a warning (a set of 2+ classes or the flag).",
+        "a warning (not called sure: the flag, a set of 2+ classes, or a probability below "
+        "the bar for sure).",
         "",
         "| Class | Images | Coverage | Mean set size | Flagged unlike training |",
         "|---|---|---|---|---|",
