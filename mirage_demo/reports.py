@@ -117,6 +117,7 @@ def _check_uncertainty(found: dict[str, Any]) -> None:
     for key in ("level", "coverage", "mean_set_size", "flagged", "ood_false_alarm_target"):
         _number(found.get(key), f"uncertainty.{key}", optional=False)
     _number(found.get("mistakes_warned"), "uncertainty.mistakes_warned")
+    _number(found.get("sure_probability"), "uncertainty.sure_probability")
     _count(found.get("mistakes"), "uncertainty.mistakes")
     for cls, row in _mapping(found.get("per_class", {}), "uncertainty.per_class").items():
         row = _mapping(row, f"uncertainty.per_class.{cls}")

@@ -6,6 +6,7 @@ the bundled real scans."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,13 +19,15 @@ from scipy import ndimage
 from mirage_demo.inference import Explanation, Prediction
 from mirage_demo.quality import QualityReport, assess_image
 from mirage_demo.quiz import Quiz, QuizItem
+from mirage_demo.reports import ReportError, check_report
 from mirage_demo.testscans import ScanEntry
 from mirage_demo.ui.answer import answer_card, answer_label, verdict_cells
 from mirage_demo.ui.batch import classify_batch
 from mirage_demo.ui.classify import explain_scan, predict_scan
 from mirage_demo.ui.explore import ExplorerState, explorer_open
 from mirage_demo.ui.quiz import quiz_answer
-from mirage_demo.ui.report import trust_headline
+from mirage_demo.ui.report import sure_bar_line, trust_headline, uncertainty_markdown
+from mirage_demo.uncertainty import NEVER_SURE
 from mirage_demo.verdict import VERDICTS, decide, verdict_report, verdict_words
 from tests.non_bscans import non_bscans
 
@@ -178,6 +181,17 @@ def test_an_answer_of_one_class_below_the_bar_is_unsure_in_every_view(tmp_path):
     close.probabilities["DRUSEN"] = 0.5996
     assert "(60.0%) is below the model's bar (60.0%)" not in answer_card(close)
     assert "(59.96%) is below the model's bar (60.04%)" in answer_card(close)
+
+
+def test_the_model_tab_states_the_bar_for_sure():
+    metrics = json.loads((ROOT / "assets/demo-model/metrics.json").read_text())
+    bar = metrics["uncertainty"]["sure_probability"]
+    assert 0.5 < bar < 1
+    assert f"at least **{bar:.1%}**" in uncertainty_markdown(metrics)
+    assert "never calls an answer sure" in sure_bar_line(NEVER_SURE)
+    metrics["uncertainty"]["sure_probability"] = "high"  # untrusted: a one-line error
+    with pytest.raises(ReportError, match="sure_probability must be a number"):
+        check_report(metrics, CLASSES)
 
 
 def test_each_verdict_is_worded_for_a_student(tmp_path):

@@ -17,7 +17,7 @@ from mirage_demo.ui.context import DISCLAIMER, AppContext
 from mirage_demo.ui.explore import build_model_explorer
 from mirage_demo.ui.featuremap import build_feature_map
 from mirage_demo.ui.registry import ModelRegistry
-from mirage_demo.uncertainty import GUARANTEE
+from mirage_demo.uncertainty import GUARANTEE, SURE_PRECISION
 
 __all__ = [
     "REPORT_FIGURES",
@@ -197,7 +197,26 @@ def uncertainty_markdown(metrics: dict[str, Any], *, verdicts: bool = True) -> s
         ]
     if verdicts and found.get("verdicts"):
         lines += ["", verdicts_markdown(found["verdicts"], level)]
+    bar = found.get("sure_probability")
+    if verdicts and bar:
+        lines += ["", sure_bar_line(bar)]
     return "\n".join(lines)
+
+
+def sure_bar_line(bar: float) -> str:
+    """The checkpoint's bar for sure, in a sentence (a bar above 1: nothing is ever sure)."""
+    if bar > 1:
+        return (
+            "**The bar for sure**: none. On the validation scans no probability made this "
+            f"model's answers of one class right {SURE_PRECISION:.0%} of the time, so it never "
+            "calls an answer sure."
+        )
+    return (
+        f"**The bar for sure**: an answer of one class is called sure only when its probability "
+        f"is at least **{bar:.1%}**. Above that bar, on the validation scans (set aside from "
+        f"training), this model's answers of one class were right at least "
+        f"{SURE_PRECISION:.0%} of the time."
+    )
 
 
 #: A verdict's row label in the tables, and what it means in a few words.
