@@ -153,24 +153,14 @@ def measure(
 ) -> dict:
     results = predictor.predict_batch(images, batch_size=batch_size)
     assert all(isinstance(r, Prediction) for r in results)
-    names = predictor.class_names
-    sets = np.array([[c in r.prediction_set for c in names] for r in results])
-    flagged = np.array([r.out_of_distribution for r in results])
-    predicted = np.array([r.index for r in results])
-    passes = np.array([r.quality.looks_like_oct for r in results])
-    probable = np.array([r.confidence >= (r.sure_probability or 0.0) for r in results])
-    report = coverage_report(
-        names,
-        sets,
-        flagged,
-        predicted,
+    return coverage_report(
+        predictor.class_names,
+        [r.prediction_set for r in results],
+        [r.out_of_distribution for r in results],
+        np.array([r.index for r in results]),
         np.array(labels),
-        looks_like_oct=passes,
-        probable_enough=probable,
+        [r.trust for r in results],  # the verdicts the app gave
     )
-    sure = sum(r.trust == "sure" for r in results)  # the verdicts the app gave, counted again
-    assert sure == report["verdicts"]["sure"]["images"], "the report's verdicts are not the app's"
-    return report
 
 
 def line(name: str, report: dict) -> str:

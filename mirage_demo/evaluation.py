@@ -142,10 +142,8 @@ def report_outputs(
     extra: dict[str, Any] = {}
     answers: list[dict[str, Any]] = [{"trust": decide(bool(p), None, None)} for p in passes]
     if uncertainty is not None:
-        extra["uncertainty"] = uncertainty.report(
-            probs, features, labels, statistics=statistics, looks_like_oct=passes
-        )
         answers = uncertainty.answers(probs, features, statistics=statistics, looks_like_oct=passes)
+        extra["uncertainty"] = uncertainty.report(answers, probs, labels)
     root = Path(data_root)
     files = [_relative(samples[i].path, root) for i in outputs.indices]
     return write_report(

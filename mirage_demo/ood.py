@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FALSE_ALARM", "NEIGHBOURS", "MahalanobisOOD", "StatisticsOOD", "UnlikeTraining"]
+__all__ = [
+    "FALSE_ALARM",
+    "NEIGHBOURS",
+    "MahalanobisOOD",
+    "StatisticsOOD",
+    "UnlikeTraining",
+    "conformal_rank",
+    "flagged",
+]
 
 FALSE_ALARM = 0.05
 NEIGHBOURS = 10
@@ -37,9 +45,15 @@ MAX_REFERENCE = 8192  # training scans kept for the nearest-neighbour score
 _CHUNK = 1024  # scans scored at a time: bounded memory
 
 
+def conformal_rank(n: int, level: float) -> int:
+    """``ceil((n + 1) level)``, immune to float error (``(9 + 1) * 0.7`` is 7.000000000000001):
+    the rank of the split-conformal quantile of ``n`` scores."""
+    return math.ceil(round((n + 1) * level, 9))
+
+
 def _quantile(sorted_scores: np.ndarray, level: float) -> float:
     """The ``ceil((n + 1) level)``-th smallest score (the largest when there are fewer)."""
-    rank = math.ceil(round((len(sorted_scores) + 1) * level, 9))
+    rank = conformal_rank(len(sorted_scores), level)
     return float(sorted_scores[min(rank, len(sorted_scores)) - 1])
 
 
@@ -168,7 +182,7 @@ class UnlikeTraining:
 
     def flags(self, features: np.ndarray, statistics: np.ndarray | None = None) -> np.ndarray:
         """``(N,)`` bool: unlike the training scans (a score that is not finite included)."""
-        return _flagged(self.score(features, statistics))
+        return flagged(self.score(features, statistics))
 
 
 def _stored(values: np.ndarray) -> np.ndarray:
@@ -184,7 +198,9 @@ def _larger(parts: dict[str, np.ndarray]) -> np.ndarray:
     return stacked.max(axis=0)
 
 
-def _flagged(scores: np.ndarray) -> np.ndarray:
+def flagged(scores: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: which :meth:`UnlikeTraining.score` scores flag their scan (above 1, or
+    not finite)."""
     return ~(np.isfinite(scores) & (scores <= 1.0))
 
 

@@ -70,6 +70,8 @@ from mirage_demo.ood import (
     MahalanobisOOD,
     StatisticsOOD,
     UnlikeTraining,
+    conformal_rank,
+    flagged,
 )
 from mirage_demo.testscans import JPEG_QUALITY, MAX_WIDTH
 from mirage_demo.verdict import SURE, decide, verdict_report
@@ -160,18 +162,13 @@ class ConformalSets:
         return [k for k, s in enumerate(self.scores_) if not _enough(s, level)]
 
 
-def _rank(n: int, level: float) -> int:
-    """``ceil((n + 1) level)``, immune to float error (``(9 + 1) * 0.7`` is 7.000000000000001)."""
-    return math.ceil(round((n + 1) * level, 9))
-
-
 def _enough(scores: np.ndarray, level: float) -> bool:
-    return _rank(len(scores), level) <= len(scores)
+    return conformal_rank(len(scores), level) <= len(scores)
 
 
 def _quantile(sorted_scores: np.ndarray, level: float, too_few: float = 1.0) -> float:
     """The ``ceil((n + 1) level)``-th smallest score (``too_few`` when there are fewer)."""
-    rank = _rank(len(sorted_scores), level)
+    rank = conformal_rank(len(sorted_scores), level)
     return float(sorted_scores[rank - 1]) if rank <= len(sorted_scores) else too_few
 
 
@@ -204,7 +201,7 @@ class Uncertainty:
         probable = np.asarray(probs).max(axis=1) >= self.sure_probability
         order = np.argsort(-np.asarray(probs), axis=1, kind="stable")
         scores = self.ood.score(features, statistics)
-        flags = ~(np.isfinite(scores) & (scores <= 1.0))
+        flags = flagged(scores)
         passes = [True] * len(scores) if looks_like_oct is None else list(looks_like_oct)
         answers = []
         for i, row in enumerate(order):
@@ -223,26 +220,20 @@ class Uncertainty:
 
     def report(
         self,
+        answers: Sequence[dict[str, Any]],
         probs: np.ndarray,
-        features: np.ndarray,
         labels: np.ndarray,
-        level: float = DEFAULT_LEVEL,
-        statistics: np.ndarray | None = None,
-        looks_like_oct: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """:func:`coverage_report` of these scans' sets and flags, and their verdicts
-        (``looks_like_oct``: the quality gate's answer per scan; default: all pass)."""
-        sets = self.sets.predict_sets(probs, level)
-        flags = self.ood.flags(features, statistics)
-        predicted = np.asarray(probs).argmax(axis=1)
+        """:func:`coverage_report` of these scans' :meth:`answers`: their sets (at the answers'
+        level), flags and verdicts."""
+        level = answers[0]["level"] if answers else DEFAULT_LEVEL
         report = coverage_report(
             self.class_names,
-            sets,
-            flags,
-            predicted,
+            [a["prediction_set"] for a in answers],
+            [a["out_of_distribution"] for a in answers],
+            np.asarray(probs).argmax(axis=1),
             labels,
-            looks_like_oct=looks_like_oct,
-            probable_enough=np.asarray(probs).max(axis=1) >= self.sure_probability,
+            [a["trust"] for a in answers],
         )
         pooled = [self.class_names[k] for k in self.sets.pooled_classes(level)]
         return {
@@ -348,13 +339,17 @@ def uncertainty_from_outputs(
         val.statistics if checked else None,
         false_alarm,
     )
-    would_be_sure = sets.predict_sets(val_probs).sum(axis=1) == 1
-    would_be_sure &= ~ood.flags(val.features, val.statistics if checked else None)
-    if val.looks_like_oct is not None:
-        would_be_sure &= val.looks_like_oct
-    bar = sure_bar(val_probs, val.labels, would_be_sure)
     info = {"fitted_on": {"train": len(train.labels), "val": len(val.labels)}}
-    return Uncertainty(list(config.class_names), sets, ood, bar, info)
+    fitted = Uncertainty(list(config.class_names), sets, ood, 0.0, info)  # no bar yet
+    answers = fitted.answers(
+        val_probs,
+        val.features,
+        statistics=val.statistics if checked else None,
+        looks_like_oct=val.looks_like_oct,
+    )
+    would_be_sure = np.array([a["trust"] == SURE for a in answers], bool)
+    fitted.sure_probability = sure_bar(val_probs, val.labels, would_be_sure)
+    return fitted
 
 
 #: The bar when no probability makes the would-be sure answers right often enough: above any
@@ -400,23 +395,21 @@ def _require_every_class(config: CheckpointConfig, labels: dict[str, Sequence[in
 
 def coverage_report(
     class_names: Sequence[str],
-    sets: np.ndarray,
-    flagged: np.ndarray,
+    sets: Sequence[Sequence[str]],
+    flags: Sequence[bool],
     predicted: np.ndarray,
     labels: np.ndarray,
-    *,
-    looks_like_oct: np.ndarray | None = None,
-    probable_enough: np.ndarray | None = None,
+    verdicts: Sequence[str | None],
 ) -> dict[str, Any]:
-    """Empirical coverage and mean set size (overall and per class) of ``sets`` ``(N, K)``
-    bool, the share ``flagged`` as unlike the training scans, the share of the model's
-    mistakes (``predicted != labels``) that carry a warning (any verdict but sure: the flag, a
-    set of 2+ classes, a probability below the bar, not a B-scan), and
-    ``"verdicts"``: the share of each verdict and the accuracy within it
-    (:func:`~mirage_demo.verdict.verdict_report`; ``looks_like_oct``: the quality gate's
-    answer per scan, ``probable_enough``: whether its top class reaches the bar for "sure";
-    default all do)."""
-    labels, flagged = np.asarray(labels, np.int64), np.asarray(flagged, bool)
+    """Empirical coverage and mean set size (overall and per class) of each scan's set (class
+    names), the share flagged as unlike the training scans (``flags``), the share of the
+    model's mistakes (``predicted != labels``) that carry a warning (any verdict but sure: the
+    flag, a set of 2+ classes, a probability below the bar, not a B-scan), and
+    ``"verdicts"``: the share of each of the scans' ``verdicts`` and the accuracy within it
+    (:func:`~mirage_demo.verdict.verdict_report`)."""
+    labels, flagged = np.asarray(labels, np.int64), np.asarray(flags, bool)
+    sets = np.array([[c in named for c in class_names] for named in sets], bool)
+    sets = sets.reshape(len(labels), len(class_names))
     covered = sets[np.arange(len(labels)), labels]
     size = sets.sum(axis=1)
     wrong = np.asarray(predicted) != labels
@@ -429,13 +422,9 @@ def coverage_report(
             "mean_set_size": _mean(size[mine]),
             "flagged": _mean(flagged[mine]),
         }
-    every = np.ones(len(labels), bool)
-    gate = every if looks_like_oct is None else np.asarray(looks_like_oct)
-    probable = every if probable_enough is None else np.asarray(probable_enough)
-    verdicts = [
-        decide(bool(passes), bool(flag), int(n), bool(enough))
-        for passes, flag, n, enough in zip(gate, flagged, size, probable, strict=True)
-    ]
+    verdicts = list(verdicts)
+    if len(verdicts) != len(labels):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(labels)} scans")
     return {
         "images": len(labels),
         "accuracy": _mean(~wrong),
