@@ -186,14 +186,14 @@ def _continuity(norm: np.ndarray) -> float:
     :data:`CONTINUITY_SHIFT` rows of shift: the median over the columns of the best Pearson
     correlation (1: layers running across the image; about 0 for noise)."""
     smooth = ndimage.gaussian_filter(norm, 2.0)
-    left = smooth[:, :-CONTINUITY_STEP]
-    left = left - left.mean(axis=0)
+    left, right = smooth[:, :-CONTINUITY_STEP], smooth[:, CONTINUITY_STEP:]
+    left, right = left - left.mean(axis=0), right - right.mean(axis=0)
+    # a shift only reorders a column's rows: its mean and spread stay, so both are taken once
+    spread = np.maximum(np.sqrt((left**2).sum(axis=0) * (right**2).sum(axis=0)), 1e-12)
     best = np.full(left.shape[1], -1.0)
     for shift in range(-CONTINUITY_SHIFT, CONTINUITY_SHIFT + 1):
-        right = np.roll(smooth[:, CONTINUITY_STEP:], shift, axis=0)
-        right = right - right.mean(axis=0)
-        spread = np.sqrt((left**2).sum(axis=0) * (right**2).sum(axis=0))
-        best = np.maximum(best, (left * right).sum(axis=0) / np.maximum(spread, 1e-12))
+        shifted = np.roll(right, shift, axis=0)
+        best = np.maximum(best, (left * shifted).sum(axis=0) / spread)
     return float(np.median(best))
 
 
