@@ -228,7 +228,6 @@ class _Maps:
     target: int
     methods: list[str]
     x: torch.Tensor  # the model input (1, C, H, W)
-    logits: torch.Tensor  # (K,) the model's logits for it
     shown: dict[str, np.ndarray]
     at_input: dict[str, np.ndarray]
 
@@ -251,7 +250,7 @@ def _explained(predictor: Predictor, loaded: Any, target: int | str | None) -> _
     index = prediction.index if target is None else predictor.class_index(target)
     input_size = tuple(x.shape[-2:])
     shown, at_input = _maps(explainer, traces, index, loaded.display.shape, input_size)
-    return _Maps(prediction, index, methods, x, logits, shown, at_input)
+    return _Maps(prediction, index, methods, x, shown, at_input)
 
 
 def same_maps(methods: Sequence[str], maps: dict[str, np.ndarray]) -> dict[str, str | None]:
