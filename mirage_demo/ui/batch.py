@@ -137,11 +137,16 @@ def _classify_volume(
     return entries
 
 
+def _answer(result: Prediction) -> str:
+    """The prediction cell and count: the class, or :data:`NO_ANSWER` for what is not a
+    B-scan."""
+    return NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
+
+
 def _row(name: str, result: Any, classes: Sequence[str]) -> list[Any]:
     if isinstance(result, Prediction):
         probs = [round(result.probabilities[c], 4) for c in classes]
-        shown = NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
-        return [name, shown, *probs, *verdict_cells(result), "; ".join(result.warnings)]
+        return [name, _answer(result), *probs, *verdict_cells(result), "; ".join(result.warnings)]
     if isinstance(result, VolumeSummary):
         highest = [round(result.highest[c][0], 4) if c in result.highest else None for c in classes]
         text = f"{result.text()} (Probabilities: each class's highest in any B-scan.)"
@@ -175,10 +180,7 @@ def _summary_line(entries: list[Entry]) -> str:
     results = [result for _, result in entries]
     classified = [r for r in results if isinstance(r, Prediction)]
     failed = sum(isinstance(r, ImageReadError) for r in results)
-    counts: dict[str, int] = {}
-    for result in classified:
-        shown = NO_ANSWER if result.trust == NOT_A_BSCAN else result.label
-        counts[shown] = counts.get(shown, 0) + 1
+    counts = Counter(_answer(result) for result in classified)
     line = f"**{len(classified)} classified**" + (f", **{failed} unreadable**" if failed else "")
     line += " — " + ", ".join(f"{c}: {n}" for c, n in sorted(counts.items()))
     for name, result in entries:

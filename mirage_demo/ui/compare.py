@@ -20,7 +20,7 @@ from PIL import Image
 
 from mirage_demo.figures import strongest_region
 from mirage_demo.images import ImageReadError
-from mirage_demo.trust import Comparison, compare_methods, same_map_reason
+from mirage_demo.trust import SAME_MAP_RHO, Comparison, compare_methods, same_map_reason
 from mirage_demo.ui.context import (
     COMPARE_GPU_SECONDS,
     STATE_TTL_S,
@@ -209,7 +209,7 @@ def _explanation(comparison: Comparison, predictor: Any) -> str:
             reason = same_map_reason(score.same_as, score.method, vit=vit)
             text += (
                 f"- **{first} and {second} draw the same map** here (rank correlation at "
-                f"least 0.999), so they share one test. {reason}\n"
+                f"least {SAME_MAP_RHO}), so they share one test. {reason}\n"
             )
     return text + f"\n{comparison.timing['total_s']:.2f} s for the whole grid."
 
