@@ -68,23 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     figures: dict[str, dict] = {}
-    kinds = {
-        "real scans": [(p, p) for p in real_scans(args.data)],
-        "real scans, bundled copies": [(p, bundled_copy(p)) for p in real_scans(args.data)],
-        "the repository's bundled scans": [
-            (p, p)
-            for folder in ("examples", "test-scans")
-            for p in real_scans(ROOT / "assets" / folder)
-        ],
+    scans = real_scans(args.data)
+    bundled = [
+        p for folder in ("examples", "test-scans") for p in real_scans(ROOT / "assets" / folder)
+    ]
+    kinds = {  # the scans, and what of each is checked (a copy is made when its turn comes)
+        "real scans": (scans, lambda path: path),
+        "real scans, bundled copies": (scans, bundled_copy),
+        "the repository's bundled scans": (bundled, lambda path: path),
     }
-    for kind, items in kinds.items():
+    for kind, (paths, checked) in kinds.items():
         rejected = []
-        for name, source in items:
-            report = assess_image(source)
+        for path in paths:
+            report = assess_image(checked(path))
             if not report.looks_like_oct:
-                rejected.append(f"{name}: {report.warnings[0]}")
-        figures[kind] = {"images": len(items), "rejected": len(rejected), "names": rejected}
-        print(f"{kind}: {len(items)} images, {len(rejected)} rejected", flush=True)
+                rejected.append(f"{path}: {report.warnings[0]}")
+        figures[kind] = {"images": len(paths), "rejected": len(rejected), "names": rejected}
+        print(f"{kind}: {len(paths)} images, {len(rejected)} rejected", flush=True)
         for line in rejected:
             print(f"  {line}")
     others = {**non_bscans(), **stock_photographs()}
