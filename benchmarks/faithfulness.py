@@ -15,9 +15,8 @@ explains the predicted class with every method and scores each map. Reported:
 - the random map's score (the grid's chance level): median, quartiles and the 90th percentile
   of its absolute value, which sets the width of the band read as chance;
 - each method's median faithfulness and how often it is the best and the worst;
-- with ``--earlier-block`` (a ResNet): pytorch-grad-cam's Grad-CAM on the block before the last
-  (``layer3``), scored by the same deletion test, and the share of scans the best and the worst
-  would differ by ``--gap`` with it added to the grid: a lever measured, not in the app.
+- for a CNN, the same share without ``gradcam-early`` (Grad-CAM on the block before the last):
+  what the grid's maps of the last block alone would separate.
 
 The grid's time is measured by ``benchmarks/inference.py --grid-scans``.
 """
@@ -33,15 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirage_demo.faithfulness import road_scores
+from mirage_demo.explain import EARLY_METHOD
 from mirage_demo.inference import Predictor
 from mirage_demo.testscans import ScanEntry, scan_set_for
-from mirage_demo.trust import Comparison, compare_methods, model_forward
+from mirage_demo.trust import compare_methods
 
 
 def chosen(entries: list[ScanEntry], per_class: int | None) -> list[ScanEntry]:
@@ -55,26 +52,10 @@ def chosen(entries: list[ScanEntry], per_class: int | None) -> list[ScanEntry]:
     return kept
 
 
-def earlier_block_score(predictor: Predictor, entry: ScanEntry, comparison: Comparison) -> float:
-    """Grad-CAM on the ResNet's block before the last (``layer3``), for the class the grid
-    explained, scored by the grid's deletion test (its fractions, seed and fill)."""
-    loaded = predictor._load(entry.image, entry.file)
-    x = predictor.preprocessing.normalize(loaded.tensor[None])
-    target = comparison.target_index
-    with GradCAM(model=predictor.model, target_layers=[predictor.model.layer3]) as cam:
-        heatmap = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
-    forward = model_forward(predictor, fast=True)
-    return road_scores(forward, loaded.tensor, [heatmap], target, fractions=comparison.fractions)[
-        0
-    ].faithfulness
-
-
-def measure(checkpoint: Path, per_class: int | None, gap: float, earlier: bool = False) -> dict:
+def measure(checkpoint: Path, per_class: int | None, gap: float) -> dict:
     """Every chosen scan's scores: per scan the class, each method's faithfulness and
-    ``same_as``, and the random map's score (``earlier``: also :func:`earlier_block_score`)."""
+    ``same_as``, the random map's score, and the spreads with and without ``gradcam-early``."""
     predictor = Predictor.from_pretrained(checkpoint)
-    if earlier and not hasattr(predictor.model, "layer3"):
-        raise SystemExit(f"{checkpoint}: --earlier-block needs a ResNet (a layer3 block)")
     scans, why = scan_set_for(checkpoint)
     if scans is None or not scans.entries:
         raise SystemExit(f"{checkpoint}: {why}")
@@ -84,6 +65,7 @@ def measure(checkpoint: Path, per_class: int | None, gap: float, earlier: bool =
     for number, entry in enumerate(entries, 1):
         comparison = compare_methods(predictor, entry.image, name=entry.file)
         distinct = [s.faithfulness for s in comparison.distinct()]
+        last_block = [s.faithfulness for s in comparison.distinct() if s.method != EARLY_METHOD]
         rows.append(
             {
                 "file": entry.file,
@@ -93,12 +75,9 @@ def measure(checkpoint: Path, per_class: int | None, gap: float, earlier: bool =
                 "same_as": {s.method: s.same_as for s in comparison.scores if s.same_as},
                 "random": comparison.random_reference.faithfulness,
                 "spread": max(distinct) - min(distinct),
+                "spread_last_block": max(last_block) - min(last_block),
             }
         )
-        if earlier:
-            score = earlier_block_score(predictor, entry, comparison)
-            rows[-1]["earlier_block"] = score
-            rows[-1]["spread_with_earlier"] = max([*distinct, score]) - min([*distinct, score])
         if number % 25 == 0:
             print(f"  {checkpoint.name}: {number}/{len(entries)} scans", file=sys.stderr)
     return {
@@ -140,19 +119,11 @@ def report(result: dict) -> None:
                 same[row["same_as"][method]] += 1
         same_text = ", ".join(f"{m} on {n}/{len(rows)}" for m, n in same.items()) or "-"
         print(f"| {method} | {statistics.median(values):+.2f} | {best} | {worst} | {same_text} |")
-    if "earlier_block" in rows[0]:
-        report_earlier(rows, by_class, gap)
-
-
-def report_earlier(rows: list[dict], by_class: dict[str, list[dict]], gap: float) -> None:
-    """What Grad-CAM on the block before the last would add to the grid."""
-    print(f"\nWith Grad-CAM on the block before the last (layer3) added, best - worst >= {gap}:")
-    for name, group in [*sorted(by_class.items()), ("all", rows)]:
-        share = np.mean([row["spread_with_earlier"] >= gap for row in group])
-        print(f"  {name}: {share:.0%} of {len(group)}")
-    scores = [row["earlier_block"] for row in rows]
-    best = sum(row["earlier_block"] > max(row["faithfulness"].values()) for row in rows)
-    print(f"  its median faithfulness {statistics.median(scores):+.2f} nats; best on {best}")
+    if EARLY_METHOD in result["methods"]:
+        print(f"\nWithout {EARLY_METHOD} (the last block's maps only), best - worst >= {gap}:")
+        for name, group in [*sorted(by_class.items()), ("all", rows)]:
+            share = np.mean([row["spread_last_block"] >= gap for row in group])
+            print(f"  {name}: {share:.0%} of {len(group)}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -162,14 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--gap", type=float, default=0.3, help="nats (default 0.3)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path, help="also write every scan's scores here")
-    parser.add_argument(
-        "--earlier-block", action="store_true", help="also Grad-CAM on a ResNet's layer3"
-    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for checkpoint in args.checkpoints:
-        result = measure(checkpoint, args.per_class, args.gap, args.earlier_block)
+        result = measure(checkpoint, args.per_class, args.gap)
         report(result)
         results.append(result)
     if args.json:

@@ -5,6 +5,9 @@ Methods (:data:`METHODS`):
 - ``gradcam``, ``gradcam++``, ``hirescam``, ``layercam``: a target layer's activations
   weighted by the gradient of the explained class's logit (pytorch-grad-cam's formulas);
 - ``eigencam``: the first principal component of the activations (no gradient, class-agnostic);
+- ``gradcam-early`` (CNNs): Grad-CAM on the stage before the last (a ResNet's ``layer3``), on a
+  grid twice as fine. On a CNN whose last block is followed by global average pooling the
+  last block's gradient maps often coincide; this one draws what the block before it holds;
 - ``attention`` (ViTs): the global token's attention to the patches in the last block, mean over
   heads (class-agnostic);
 - ``rollout`` (ViTs): attention rollout (Abnar & Zuidema 2020): per block the head-mean
@@ -19,9 +22,11 @@ autograd on for the rest of that forward and makes the layer's output a leaf tha
 grad: the trunk runs without recording anything, the tail (one block and the head, for a ViT)
 records a small graph, and the logits come out of the same forward. The gradient is then taken
 with respect to that leaf only (``torch.autograd.grad``), so no parameter gradient is ever
-computed. The CAM arithmetic itself is a few lines per method here (:data:`CAM_METHODS`), the
-formulas of pytorch-grad-cam 1.5; the tests check the maps equal the library's own (which is a
-test dependency only).
+computed. A ``gradcam-early`` trace makes the earlier stage's output the leaf instead and keeps
+the last stage's output in the graph, so one backward gives the gradients of both layers: that
+trace serves every CAM (the Compare grid takes all of them from it). The CAM arithmetic itself
+is a few lines per method here (:data:`CAM_METHODS`), the formulas of pytorch-grad-cam 1.5;
+the tests check the maps equal the library's own (which is a test dependency only).
 
 **Hooks and threads.** Hooks live inside a ``with`` block and are removed on exit, exceptions
 included. They act only for the thread that registered them, and autograd's mode is
@@ -51,12 +56,14 @@ from mirage_demo.models import features_and_logits
 __all__ = [
     "ATTENTION_METHODS",
     "CAM_METHODS",
+    "EARLY_METHOD",
     "METHODS",
     "Explainer",
     "Trace",
     "ViTReshapeTransform",
     "canonical_method",
     "default_target_layer",
+    "earlier_target_layer",
     "is_vit",
     "render_overlay",
 ]
@@ -135,11 +142,18 @@ def normalise_maps(maps: np.ndarray, size_wh: tuple[int, int] | None = None) -> 
     return np.float32(maps)
 
 
+#: Grad-CAM on a CNN's stage before the last (:func:`earlier_target_layer`).
+EARLY_METHOD = "gradcam-early"
 ATTENTION_METHODS = ("attention", "rollout")
-METHODS = (*CAM_METHODS, *ATTENTION_METHODS)
-GRADIENT_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam"})
+METHODS = (*CAM_METHODS, EARLY_METHOD, *ATTENTION_METHODS)
+GRADIENT_METHODS = frozenset({"gradcam", "gradcam++", "hirescam", "layercam", EARLY_METHOD})
 CLASS_AGNOSTIC_METHODS = frozenset({"eigencam", *ATTENTION_METHODS})
-_ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "attn": "attention"}
+_ALIASES = {
+    "gradcampp": "gradcam++",
+    "gradcamplusplus": "gradcam++",
+    "attn": "attention",
+    "gradcamearly": EARLY_METHOD,
+}
 
 
 def canonical_method(name: str) -> str:
@@ -203,6 +217,17 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find a target layer in {type(model).__name__}: pass target_layer")
 
 
+def earlier_target_layer(model: nn.Module) -> nn.Module | None:
+    """A CNN's feature stage before the last (a ResNet's ``layer3``), where ``gradcam-early``
+    is taken; None for a ViT (its tokens keep one grid at every depth) or a model without
+    timm's ``feature_info`` of two stages or more."""
+    info = getattr(model, "feature_info", None)
+    if is_vit(model) or not isinstance(info, (list, tuple)) or len(info) < 2:
+        return None
+    name = info[-2].get("module") if isinstance(info[-2], dict) else None
+    return model.get_submodule(name) if name else None
+
+
 # --------------------------------------------------------------------------------------------
 # Hooks that act only for their own thread
 
@@ -252,11 +277,12 @@ class Trace:
     input_size: tuple[int, int]
     features: torch.Tensor | None = None  # (B, D) penultimate features, detached
     activation: torch.Tensor | None = None  # target layer's output (a grad leaf for CAMs)
+    earlier: torch.Tensor | None = None  # the earlier stage's output (gradcam-early's leaf)
     output: torch.Tensor | None = None  # logits still attached to the tail's graph
     attentions: list[torch.Tensor] = field(default_factory=list)  # (B, N, N) per block
-    # gradients of the activation already taken, by (rows, targets): the CAMs of one trace share
-    # them (e.g. Grad-CAM and HiResCAM of the same class, or one map at two sizes)
-    gradients: dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor] = field(
+    # gradients already taken, by (rows, targets): of the activation, then of ``earlier`` when
+    # kept. The CAMs of one trace share them (e.g. Grad-CAM and HiResCAM of the same class)
+    gradients: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, ...]] = field(
         default_factory=dict
     )
 
@@ -273,20 +299,30 @@ class Explainer:
         model: nn.Module,
         target_layer: nn.Module | None = None,
         reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        earlier_layer: nn.Module | None = None,
     ) -> None:
         self.model = model.eval()
         self.vit = is_vit(model)
         if target_layer is None:
             target_layer = default_target_layer(model)
         self.target_layer = target_layer
+        if earlier_layer is None:
+            earlier_layer = earlier_target_layer(model)
+        self.earlier_layer = earlier_layer  # gradcam-early's layer (None: not offered)
         if reshape_transform is None and self.vit:
             reshape_transform = ViTReshapeTransform.from_model(model)
         self.reshape_transform = reshape_transform
 
     @property
     def methods(self) -> tuple[str, ...]:
-        """The methods this model supports (attention maps need a timm ViT)."""
-        return METHODS if self._has_attention() else tuple(CAM_METHODS)
+        """The methods this model supports (``gradcam-early`` needs a CNN's earlier stage,
+        attention maps a timm ViT), in :data:`METHODS`' order."""
+        offered = set(CAM_METHODS)
+        if self.earlier_layer is not None:
+            offered.add(EARLY_METHOD)
+        if self._has_attention():
+            offered.update(ATTENTION_METHODS)
+        return tuple(m for m in METHODS if m in offered)
 
     def _has_attention(self) -> bool:
         if not self.vit:
@@ -301,6 +337,11 @@ class Explainer:
                 f"{method!r} needs a ViT with timm attention blocks; "
                 f"{type(self.model).__name__} supports {', '.join(self.methods)}"
             )
+        if method == EARLY_METHOD and self.earlier_layer is None:
+            raise ValueError(
+                f"{method!r} needs a CNN with an earlier feature stage; "
+                f"{type(self.model).__name__} supports {', '.join(self.methods)}"
+            )
         return method
 
     @property
@@ -308,21 +349,29 @@ class Explainer:
         return next(self.model.parameters()).device
 
     def trace(self, x: torch.Tensor, method: str = "gradcam") -> Trace:
-        """Run the model once on ``x`` ``(B, C, H, W)``, keeping what ``method`` needs."""
+        """Run the model once on ``x`` ``(B, C, H, W)``, keeping what ``method`` needs (a
+        ``gradcam-early`` trace keeps both layers: it serves every CAM)."""
         method = self.check_method(method)
         x = x.to(self.device)
         trace = Trace(method, logits=torch.empty(0), input_size=(x.shape[-2], x.shape[-1]))
         wants_grad = method in GRADIENT_METHODS
 
+        def grad_leaf(output: torch.Tensor) -> torch.Tensor:
+            torch.set_grad_enabled(True)  # from here on (the tail) autograd records
+            return output if output.requires_grad else output.detach().requires_grad_(True)
+
+        def keep_earlier(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            trace.earlier = grad_leaf(output)
+            return trace.earlier
+
         def keep_activation(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if wants_grad:
-                torch.set_grad_enabled(True)  # from here on (the tail) autograd records
-                output = output.detach().requires_grad_(True)
-            trace.activation = output
-            return output
+            trace.activation = grad_leaf(output) if wants_grad else output
+            return trace.activation
 
         hooks: list[tuple[nn.Module, Callable]] = []
-        if method in CAM_METHODS:
+        if method == EARLY_METHOD:
+            hooks.append((self.earlier_layer, keep_earlier))
+        if method in CAM_METHODS or method == EARLY_METHOD:
             hooks.append((self.target_layer, keep_activation))
         else:
             blocks = list(self.model.blocks)
@@ -335,7 +384,8 @@ class Explainer:
 
         with torch.inference_mode(False), torch.no_grad(), _thread_hooks(hooks):
             features, output = features_and_logits(self.model, x)
-        if wants_grad and trace.activation is None:
+        missed = trace.activation is None or (method == EARLY_METHOD and trace.earlier is None)
+        if wants_grad and missed:
             raise RuntimeError("the target layer was not run by the model's forward")
         trace.output = output if output.requires_grad else None
         trace.logits = output.detach()
@@ -389,21 +439,19 @@ class Explainer:
     def _cam(
         self, trace: Trace, targets: list[int], rows: list[int], size_wh: tuple[int, int]
     ) -> np.ndarray:
-        if trace.activation is None:
+        early = trace.method == EARLY_METHOD
+        layer = trace.earlier if early else trace.activation
+        if layer is None:
             raise RuntimeError("this trace holds no activations")
-        activations = self._to_map(trace.activation[rows])
+        activations = self._to_map(layer[rows])
         gradients = None
         if trace.method in GRADIENT_METHODS:
             key = (tuple(rows), tuple(targets))
             if key not in trace.gradients:
-                if trace.output is None:
-                    raise RuntimeError("this trace holds no graph to take gradients from")
-                with torch.inference_mode(False), torch.enable_grad():
-                    score = trace.output[rows, targets].sum()
-                    (gradient,) = torch.autograd.grad(score, trace.activation, retain_graph=True)
-                trace.gradients[key] = gradient[rows]
-            gradients = self._to_map(trace.gradients[key])
-        cam = np.maximum(CAM_METHODS[trace.method](activations, gradients), 0)
+                trace.gradients[key] = _layer_gradients(trace, rows, targets)
+            gradients = self._to_map(trace.gradients[key][1 if early else 0])
+        formula = gradcam_map if early else CAM_METHODS[trace.method]
+        cam = np.maximum(formula(activations, gradients), 0)
         # as pytorch-grad-cam: normalise and resize, then normalise again (one layer's mean)
         return normalise_maps(normalise_maps(cam, size_wh))
 
@@ -419,6 +467,18 @@ class Explainer:
             else:  # the classifier averages the patch tokens
                 weights = weights[:, prefix:, prefix:].mean(dim=1)
         return weights.reshape(-1, *grid).float().cpu().numpy()
+
+
+def _layer_gradients(trace: Trace, rows: list[int], targets: list[int]) -> tuple[torch.Tensor, ...]:
+    """The gradients of the ``targets``' logits (summed over ``rows``) with respect to the
+    trace's activation and, when kept, its earlier layer: one backward for both."""
+    if trace.output is None:
+        raise RuntimeError("this trace holds no graph to take gradients from")
+    layers = [t for t in (trace.activation, trace.earlier) if t is not None]
+    with torch.inference_mode(False), torch.enable_grad():
+        score = trace.output[rows, targets].sum()
+        gradients = torch.autograd.grad(score, layers, retain_graph=True)
+    return tuple(gradient[rows] for gradient in gradients)
 
 
 def _rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:

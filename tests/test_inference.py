@@ -1,5 +1,6 @@
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.cbook
@@ -16,6 +17,7 @@ from mirage_demo.checkpoint import CheckpointError, load_checkpoint
 from mirage_demo.data import ImageReadError, Preprocessing
 from mirage_demo.explain import (
     CAM_METHODS,
+    EARLY_METHOD,
     METHODS,
     Explainer,
     ViTReshapeTransform,
@@ -185,7 +187,7 @@ def test_default_checkpoint_is_assets_demo_model_at_the_repo_root(monkeypatch):
 # Explanations
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if m != EARLY_METHOD])
 def test_vit_methods_give_nonconstant_heatmaps_at_the_image_size(predictor, method):
     image, _ = lesion_scan(1, 11)
     explanation = predictor.explain(image, method)
@@ -202,7 +204,7 @@ def test_vit_methods_give_nonconstant_heatmaps_at_the_image_size(predictor, meth
     assert hooks_left(predictor.model) == 0
 
 
-@pytest.mark.parametrize("method", list(CAM_METHODS))
+@pytest.mark.parametrize("method", [*CAM_METHODS, EARLY_METHOD])
 def test_cnn_cam_methods(cnn_predictor, method):
     image = oct_like(100, 170, seed=3)
     explanation = cnn_predictor.explain(image, method, target=1)
@@ -214,7 +216,7 @@ def test_cnn_cam_methods(cnn_predictor, method):
 
 
 def test_cnn_has_no_attention_maps(cnn_predictor):
-    assert cnn_predictor.methods == tuple(CAM_METHODS)
+    assert cnn_predictor.methods == (*CAM_METHODS, EARLY_METHOD)
     with pytest.raises(ValueError, match="needs a ViT"):
         cnn_predictor.explain(oct_like(seed=1), "rollout")
 
@@ -296,8 +298,21 @@ def test_fast_cams_equal_pytorch_grad_cam(kind):
             torch.testing.assert_close(logits, model(x), atol=1e-5, rtol=1e-5)
     if kind == "vit":
         assert explainer.target_layer is model.blocks[-1].norm1
-    else:
-        assert explainer.target_layer is model.layer4
+        assert explainer.earlier_layer is None and EARLY_METHOD not in explainer.methods
+        with pytest.raises(ValueError, match="needs a CNN"):
+            explainer(x, EARLY_METHOD)
+        return
+    assert explainer.target_layer is model.layer4
+    assert explainer.earlier_layer is model.layer3
+    logits, ours = explainer(x, EARLY_METHOD, targets=targets)  # Grad-CAM one stage earlier
+    with GradCAM(model, [model.layer3]) as cam:
+        reference = cam(x, [ClassifierOutputTarget(t) for t in targets])
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    # its trace keeps both layers, so it serves every CAM: the same maps as their own traces
+    both = explainer.trace(x, EARLY_METHOD)
+    for name in CAM_METHODS:
+        shared = explainer.heatmaps(replace(both, method=name), targets)
+        np.testing.assert_allclose(shared, explainer(x, name, targets=targets)[1], atol=1e-6)
 
 
 def test_fast_path_computes_no_parameter_gradients():
@@ -310,6 +325,12 @@ def test_fast_path_computes_no_parameter_gradients():
     with torch.inference_mode():  # works inside the caller's inference mode too
         _, maps = explainer(torch.rand(1, 1, 128, 128), "hirescam")
     assert maps.shape == (1, 128, 128)
+    cnn = _models()["cnn"]  # the two-layer trace too: gradients of activations only
+    with torch.inference_mode():
+        _, maps = Explainer(cnn)(torch.rand(1, 1, 128, 128), EARLY_METHOD)
+    assert maps.shape == (1, 128, 128)
+    assert all(p.grad is None for p in cnn.parameters())
+    assert torch.is_grad_enabled() == grad_mode
 
 
 def test_reshape_transform_follows_the_model_grid():

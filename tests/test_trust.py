@@ -7,10 +7,12 @@ import torch
 from mirage_demo.faithfulness import road_scores, smooth_random_maps
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
 from mirage_demo.trust import (
+    SAME_MAP_RHO,
     SIMILARITY_GRID,
     compare_methods,
     model_forward,
     randomized_explainer,
+    rank_similarity,
     same_maps,
 )
 from mirage_demo.ui.compare import _explanation
@@ -91,7 +93,11 @@ def demo_cnn():
 def test_randomising_the_last_block_changes_gradient_maps(vit, demo_cnn):
     cases = [
         (vit, lesion_scan(1, seed=11)[0], ("gradcam", "gradcam++", "hirescam", "layercam")),
-        (demo_cnn, str(EXAMPLES / "DME" / "DME-11053-1.jpeg"), ("gradcam", "hirescam")),
+        (
+            demo_cnn,
+            str(EXAMPLES / "DME" / "DME-11053-1.jpeg"),
+            ("gradcam", "hirescam", "gradcam-early"),
+        ),
     ]
     for predictor, scan, methods in cases:
         comparison = compare_methods(predictor, scan)
@@ -113,16 +119,12 @@ def test_grad_cam_and_hirescam_are_one_map_on_the_resnet(demo_cnn, vit):
     comparison = compare_methods(demo_cnn, str(EXAMPLES / "DRUSEN" / "DRUSEN-228939-1.jpeg"))
     same = {s.method: s.same_as for s in comparison.scores}
     assert same["hirescam"] == "gradcam"
-    assert all(same[m] is None for m in ("gradcam", "gradcam++", "layercam", "eigencam"))
+    distinct = ["gradcam", "gradcam++", "layercam", "eigencam", "gradcam-early"]
+    assert all(same[m] is None for m in distinct)
     gradcam, hirescam = comparison.score("gradcam"), comparison.score("hirescam")
     np.testing.assert_allclose(gradcam.heatmap, hirescam.heatmap, atol=1e-5)
     assert hirescam.road == gradcam.road  # tested once
-    assert [s.method for s in comparison.distinct()] == [
-        "gradcam",
-        "gradcam++",
-        "layercam",
-        "eigencam",
-    ]
+    assert [s.method for s in comparison.distinct()] == distinct
     record = {m["method"]: m for m in comparison.record()["methods"]}
     assert record["hirescam"]["same_as"] == "gradcam" and record["gradcam"]["same_as"] is None
     text = _explanation(comparison, demo_cnn)  # the grid says so, and why
@@ -130,6 +132,19 @@ def test_grad_cam_and_hirescam_are_one_map_on_the_resnet(demo_cnn, vit):
     assert "global average pooling" in text
     scan, _ = lesion_scan(1, seed=8)  # on a ViT, Grad-CAM and HiResCAM differ
     assert compare_methods(vit, scan).score("hirescam").same_as is None
+
+
+def test_the_earlier_block_shares_the_last_blocks_trace(demo_cnn):
+    """The grid takes every CAM from one trace that keeps both layers: its maps equal each
+    method's own single explanation, and the earlier block's map is drawn on its finer grid."""
+    scan = str(EXAMPLES / "NORMAL" / "NORMAL-1384-3.jpeg")
+    comparison = compare_methods(demo_cnn, scan)
+    for method in ("gradcam", "layercam", "eigencam", "gradcam-early"):
+        single = demo_cnn.explain(scan, method).heatmap
+        np.testing.assert_allclose(comparison.score(method).heatmap, single, atol=1e-5)
+    early = comparison.score("gradcam-early")
+    assert early.class_specific and early.same_as is None
+    assert rank_similarity(early.heatmap, comparison.score("gradcam").heatmap) < SAME_MAP_RHO
 
 
 def test_same_maps_groups_by_rank_correlation():

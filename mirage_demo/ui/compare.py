@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
+from mirage_demo.explain import EARLY_METHOD
 from mirage_demo.figures import strongest_region
 from mirage_demo.images import ImageReadError
 from mirage_demo.trust import SAME_MAP_RHO, Comparison, compare_methods, same_map_reason
@@ -202,6 +203,12 @@ def _explanation(comparison: Comparison, predictor: Any) -> str:
         "model learnt. The two checks answer different questions: a map of the scan's "
         "structure can still point at what the model uses.\n"
     )
+    if any(score.method == EARLY_METHOD for score in comparison.scores):
+        text += (
+            f"- **{method_name(EARLY_METHOD)}**: Grad-CAM taken one block before the last, on "
+            "a grid twice as fine; the other CAMs are taken after the last block. Where those "
+            "look alike, it shows what the block before them holds.\n"
+        )
     vit = predictor.explainer.vit
     for score in comparison.scores:
         if score.same_as:

@@ -70,6 +70,7 @@ METHOD_LABELS = {
     "hirescam": "HiResCAM",
     "layercam": "LayerCAM",
     "eigencam": "EigenCAM (class-agnostic)",
+    "gradcam-early": "Grad-CAM, earlier block (finer grid)",
     "attention": "Attention of the global token (last block)",
     "rollout": "Attention rollout",
 }
