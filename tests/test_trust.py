@@ -6,9 +6,11 @@ import torch
 
 from mirage_demo.faithfulness import road_scores, smooth_random_maps
 from mirage_demo.inference import DEFAULT_CHECKPOINT, Predictor
+from mirage_demo.models import cpu_computes_bf16
 from mirage_demo.trust import (
     SAME_MAP_RHO,
     SIMILARITY_GRID,
+    channels_last_copy,
     compare_methods,
     model_forward,
     randomized_explainer,
@@ -166,3 +168,22 @@ def test_bad_fractions_are_refused(cnn):
     for fractions in ([1.5], [], [0.0, 0.5]):
         with pytest.raises(ValueError, match="fractions"):
             compare_methods(cnn, lesion_scan(0, 1)[0], fractions=fractions)
+
+
+def test_the_fast_forward_gives_the_models_logits_and_leaves_it_as_loaded(demo_cnn):
+    """The deletion test's forward: a channels-last copy of the CNN (bfloat16 where the CPU
+    computes it natively) scores copies as the served model does; the served model is
+    untouched and the copy is made once."""
+    images = torch.stack(
+        [demo_cnn.preprocessing.read_resized(str(p)) for p in sorted(EXAMPLES.glob("*/*"))[:4]]
+    )
+    exact, fast = model_forward(demo_cnn)(images), model_forward(demo_cnn, fast=True)(images)
+    tolerance = 0.15 if cpu_computes_bf16() else 1e-3  # logits of a few units, bf16's 8 bits
+    torch.testing.assert_close(fast, exact, atol=tolerance, rtol=0.05)
+    assert torch.equal(fast.argmax(1), exact.argmax(1))
+    copy = channels_last_copy(demo_cnn)
+    assert copy is not demo_cnn.model and copy is channels_last_copy(demo_cnn)
+    assert copy.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not demo_cnn.model.layer1[0].conv1.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
