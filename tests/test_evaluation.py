@@ -41,6 +41,17 @@ def _probabilities(path):
     return {row["file"].rsplit("/", 1)[-1]: row for row in rows}
 
 
+def test_fitting_with_mirrored_pairs_is_refused(dataset, tmp_path, capsys):
+    """The statistics are fitted on single forward passes, as the app predicts: fitting them
+    during a --tta evaluation would store single-pass statistics beside mirrored answers."""
+    root, checkpoint = dataset
+    before = (checkpoint / "config.json").read_bytes()
+    args = ["--checkpoint", str(checkpoint), "--data", str(root), "--out", str(tmp_path)]
+    assert evaluate.main([*args, "--tta", "--fit-uncertainty"]) == 2
+    assert "fit without --tta" in capsys.readouterr().err
+    assert (checkpoint / "config.json").read_bytes() == before
+
+
 def test_upload_reproduces_train_evaluate_exactly(dataset, tmp_path):
     root, checkpoint = dataset
     cli_out = tmp_path / "cli"

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tta",
         action="store_true",
-        help="average each scan's logits with its horizontal mirror's (as predict --tta)",
+        help="average each scan's logits with its horizontal mirror's (as predict --tta; "
+        "not with --fit-uncertainty)",
     )
     parser.add_argument(
         "--fit-uncertainty",
@@ -87,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tta and args.fit_uncertainty:
+        raise UsageError(
+            "--fit-uncertainty fits the sets, the flag and the bar on single forward passes "
+            "(as the app predicts), not on mirrored pairs: fit without --tta, then evaluate "
+            "with --tta in a second run"
+        )
     device = resolve_device(args.device)
     directory = resolve_checkpoint_dir(args.checkpoint)
     model, config = load_checkpoint(directory, device=device)
