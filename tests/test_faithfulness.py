@@ -57,6 +57,9 @@ def test_exactly_the_fraction_is_removed_whatever_the_ties():
     assert lerf[0].any() and (heatmap[lerf[0]] == 0).all()  # 10% of the zeros, not all of them
     # seeded: the same tie order every time, another seed picks other zeros
     np.testing.assert_array_equal(order, removal_order(heatmap, seed=7))
+    # ties in the seed's permutation's order: value first, then the pixel's place in it
+    place = np.random.default_rng(7).permutation(heatmap.size)
+    np.testing.assert_array_equal(order, np.lexsort((place, -heatmap.reshape(-1))))
     other = removal_masks(removal_order(heatmap, seed=8), heatmap.shape, FRACTIONS)[1]
     assert not np.array_equal(lerf[0], other[0])
     assert (heatmap[other[0]] == 0).all()
