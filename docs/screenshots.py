@@ -103,6 +103,16 @@ def classify_example(page) -> None:
     expect(page.locator("#info")).to_contain_text("Map for class", timeout=TIMEOUT_MS)
 
 
+def compare_example(page) -> None:
+    """Classify the bundled example, open "Compare all methods" and wait for its grid."""
+    classify_example(page)
+    page.locator("#compare").get_by_text("Compare all methods, with a trust check").click()
+    page.locator("#compare-button").click()
+    expect(page.locator("#compare-text")).to_contain_text("whole grid", timeout=TIMEOUT_MS)
+    page.locator("#compare-maps img").first.wait_for(timeout=TIMEOUT_MS)
+    expect(page.locator("#compare-grid")).to_contain_text(".png", timeout=TIMEOUT_MS)
+
+
 def model_tab(page) -> None:
     """Open the Model tab and wait for its test figures."""
     page.get_by_role("tab", name="Model", exact=True).click()
@@ -153,6 +163,8 @@ def pretraining_example(page) -> None:
 VIEWS: dict[str, tuple[dict[str, int], Callable, str | None]] = {
     "classify": (DESKTOP, classify_example, None),
     "classify-phone": (PHONE, classify_example, "#probabilities"),  # the answer, not the header
+    "compare": (DESKTOP, compare_example, "#compare"),
+    "compare-phone": (PHONE, compare_example, "#compare-text"),
     "model": (DESKTOP, model_tab, None),
     "volume": (DESKTOP, volume_example, "#volume-upload"),
     "volume-strip": (DESKTOP, volume_example, "#volume-bscan"),

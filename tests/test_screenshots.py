@@ -31,6 +31,8 @@ def test_the_screenshot_command_writes_small_pngs_of_the_app(tmp_path):
     views = [
         "classify",
         "classify-phone",
+        "compare",
+        "compare-phone",
         "model",
         "volume",
         "volume-strip",
