@@ -233,6 +233,12 @@ def build_compare_section(ctx: AppContext, scan: Any, target: Any, predicted_lab
         )
         button = gr.Button("Compare all methods", variant="primary", elem_id="compare-button")
         text = gr.Markdown(elem_id="compare-text")
+        gr.Markdown(
+            "Swipe the grid sideways to see every method: one column each, its map on the "
+            "randomised model below it.",
+            elem_classes=["phone-hint"],
+            elem_id="compare-phone-hint",
+        )
         maps = gr.Gallery(
             label="Top: the trained model's maps. Bottom: after randomising its last block",
             columns=5,

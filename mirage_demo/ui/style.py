@@ -44,6 +44,9 @@ footer {visibility: hidden}
   display: block; width: max-content; max-width: 100%; overflow-x: auto; border: none !important;
 }
 .prose th, .prose td {word-break: normal; overflow-wrap: normal; hyphens: none;}
+#compare-table th, #compare-table th * {
+  word-break: normal !important; overflow-wrap: normal !important;  /* headers: whole words */
+}
 .colour-bar {display: flex; align-items: center; gap: 0.5em; font-size: 0.85rem;}
 .colour-bar .bar {flex: 1; height: 0.8em; border-radius: 3px; border: 1px solid #94a3b8;}
 /* a gallery as tall as its pictures (no empty space under a row of thumbnails) */
@@ -60,6 +63,7 @@ footer {visibility: hidden}
 .examples-strip label[data-testid=block-label] {position: static; margin-bottom: 4px;}
 .examples-strip .grid-container {padding-top: 0 !important;}
 .model-banner .narrow {display: none;}
+.phone-hint {display: none;}  /* a line only a phone needs (shown below) */
 """
     + f"""
 @media (max-width: {PHONE}px) {{
@@ -106,6 +110,9 @@ footer {visibility: hidden}
     padding-bottom: 4px;
   }
   .model-banner .narrow {display: inline;}
+  .phone-hint {display: block;}
+  #compare-maps label[data-testid=block-label] {position: static; margin-bottom: 4px;}
+  #compare-maps .grid-container {padding-top: 0 !important;}
   .model-banner .wide, .model-banner .banner-name {display: none;}
 }
 """
