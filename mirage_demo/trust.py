@@ -387,8 +387,9 @@ def _maps(
     """Every method's map from the traces: at the scan's size (shown, as
     :meth:`Predictor.explain` draws it) and at the model input's size (for the deletions)."""
     shown, at_input = {}, {}
-    for method in explainer.methods:
-        trace = replace(traces[_trace_key(method, explainer.methods)], method=method)
+    methods = explainer.methods
+    for method in methods:
+        trace = replace(traces[_trace_key(method, methods)], method=method)
         shown[method] = explainer.heatmaps(trace, [target], [0], display_size)[0]
         at_input[method] = _resize(shown[method], input_size, "area")
     return shown, at_input
