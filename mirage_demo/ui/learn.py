@@ -135,9 +135,9 @@ HEATMAP_MD = """
 - **Grad-CAM and its variants** weigh the last block's features by how much they raise the score
   of the chosen class: warm colours mark image regions whose features pushed the model *towards*
   that class. Pick another class in "Explain class" to see the evidence for it.
-- **Grad-CAM, earlier block** (CNNs) is Grad-CAM taken one block before the last, on a grid
-  twice as fine: where the last block's maps all look alike, it shows what the block before
-  them holds.
+- **Grad-CAM, earlier block** (convolutional networks such as the ResNet-18) is Grad-CAM taken
+  one block before the last, on a grid twice as fine: where the last block's maps all look
+  alike, it shows what the block before them holds.
 - **EigenCAM**, **attention** and **attention rollout** do not depend on the class: they show
   what the model's features or attention concentrate on, not why it chose a label.
 - A Vision Transformer sees the scan as a grid of square patches (MIRAGE at 512x512 with
